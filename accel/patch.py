@@ -1,0 +1,160 @@
+"""`accel.patch(target, method=..., **options)`: one call to accelerate a diffusers pipeline or transformer."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Callable
+
+import torch
+from diffusers import DiffusionPipeline, ModelMixin
+from diffusers.hooks import HookRegistry
+
+from .cg_taylor import CG_TAYLOR_HOOK, apply_cg_taylor, config_for
+from .diffusers_caches import DIFFUSERS_METHODS, DiffusersCache, remove_diffusers_cache
+from .models import COND_LAST_PIPELINES, blocks_of, spec_for
+from .steps import STEP_HOOK, ComputeCounter, StepClock, StepHook, pipeline_step_count
+
+logger = logging.getLogger("accel")
+
+COUNTER_HOOK = "accel_compute_counter"
+METHODS = ("cg_taylor", *DIFFUSERS_METHODS)
+
+
+def _denoisers(target: Any) -> tuple[list[torch.nn.Module], DiffusionPipeline | None]:
+    """The transformers to patch, and the pipeline they belong to (if one was given)."""
+    if isinstance(target, DiffusionPipeline):
+        models = [m for m in (getattr(target, "transformer", None), getattr(target, "transformer_2", None)) if m is not None]
+        if not models:
+            raise TypeError(f"{type(target).__name__} has no `transformer`: accel accelerates diffusion transformers")
+        return [getattr(m, "_orig_mod", m) for m in models], target
+    model = getattr(target, "_orig_mod", target)  # torch.compile(model) wraps the module
+    if isinstance(model, ModelMixin):
+        return [model], None
+    raise TypeError(
+        f"accel.patch expects a diffusers DiffusionPipeline or a diffusers model (ModelMixin), got {type(target).__name__}"
+    )
+
+
+def _cond_half_reader(model: torch.nn.Module, pipeline: DiffusionPipeline | None) -> Callable[[tuple, dict], str | None]:
+    spec = spec_for(model)
+    if pipeline is not None and type(pipeline).__name__ in COND_LAST_PIPELINES:
+        return lambda args, kwargs: "last" if pipeline.do_classifier_free_guidance else None
+    if spec.cond_half is not None:
+        return lambda args, kwargs: spec.cond_half(args, kwargs, model)
+    return lambda args, kwargs: None
+
+
+class PatchHandle:
+    """What `accel.patch` returns: `.stats()`, `.reset()`, `.remove()`; also a context manager."""
+
+    def __init__(self, method: str, models: list[torch.nn.Module], configs: list[Any], clocks: list[StepClock]):
+        self.method, self.models, self.configs, self.clocks = method, models, configs, clocks
+        self._removers: list[Callable[[], None]] = []
+        self.removed = False
+
+    def stats(self) -> dict[str, Any]:
+        """For the last generation: steps, `computed`, `predicted`, gate error per step, predicted step indices."""
+        per_model = [clock.stats.as_dict() for clock in self.clocks]
+        out = dict(per_model[0])
+        for extra in per_model[1:]:  # Wan 2.2: two experts share the steps of one generation
+            for key in ("steps", "computed", "predicted"):
+                out[key] += extra[key]
+            out["gate_errors"] += extra["gate_errors"]
+            out["predicted_steps"] += extra["predicted_steps"]
+        out["method"] = self.method
+        out["config"] = [dataclasses.asdict(c) if dataclasses.is_dataclass(c) else repr(c) for c in self.configs]
+        return out
+
+    def reset(self) -> None:
+        """Forget all cached state (a new generation would do this by itself)."""
+        for model in self.models:
+            HookRegistry.check_if_exists_or_initialize(model).reset_stateful_hooks(recurse=True)
+
+    def remove(self) -> None:
+        """Back to the exact original behaviour. Safe to call twice."""
+        if self.removed:
+            return
+        for remover in reversed(self._removers):
+            remover()
+        for model in self.models:
+            HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
+            vars(model).pop("_accel_handle", None)
+        self.removed = True
+
+    def __enter__(self) -> "PatchHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "removed" if self.removed else "active"
+        return f"PatchHandle(method={self.method!r}, models={[type(m).__name__ for m in self.models]}, {state})"
+
+
+def _install_cg_taylor(handle: PatchHandle, model: torch.nn.Module, config, clock: StepClock) -> None:
+    apply_cg_taylor(model, config, clock)
+    handle._removers.append(lambda: HookRegistry.check_if_exists_or_initialize(model).remove_hook(CG_TAYLOR_HOOK))
+
+
+def _install_diffusers(handle: PatchHandle, model: torch.nn.Module, cache: DiffusersCache, clock: StepClock) -> None:
+    # The counter sits inside the cache's hook, so it sees only the steps the cache lets run.
+    HookRegistry.check_if_exists_or_initialize(cache.observed).register_hook(ComputeCounter(clock), COUNTER_HOOK)
+    handle._removers.append(lambda: HookRegistry.check_if_exists_or_initialize(model).remove_hook(COUNTER_HOOK))
+    cache.apply(model, cache.config)
+    handle._removers.append(lambda: remove_diffusers_cache(model, cache))
+
+
+def patch(target: Any, method: str = "cg_taylor", num_inference_steps: int | None = None, **options) -> PatchHandle:
+    """Accelerate a diffusers pipeline (its `transformer`, and `transformer_2` if any) or a bare transformer.
+
+    method: "cg_taylor" (options: threshold, warmup_steps, first_block_order, last_block_order,
+        max_consecutive_predicted; defaults from the model family's preset), or one of diffusers' caches
+        "first_block_cache", "taylorseer", "mag_cache" (options: the fields of its diffusers config).
+    num_inference_steps: only for a bare transformer used outside a pipeline that sets
+        `cache_context(..., num_inference_steps=)`: lets the last step be recognised.
+    Raises on bad input before touching the model.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+    models, pipeline = _denoisers(target)
+    for model in models:
+        if getattr(model, "_accel_handle", None) is not None:
+            raise RuntimeError(f"{type(model).__name__} is already patched ({model._accel_handle}); remove() it first")
+        if getattr(model, "_cache_config", None) is not None:
+            raise RuntimeError(f"{type(model).__name__} has a diffusers cache enabled; call disable_cache() first")
+        blocks_of(model)  # unknown models fail here, before any hook is registered
+
+    if method == "cg_taylor":
+        configs = [config_for(spec_for(m).family, options) for m in models]
+    else:
+        configs = [DIFFUSERS_METHODS[method](m, options) for m in models]
+
+    if pipeline is not None:
+        total_steps = pipeline_step_count(pipeline)
+    else:
+        total_steps = lambda: num_inference_steps  # noqa: E731
+        if num_inference_steps is None:
+            logger.warning(
+                "accel.patch on a bare %s without num_inference_steps: the last step is only recognised when "
+                "the caller sets cache_context(..., num_inference_steps=)", type(models[0]).__name__
+            )
+    clocks = [StepClock(total_steps) for _ in models]
+    handle = PatchHandle(method, models, [getattr(c, "config", c) for c in configs], clocks)
+    try:
+        for model, config, clock in zip(models, configs, clocks):
+            registry = HookRegistry.check_if_exists_or_initialize(model)
+            registry.register_hook(StepHook(clock, _cond_half_reader(model, pipeline)), STEP_HOOK)
+            handle._removers.append(lambda r=registry: r.remove_hook(STEP_HOOK, recurse=False))
+            model._accel_handle = handle
+            if method == "cg_taylor":
+                _install_cg_taylor(handle, model, config, clock)
+            else:
+                _install_diffusers(handle, model, config, clock)
+            registry.invalidate_child_registries_cache()
+    except BaseException:
+        handle.remove()
+        raise
+    logger.info("accel: %s on %s", method, ", ".join(type(m).__name__ for m in models))
+    return handle

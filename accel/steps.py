@@ -1,0 +1,200 @@
+"""Where the denoising loop is: one hook on the transformer that every cache method shares.
+
+Each transformer call is one step of one branch ("cond", "uncond", or "default" when the pipeline sets no
+cache context, as DiT, PixArt and SANA pipelines don't). The hook
+- gives pipelines that set no cache context a "default" one, so diffusers' stateful caches work there too;
+- numbers the steps of each branch and knows the step count (from the cache context, the pipeline's
+  scheduler, or the user), so "first", "last" and "warm-up" mean something;
+- notices a new generation (step index back at 0, the timestep rising, another input shape, or the step
+  count reached) and then resets every stateful hook under the model, including diffusers' own caches,
+  so a second call with another step count, resolution or batch size never reuses stale state;
+- keeps the statistics of the last generation for `handle.stats()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import BaseState, CacheContext, StateManager, _set_cache_context
+
+logger = logging.getLogger("accel")
+
+STEP_HOOK = "accel_step_hook"
+FOLLOWER_CONTEXTS = ("uncond",)  # branches that reuse the conditional branch's decisions
+
+
+@dataclass(frozen=True)
+class Step:
+    context: str
+    index: int
+    total: int | None
+    cond_half: str | None  # batched CFG: "first" / "last" half of the batch is the conditional branch
+
+    @property
+    def decides(self) -> bool:
+        return self.context not in FOLLOWER_CONTEXTS
+
+    @property
+    def is_last(self) -> bool:
+        return self.total is not None and self.index >= self.total - 1
+
+
+@dataclass
+class RunStats:
+    """What happened in the last generation, per branch."""
+
+    steps: dict[str, int] = field(default_factory=dict)
+    computed: dict[str, int] = field(default_factory=dict)
+    gate_errors: dict[str, list] = field(default_factory=dict)
+    predicted_steps: dict[str, list[int]] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        main = next((c for c in self.steps if c not in FOLLOWER_CONTEXTS), next(iter(self.steps), None))
+        if main is None:
+            return {"steps": 0, "computed": 0, "predicted": 0, "gate_errors": [], "predicted_steps": []}
+        steps, computed = self.steps[main], self.computed.get(main, 0)
+        return {
+            "context": main,
+            "steps": steps,
+            "computed": computed,
+            "predicted": steps - computed,
+            "gate_errors": list(self.gate_errors.get(main, [])),
+            "predicted_steps": list(self.predicted_steps.get(main, [])),
+            "per_context": {c: {"steps": n, "computed": self.computed.get(c, 0)} for c, n in self.steps.items()},
+        }
+
+
+class StepClock:
+    """Shared by the step hook (which sets `current`) and the cache hooks (which read it and report back)."""
+
+    def __init__(self, total_steps: Callable[[], int | None]):
+        self.total_steps = total_steps
+        self.current: Step | None = None
+        self.stats = RunStats()
+        self.in_generation = False
+
+    def start_generation(self) -> None:
+        self.stats = RunStats()
+        self.in_generation = True
+
+    def record_step(self) -> None:
+        c = self.current.context
+        self.stats.steps[c] = self.stats.steps.get(c, 0) + 1
+
+    def record_computed(self) -> None:
+        c = self.current.context
+        self.stats.computed[c] = self.stats.computed.get(c, 0) + 1
+
+    def record_gate(self, error: float | None, predicted: bool) -> None:
+        c, i = self.current.context, self.current.index
+        self.stats.gate_errors.setdefault(c, []).append(error)
+        if predicted:
+            self.stats.predicted_steps.setdefault(c, []).append(i)
+
+
+class _BranchRecord(BaseState):
+    def __init__(self) -> None:
+        self.next_index = 0
+        self.timestep: float | None = None
+        self.shape: tuple | None = None
+
+    def reset(self) -> None:
+        pass
+
+
+def _timestep_of(args: tuple, kwargs: dict) -> float | None:
+    t = kwargs.get("timestep")
+    if t is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
+        t = args[1]
+    if not isinstance(t, torch.Tensor):
+        return None if t is None else float(t)
+    return float(t.detach().max())
+
+
+def _hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
+    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+
+class StepHook(ModelHook):
+    _is_stateful = True
+
+    def __init__(self, clock: StepClock, cond_half: Callable[[tuple, dict], str | None]):
+        super().__init__()
+        self.clock = clock
+        self.cond_half = cond_half
+        self.records = StateManager(_BranchRecord)
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        try:
+            self.records.context
+        except ValueError:  # the pipeline set no cache context
+            _set_cache_context(module, CacheContext("default"))
+            try:
+                return self._step(module, args, kwargs)
+            finally:
+                _set_cache_context(module, None)
+        return self._step(module, args, kwargs)
+
+    def _step(self, module: torch.nn.Module, args: tuple, kwargs: dict):
+        context = self.records.context
+        timestep, shape = _timestep_of(args, kwargs), tuple(_hidden_of(args, kwargs).shape)
+        total = context.num_inference_steps or self.clock.total_steps()
+        record = self.records.get_state()
+        if record.timestep is not None and (
+            context.step_index == 0
+            or shape != record.shape
+            or (timestep is not None and timestep > record.timestep)
+            or (total is not None and record.next_index >= total)
+        ):
+            HookRegistry.check_if_exists_or_initialize(module).reset_stateful_hooks(recurse=True)
+            _set_cache_context(module, context)  # the reset cleared every branch's context
+            record = self.records.get_state()
+        if not self.clock.in_generation:
+            self.clock.start_generation()
+
+        index = context.step_index if context.step_index is not None else record.next_index
+        record.next_index, record.timestep, record.shape = index + 1, timestep, shape
+        self.clock.current = Step(context.name, index, total, self.cond_half(args, kwargs))
+        self.clock.record_step()
+        try:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        finally:
+            self.clock.current = None
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.records.reset()
+        self.clock.in_generation = False
+        return module
+
+
+class ComputeCounter(ModelHook):
+    """Counts the steps in which the wrapped module really ran (registered inside a diffusers cache's hook)."""
+
+    def __init__(self, clock: StepClock):
+        super().__init__()
+        self.clock = clock
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        if self.clock.current is not None:
+            self.clock.record_computed()
+        return self.fn_ref.original_forward(*args, **kwargs)
+
+
+def pipeline_step_count(pipeline) -> Callable[[], int | None]:
+    """Number of transformer calls per branch in the pipeline's current run, read off its scheduler."""
+    ref = weakref.ref(pipeline) if pipeline is not None else None
+
+    def total() -> int | None:
+        pipe = ref() if ref is not None else None
+        timesteps = getattr(getattr(pipe, "scheduler", None), "timesteps", None)
+        if timesteps is None:
+            return None
+        begin = getattr(pipe.scheduler, "begin_index", None) or 0
+        return len(timesteps) - begin
+
+    return total

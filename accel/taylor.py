@@ -1,0 +1,53 @@
+"""Taylor forecasting of a feature from the steps at which it was fully computed.
+
+The factors are Newton divided differences over the step indices of the last full computations:
+    D0 = f[x_n],  D1 = f[x_n, x_(n-1)],  D2 = f[x_n, x_(n-1), x_(n-2)], ...
+    f(x) ~ D0 + D1 (x - x_n) + D2 (x - x_n)(x - x_(n-1)) + ...
+At order 1 this is exactly CG-Taylor's / TaylorSeer's finite-difference Taylor series
+(F1 = (F0_now - F0_prev) / gap, prediction F0 + F1 k). At higher orders it stays exact on features that are
+polynomials of degree <= order in the step index, whatever the spacing of the full steps, where the
+k^i / i! form with repeated one-gap differences is not.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class TaylorSeries:
+    """Holds at most `order + 1` factors of one feature; memory is (order + 1) feature-sized tensors."""
+
+    def __init__(self, order: int):
+        if order < 0:
+            raise ValueError(f"Taylor order must be >= 0, got {order}")
+        self.order = order
+        self.factors: list[torch.Tensor] = []
+        self.nodes: list[int] = []  # step indices of the full computations, newest first
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.factors)
+
+    def update(self, step: int, feature: torch.Tensor) -> None:
+        """Record `feature` as fully computed at `step`; the factor arithmetic runs in float32."""
+        if self.factors and (self.factors[0].shape != feature.shape or step <= self.nodes[0]):
+            self.reset()  # another resolution or batch, or a new generation: old factors say nothing
+        new = [feature.detach().clone()]  # a copy: the model may reuse the block's output buffer
+        diff = feature.detach().float()
+        for i, old in enumerate(self.factors[: self.order]):
+            diff = (diff - old.float()) / float(step - self.nodes[i])
+            new.append(diff.to(feature.dtype))
+        self.factors = new
+        self.nodes = [step, *self.nodes][: self.order + 1]
+
+    def predict(self, step: int) -> torch.Tensor:
+        """Extrapolate the feature to `step` (Horner's scheme on the Newton form)."""
+        if not self.factors:
+            raise RuntimeError("TaylorSeries.predict called before any full computation was recorded")
+        result = self.factors[-1].float()
+        for i in range(len(self.factors) - 2, -1, -1):
+            result = self.factors[i].float() + (step - self.nodes[i]) * result
+        return result.to(self.factors[0].dtype)
+
+    def reset(self) -> None:
+        self.factors, self.nodes = [], []

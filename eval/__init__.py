@@ -1,0 +1,1 @@
+"""Quality-vs-speed evaluation harness."""

@@ -1,0 +1,1 @@
+"""Generators built on diffusers: long video (SANA-Video, StreamingT2V), HMAR, and the shipped reference models."""
