@@ -117,6 +117,7 @@ class _Shared:
         self.clock, self.config = clock, config
         self.series = StateManager(_BranchSeries, (config.first_block_order, config.last_block_order))
         self.decisions: dict[int, bool] = {}
+        self.skipping = False  # the current call's decision, read by the middle blocks without a state lookup
 
 
 class CGTaylorHeadHook(ModelHook):
@@ -134,7 +135,7 @@ class CGTaylorHeadHook(ModelHook):
         hidden = _hidden(self.block, output)
         state = self.series.get_state()
         step = self.shared.clock.current
-        state.skipping = self._decide(step, state, hidden)
+        state.skipping = self.shared.skipping = self._decide(step, state, hidden)
         state.consecutive = state.consecutive + 1 if state.skipping else 0
         if not state.skipping:
             state.first.update(step.index, hidden)
@@ -161,6 +162,7 @@ class CGTaylorHeadHook(ModelHook):
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.series.reset()
         self.shared.decisions.clear()
+        self.shared.skipping = False
         return module
 
 
@@ -172,7 +174,7 @@ class CGTaylorMiddleHook(ModelHook):
         self.shared, self.block = shared, block
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
-        if self.shared.series.get_state().skipping:
+        if self.shared.skipping:
             return _with_hidden(self.block, block_input(self.block, "hidden_states", args, kwargs), args, kwargs)
         return self.fn_ref.original_forward(*args, **kwargs)
 

@@ -29,14 +29,12 @@ class TaylorSeries:
         return bool(self.factors)
 
     def update(self, step: int, feature: torch.Tensor) -> None:
-        """Record `feature` as fully computed at `step`; the factor arithmetic runs in float32."""
+        """Record `feature` as fully computed at `step` (factors kept in the feature's dtype)."""
         if self.factors and (self.factors[0].shape != feature.shape or step <= self.nodes[0]):
             self.reset()  # another resolution or batch, or a new generation: old factors say nothing
         new = [feature.detach().clone()]  # a copy: the model may reuse the block's output buffer
-        diff = feature.detach().float()
         for i, old in enumerate(self.factors[: self.order]):
-            diff = (diff - old.float()) / float(step - self.nodes[i])
-            new.append(diff.to(feature.dtype))
+            new.append(torch.sub(new[i], old).div_(step - self.nodes[i]))
         self.factors = new
         self.nodes = [step, *self.nodes][: self.order + 1]
 
@@ -44,10 +42,10 @@ class TaylorSeries:
         """Extrapolate the feature to `step` (Horner's scheme on the Newton form)."""
         if not self.factors:
             raise RuntimeError("TaylorSeries.predict called before any full computation was recorded")
-        result = self.factors[-1].float()
+        result = self.factors[-1]
         for i in range(len(self.factors) - 2, -1, -1):
-            result = self.factors[i].float() + (step - self.nodes[i]) * result
-        return result.to(self.factors[0].dtype)
+            result = torch.add(self.factors[i], result, alpha=step - self.nodes[i])
+        return result if len(self.factors) > 1 else result.clone()  # never hand out the stored factor
 
     def reset(self) -> None:
         self.factors, self.nodes = [], []

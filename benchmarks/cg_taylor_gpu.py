@@ -89,11 +89,12 @@ def run_loop(m, x, steps: int, name: str):
 
 
 def measure(m, x, steps, name, method=None, **options):
+    torch.cuda.empty_cache()
+    base_mem = torch.cuda.memory_allocated()  # weights and inputs only: every method's state counts as extra
     handle = accel.patch(m, method=method, num_inference_steps=steps, **options) if method else None
     try:
         run_loop(m, x, steps, name)  # warm-up: kernels, allocator
         torch.cuda.reset_peak_memory_stats()
-        base_mem = torch.cuda.memory_allocated()
         per, lat = run_loop(m, x, steps, name)
         peak = torch.cuda.max_memory_allocated() - base_mem
         stats = handle.stats() if handle else {"predicted_steps": []}
