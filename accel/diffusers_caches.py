@@ -47,21 +47,21 @@ def _build_config(cls: type, defaults: dict, options: dict):
         raise TypeError(f"bad option for {cls.__name__}: {err}; valid: {fields}") from None
 
 
-def _first_block_cache(model: torch.nn.Module, options: dict) -> DiffusersCache:
+def _first_block_cache(model: torch.nn.Module, options: dict, steps: int | None) -> DiffusersCache:
     config = _build_config(FirstBlockCacheConfig, {}, options)
     return DiffusersCache(config, apply_first_block_cache, (_FBC_LEADER_BLOCK_HOOK, _FBC_BLOCK_HOOK), blocks_of(model)[-1].module)
 
 
-def _mag_cache(model: torch.nn.Module, options: dict) -> DiffusersCache:
+def _mag_cache(model: torch.nn.Module, options: dict, steps: int | None) -> DiffusersCache:
     defaults = {"mag_ratios": FLUX_MAG_RATIOS} if spec_for(model).family == "flux" else {}
     if "mag_ratios" not in {**defaults, **options} and not options.get("calibrate"):
         raise ValueError(
             f"mag_cache needs per-model magnitude ratios for {type(model).__name__} (diffusers ships FLUX's only): "
             "pass mag_ratios=[...] or run once with calibrate=True to print them"
         )
-    if "num_inference_steps" not in options:
-        raise ValueError("mag_cache needs num_inference_steps=<the pipeline's step count> to lay out its ratios")
-    config = _build_config(MagCacheConfig, defaults, options)
+    if steps is None:
+        raise ValueError("mag_cache needs accel.patch(..., num_inference_steps=N) to lay out its ratios")
+    config = _build_config(MagCacheConfig, {**defaults, "num_inference_steps": steps}, options)
     return DiffusersCache(config, apply_mag_cache, (_MAG_CACHE_LEADER_BLOCK_HOOK, _MAG_CACHE_BLOCK_HOOK), blocks_of(model)[-1].module)
 
 
@@ -75,7 +75,7 @@ def _taylorseer_targets(model: torch.nn.Module) -> list[str]:
     return names
 
 
-def _taylorseer(model: torch.nn.Module, options: dict) -> DiffusersCache:
+def _taylorseer(model: torch.nn.Module, options: dict, steps: int | None) -> DiffusersCache:
     defaults = {"cache_identifiers": _taylorseer_targets(model)}
     config = _build_config(TaylorSeerCacheConfig, defaults, options)
     if config.use_lite_mode:
@@ -89,7 +89,7 @@ def _taylorseer(model: torch.nn.Module, options: dict) -> DiffusersCache:
     return DiffusersCache(config, apply_taylorseer_cache, (_TAYLORSEER_CACHE_HOOK,), hooked[-1][1])
 
 
-DIFFUSERS_METHODS: dict[str, Callable[[torch.nn.Module, dict], DiffusersCache]] = {
+DIFFUSERS_METHODS: dict[str, Callable[[torch.nn.Module, dict, int | None], DiffusersCache]] = {
     "first_block_cache": _first_block_cache,
     "taylorseer": _taylorseer,
     "mag_cache": _mag_cache,

@@ -112,8 +112,8 @@ def patch(target: Any, method: str = "cg_taylor", num_inference_steps: int | Non
     method: "cg_taylor" (options: threshold, warmup_steps, first_block_order, last_block_order,
         max_consecutive_predicted; defaults from the model family's preset), or one of diffusers' caches
         "first_block_cache", "taylorseer", "mag_cache" (options: the fields of its diffusers config).
-    num_inference_steps: only for a bare transformer used outside a pipeline that sets
-        `cache_context(..., num_inference_steps=)`: lets the last step be recognised.
+    num_inference_steps: for a bare transformer called outside a pipeline that sets
+        `cache_context(..., num_inference_steps=)`, so the last step is recognised; mag_cache needs it always.
     Raises on bad input before touching the model.
     """
     if method not in METHODS:
@@ -129,7 +129,7 @@ def patch(target: Any, method: str = "cg_taylor", num_inference_steps: int | Non
     if method == "cg_taylor":
         configs = [config_for(spec_for(m).family, options) for m in models]
     else:
-        configs = [DIFFUSERS_METHODS[method](m, options) for m in models]
+        configs = [DIFFUSERS_METHODS[method](m, options, num_inference_steps) for m in models]
 
     if pipeline is not None:
         total_steps = pipeline_step_count(pipeline)

@@ -1,0 +1,113 @@
+"""accel.patch: targets, methods, bad input, handles."""
+
+import pytest
+import torch
+
+import accel
+import tiny_models as tm
+from diffusers.hooks import HookRegistry
+
+
+def _hooks(model):
+    return sorted(
+        (name, hook) for name, m in model.named_modules() if hasattr(m, "_diffusers_hook")
+        for hook in m._diffusers_hook._hook_order
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"method": "warp_speed"}, ValueError, "unknown method"),
+        ({"threshold": -0.1}, ValueError, "threshold"),
+        ({"first_block_order": -1}, ValueError, "first_block_order"),
+        ({"last_block_order": -2}, ValueError, "last_block_order"),
+        ({"warmup_steps": 1.5}, ValueError, "warmup_steps"),
+        ({"treshold": 0.1}, TypeError, "unknown cg_taylor option"),
+        ({"method": "first_block_cache", "thresh": 1}, TypeError, "valid"),
+        ({"method": "mag_cache", "num_inference_steps": 10}, ValueError, "mag_ratios"),
+        ({"method": "mag_cache", "mag_ratios": [1.0] * 4}, ValueError, "num_inference_steps"),
+    ],
+)
+def test_bad_options_raise_and_leave_the_model_untouched(kwargs, error, match):
+    model = tm.wan()
+    before = _hooks(model)
+    with pytest.raises(error, match=match):
+        accel.patch(model, **kwargs)
+    assert _hooks(model) == before and not hasattr(model, "_accel_handle")
+
+
+def test_not_a_diffusers_target():
+    with pytest.raises(TypeError, match="DiffusionPipeline or a diffusers model"):
+        accel.patch(torch.nn.Linear(2, 2))
+
+
+def test_unknown_model_names_its_class_and_how_to_describe_it():
+    from diffusers import UNet2DModel
+
+    with pytest.raises(NotImplementedError, match="UNet2DModel.*register_model"):
+        accel.patch(UNet2DModel(block_out_channels=(4, 8), down_block_types=("DownBlock2D",) * 2,
+                                 up_block_types=("UpBlock2D",) * 2, norm_num_groups=4, sample_size=8))
+
+
+def test_register_model_teaches_a_new_class():
+    from diffusers import WanTransformer3DModel
+
+    class MyWan(WanTransformer3DModel):  # subclasses of known models are known already
+        pass
+
+    assert accel.models.spec_for(MyWan.__new__(MyWan)).family == "wan"
+
+    class Renamed(torch.nn.Module):
+        pass
+
+    with pytest.raises(NotImplementedError):
+        accel.models.spec_for(Renamed())
+    accel.register_model(Renamed, block_lists=("blocks",), family="wan")
+    assert accel.models.spec_for(Renamed()).block_lists == ("blocks",)
+
+
+def test_patching_twice_raises_and_remove_is_idempotent():
+    model = tm.wan()
+    handle = accel.patch(model)
+    with pytest.raises(RuntimeError, match="already patched"):
+        accel.patch(model, method="first_block_cache")
+    handle.remove()
+    handle.remove()
+    assert _hooks(model) == [] or all(not m._diffusers_hook.hooks for _, m in model.named_modules() if hasattr(m, "_diffusers_hook"))
+    accel.patch(model, method="first_block_cache").remove()
+
+
+def test_diffusers_cache_already_enabled_is_refused():
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    model = tm.wan()
+    model.enable_cache(FirstBlockCacheConfig(threshold=0.1))
+    with pytest.raises(RuntimeError, match="disable_cache"):
+        accel.patch(model)
+
+
+def test_presets_follow_the_model_family():
+    for build, family in ((tm.wan, "wan"), (tm.flux, "flux"), (tm.dit, "dit"), (tm.sana, "generic")):
+        with accel.patch(build()) as handle:
+            assert handle.stats()["config"][0] == accel.PRESETS[family].__dict__
+    with accel.patch(tm.wan(), threshold=0.1) as handle:
+        cfg = handle.stats()["config"][0]
+        assert cfg["threshold"] == 0.1 and cfg["first_block_order"] == 3  # the rest from the Wan preset
+
+
+def test_stats_before_any_call():
+    with accel.patch(tm.wan()) as handle:
+        s = handle.stats()
+    assert s["computed"] == 0 and s["predicted"] == 0 and s["method"] == "cg_taylor"
+
+
+def test_remove_leaves_no_hook_behind():
+    model = tm.flux()
+    for method in accel.METHODS:
+        if method == "mag_cache":
+            continue
+        accel.patch(model, method=method).remove()
+    registries = [m._diffusers_hook for _, m in model.named_modules() if hasattr(m, "_diffusers_hook")]
+    assert all(not r.hooks for r in registries)
+    assert isinstance(HookRegistry.check_if_exists_or_initialize(model), HookRegistry)

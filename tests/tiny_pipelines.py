@@ -1,0 +1,87 @@
+"""Real diffusers pipelines around the tiny transformers, built offline: no text encoders (prompt embeddings
+are passed instead) and tiny or no VAEs (latent outputs)."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    AutoencoderKLWan,
+    DDIMScheduler,
+    DiTPipeline,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    PixArtAlphaPipeline,
+    SanaPipeline,
+    SanaVideoPipeline,
+    WanPipeline,
+)
+
+import tiny_models as tm
+
+
+def _kl_vae(latent_channels: int, **config) -> AutoencoderKL:
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        block_out_channels=(4,), in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",), latent_channels=latent_channels, norm_num_groups=4, sample_size=8,
+        **config,
+    ).eval()
+
+
+def _embeds(seed: int, *shape) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def wan():
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=vae.eval(), transformer=tm.wan(),
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    kwargs = dict(prompt_embeds=_embeds(1, 1, 6, 16), negative_prompt_embeds=_embeds(2, 1, 6, 16), height=16,
+                  width=16, num_frames=5, guidance_scale=5.0, output_type="pt")
+    return pipe, kwargs
+
+
+def dit():
+    pipe = DiTPipeline(transformer=tm.dit(), vae=_kl_vae(4), scheduler=DDIMScheduler())
+    return pipe, dict(class_labels=[3], guidance_scale=4.0, output_type="np")
+
+
+def flux():
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_kl_vae(1, shift_factor=0.06, scaling_factor=1.5), text_encoder=None,
+                        tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=tm.flux())
+    return pipe, dict(prompt_embeds=_embeds(1, 1, 5, 32), pooled_prompt_embeds=_embeds(2, 1, 32), height=8, width=8,
+                      output_type="pt")
+
+
+def pixart():
+    pipe = PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=_kl_vae(4), transformer=tm.pixart(),
+                               scheduler=DDIMScheduler())
+    mask = torch.ones(1, 6, dtype=torch.long)
+    return pipe, dict(prompt_embeds=_embeds(1, 1, 6, 32), prompt_attention_mask=mask, negative_prompt=None,
+                      negative_prompt_embeds=_embeds(2, 1, 6, 32), negative_prompt_attention_mask=mask,
+                      height=8, width=8, guidance_scale=4.0, use_resolution_binning=False, output_type="pt")
+
+
+def sana():
+    pipe = SanaPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=tm.sana(),
+                        scheduler=FlowMatchEulerDiscreteScheduler())
+    mask = torch.ones(1, 6, dtype=torch.long)
+    return pipe, dict(prompt_embeds=_embeds(1, 1, 6, 8), prompt_attention_mask=mask, negative_prompt=None,
+                      negative_prompt_embeds=_embeds(2, 1, 6, 8), negative_prompt_attention_mask=mask,
+                      height=256, width=256, guidance_scale=4.5, use_resolution_binning=False, output_type="latent")
+
+
+def sana_video():
+    pipe = SanaVideoPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=tm.sana_video(),
+                             scheduler=FlowMatchEulerDiscreteScheduler())
+    mask = torch.ones(1, 6, dtype=torch.long)
+    return pipe, dict(prompt_embeds=_embeds(1, 1, 6, 16), prompt_attention_mask=mask, negative_prompt=None,
+                      negative_prompt_embeds=_embeds(2, 1, 6, 16), negative_prompt_attention_mask=mask,
+                      height=64, width=64, frames=5, guidance_scale=6.0, use_resolution_binning=False,
+                      output_type="latent")
+
+
+PIPELINES = [wan, dit, flux, pixart, sana, sana_video]
