@@ -13,7 +13,7 @@ from diffusers.hooks import HookRegistry
 from .cg_taylor import CG_TAYLOR_HOOK, apply_cg_taylor, config_for
 from .diffusers_caches import DIFFUSERS_METHODS, DiffusersCache, remove_diffusers_cache
 from .models import COND_LAST_PIPELINES, blocks_of, spec_for
-from .steps import STEP_HOOK, ComputeCounter, StepClock, StepHook, pipeline_step_count
+from .steps import STEP_HOOK, ComputeCounter, Schedule, StepClock, StepHook
 
 logger = logging.getLogger("accel")
 
@@ -131,16 +131,12 @@ def patch(target: Any, method: str = "cg_taylor", num_inference_steps: int | Non
     else:
         configs = [DIFFUSERS_METHODS[method](m, options, num_inference_steps) for m in models]
 
-    if pipeline is not None:
-        total_steps = pipeline_step_count(pipeline)
-    else:
-        total_steps = lambda: num_inference_steps  # noqa: E731
-        if num_inference_steps is None:
-            logger.warning(
-                "accel.patch on a bare %s without num_inference_steps: the last step is only recognised when "
-                "the caller sets cache_context(..., num_inference_steps=)", type(models[0]).__name__
-            )
-    clocks = [StepClock(total_steps) for _ in models]
+    if pipeline is None and num_inference_steps is None:
+        logger.warning(
+            "accel.patch on a bare %s without num_inference_steps: the last step is only recognised when "
+            "the caller sets cache_context(..., num_inference_steps=)", type(models[0]).__name__
+        )
+    clocks = [StepClock(Schedule(pipeline, num_inference_steps)) for _ in models]
     handle = PatchHandle(method, models, [getattr(c, "config", c) for c in configs], clocks)
     try:
         for model, config, clock in zip(models, configs, clocks):

@@ -5,8 +5,8 @@ cache context, as DiT, PixArt and SANA pipelines don't). The hook
 - gives pipelines that set no cache context a "default" one, so diffusers' stateful caches work there too;
 - numbers the steps of each branch and knows the step count (from the cache context, the pipeline's
   scheduler, or the user), so "first", "last" and "warm-up" mean something;
-- notices a new generation (step index back at 0, the timestep rising, another input shape, or the step
-  count reached) and then resets every stateful hook under the model, including diffusers' own caches,
+- notices a new generation (step index back at 0, a new scheduler run, another input shape, the step count
+  reached, or, for a bare transformer with nothing else to go by, the timestep rising) and then resets every stateful hook under the model, including diffusers' own caches,
   so a second call with another step count, resolution or batch size never reuses stale state;
 - keeps the statistics of the last generation for `handle.stats()`.
 """
@@ -69,11 +69,34 @@ class RunStats:
         }
 
 
+class Schedule:
+    """What the pipeline's scheduler says about the current run; nothing for a bare transformer."""
+
+    def __init__(self, pipeline=None, num_inference_steps: int | None = None):
+        self._pipeline = weakref.ref(pipeline) if pipeline is not None else None
+        self._num_inference_steps = num_inference_steps
+
+    def _scheduler(self):
+        return getattr(self._pipeline(), "scheduler", None) if self._pipeline is not None else None
+
+    def total_steps(self) -> int | None:
+        """Transformer calls per branch in this run: the scheduler's timesteps from its begin index."""
+        timesteps = getattr(self._scheduler(), "timesteps", None)
+        if timesteps is None:
+            return self._num_inference_steps
+        return len(timesteps) - (getattr(self._scheduler(), "begin_index", None) or 0)
+
+    def marker(self):
+        """The scheduler's timesteps tensor: every pipeline call sets a new one, which marks a new generation
+        without reading anything back from the device."""
+        return getattr(self._scheduler(), "timesteps", None)
+
+
 class StepClock:
     """Shared by the step hook (which sets `current`) and the cache hooks (which read it and report back)."""
 
-    def __init__(self, total_steps: Callable[[], int | None]):
-        self.total_steps = total_steps
+    def __init__(self, schedule: Schedule):
+        self.schedule = schedule
         self.current: Step | None = None
         self.stats = RunStats()
         self.in_generation = False
@@ -99,9 +122,11 @@ class StepClock:
 
 class _BranchRecord(BaseState):
     def __init__(self) -> None:
+        self.seen = False
         self.next_index = 0
         self.timestep: float | None = None
         self.shape: tuple | None = None
+        self.marker = None
 
     def reset(self) -> None:
         pass
@@ -142,15 +167,8 @@ class StepHook(ModelHook):
 
     def _step(self, module: torch.nn.Module, args: tuple, kwargs: dict):
         context = self.records.context
-        timestep, shape = _timestep_of(args, kwargs), tuple(_hidden_of(args, kwargs).shape)
-        total = context.num_inference_steps or self.clock.total_steps()
         record = self.records.get_state()
-        if record.timestep is not None and (
-            context.step_index == 0
-            or shape != record.shape
-            or (timestep is not None and timestep > record.timestep)
-            or (total is not None and record.next_index >= total)
-        ):
+        if record.seen and self._new_generation(context, record, args, kwargs):
             HookRegistry.check_if_exists_or_initialize(module).reset_stateful_hooks(recurse=True)
             _set_cache_context(module, context)  # the reset cleared every branch's context
             record = self.records.get_state()
@@ -158,13 +176,31 @@ class StepHook(ModelHook):
             self.clock.start_generation()
 
         index = context.step_index if context.step_index is not None else record.next_index
-        record.next_index, record.timestep, record.shape = index + 1, timestep, shape
+        record.seen, record.next_index, record.shape = True, index + 1, tuple(_hidden_of(args, kwargs).shape)
+        record.marker = self.clock.schedule.marker()
+        if context.step_index is None and record.marker is None:
+            record.timestep = _timestep_of(args, kwargs)  # the only signal left: a device read
+        total = context.num_inference_steps or self.clock.schedule.total_steps()
         self.clock.current = Step(context.name, index, total, self.cond_half(args, kwargs))
         self.clock.record_step()
         try:
             return self.fn_ref.original_forward(*args, **kwargs)
         finally:
             self.clock.current = None
+
+    def _new_generation(self, context: CacheContext, record: _BranchRecord, args: tuple, kwargs: dict) -> bool:
+        if context.step_index is not None:
+            return context.step_index == 0
+        if tuple(_hidden_of(args, kwargs).shape) != record.shape:
+            return True
+        total = context.num_inference_steps or self.clock.schedule.total_steps()
+        if total is not None and record.next_index >= total:
+            return True
+        marker = self.clock.schedule.marker()
+        if marker is not None:
+            return marker is not record.marker
+        timestep = _timestep_of(args, kwargs)
+        return timestep is not None and record.timestep is not None and timestep > record.timestep
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.records.reset()
@@ -183,18 +219,3 @@ class ComputeCounter(ModelHook):
         if self.clock.current is not None:
             self.clock.record_computed()
         return self.fn_ref.original_forward(*args, **kwargs)
-
-
-def pipeline_step_count(pipeline) -> Callable[[], int | None]:
-    """Number of transformer calls per branch in the pipeline's current run, read off its scheduler."""
-    ref = weakref.ref(pipeline) if pipeline is not None else None
-
-    def total() -> int | None:
-        pipe = ref() if ref is not None else None
-        timesteps = getattr(getattr(pipe, "scheduler", None), "timesteps", None)
-        if timesteps is None:
-            return None
-        begin = getattr(pipe.scheduler, "begin_index", None) or 0
-        return len(timesteps) - begin
-
-    return total

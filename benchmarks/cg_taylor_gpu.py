@@ -130,6 +130,7 @@ def bench(name: str, steps: int) -> dict:
     restore = only_block0()
     r["block0_plus_head"], _ = measure(m, x, steps, name)
     restore()
+    r["unpatched_again"], _ = measure(m, x, steps, name)  # the spread between the two is the timing noise
 
     full = r["unpatched"]["median_step_ms"]
     floor = r["block0_plus_head"]["median_step_ms"]
@@ -141,6 +142,7 @@ def bench(name: str, steps: int) -> dict:
         "predicted_step_ms": pred,
         "predicted_over_block0_head": pred / floor,
         "nopredict_overhead_pct": 100 * (r["cg_taylor_predicts_nothing"]["median_step_ms"] / full - 1),
+        "unpatched_repeat_spread_pct": 100 * (r["unpatched_again"]["median_step_ms"] / full - 1),
         "cg_taylor_extra_memory_hidden_states": (r["cg_taylor_always_predict"]["peak_activation_bytes"] - base_peak) / hidden_bytes,
         "taylorseer_extra_memory_hidden_states": (r["taylorseer_interval5"]["peak_activation_bytes"] - base_peak) / hidden_bytes,
         "speedup_cg_taylor_always": r["unpatched"]["total_s"] / r["cg_taylor_always_predict"]["total_s"],

@@ -12,6 +12,8 @@ from diffusers import (
     WanTransformer3DModel,
 )
 
+from accel.pipelines.tiny import tiny_wan_transformer
+
 
 def _seeded(build):
     def wrapper(*args, **kwargs):
@@ -21,13 +23,8 @@ def _seeded(build):
     return wrapper
 
 
-@_seeded
 def wan(layers: int = 3) -> WanTransformer3DModel:
-    return WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
-        text_dim=16, freq_dim=256, ffn_dim=32, num_layers=layers, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
-    )
+    return tiny_wan_transformer(layers)
 
 
 @_seeded

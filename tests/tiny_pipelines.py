@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 from diffusers import (
     AutoencoderKL,
-    AutoencoderKLWan,
     DDIMScheduler,
     DiTPipeline,
     FlowMatchEulerDiscreteScheduler,
@@ -14,10 +13,10 @@ from diffusers import (
     PixArtAlphaPipeline,
     SanaPipeline,
     SanaVideoPipeline,
-    WanPipeline,
 )
 
 import tiny_models as tm
+from accel.pipelines.tiny import tiny_wan_pipeline
 
 
 def _kl_vae(latent_channels: int, **config) -> AutoencoderKL:
@@ -34,14 +33,7 @@ def _embeds(seed: int, *shape) -> torch.Tensor:
 
 
 def wan():
-    torch.manual_seed(0)
-    vae = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
-    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=vae.eval(), transformer=tm.wan(),
-                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
-    kwargs = dict(prompt_embeds=_embeds(1, 1, 6, 16), negative_prompt_embeds=_embeds(2, 1, 6, 16), height=16,
-                  width=16, num_frames=5, guidance_scale=5.0, output_type="pt")
-    return pipe, kwargs
+    return tiny_wan_pipeline()
 
 
 def dit():
