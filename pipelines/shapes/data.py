@@ -1,0 +1,138 @@
+"""Procedural data: coloured shapes on textured backgrounds, still and moving, deterministic from a seed.
+
+Every batch is a pure function of (seed, batch index, batch size): the random parameters are drawn on the CPU
+from a generator seeded with both, then the pixels are rendered with tensor ops on any device. Images are
+float tensors in [-1, 1], (B, 3, H, W); videos (B, 3, T, H, W).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+SHAPES = ("circle", "square", "triangle", "cross")
+COLOURS = {
+    "red": (0.90, 0.10, 0.10),
+    "green": (0.10, 0.80, 0.15),
+    "blue": (0.15, 0.25, 0.95),
+    "yellow": (0.95, 0.90, 0.10),
+    "magenta": (0.90, 0.10, 0.90),
+    "cyan": (0.10, 0.90, 0.90),
+}
+COLOUR_NAMES = tuple(COLOURS)
+DIRECTIONS = ("left", "right", "up", "down")
+_DIRECTION_VECTORS = torch.tensor([[-1.0, 0.0], [1.0, 0.0], [0.0, -1.0], [0.0, 1.0]])  # (dx, dy), y grows downwards
+
+
+def image_caption(shape: int, colour: int) -> str:
+    return f"a {COLOUR_NAMES[colour]} {SHAPES[shape]}"
+
+
+def video_caption(shape: int, colour: int, direction: int) -> str:
+    return f"{image_caption(shape, colour)} moving {DIRECTIONS[direction]}"
+
+
+@dataclass
+class ShapeBatch:
+    pixels: torch.Tensor  # (B, 3, H, W) or (B, 3, T, H, W), in [-1, 1]
+    shape: torch.Tensor  # (B,) index into SHAPES
+    colour: torch.Tensor  # (B,) index into COLOUR_NAMES
+    direction: torch.Tensor | None = None  # (B,) index into DIRECTIONS (videos)
+
+    @property
+    def captions(self) -> list[str]:
+        if self.direction is None:
+            return [image_caption(int(s), int(c)) for s, c in zip(self.shape, self.colour)]
+        return [video_caption(int(s), int(c), int(d)) for s, c, d in zip(self.shape, self.colour, self.direction)]
+
+
+def _generator(seed: int, index: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + index)
+
+
+def _uniform(g: torch.Generator, n: int, lo: float, hi: float) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(n, generator=g)
+
+
+def _background(g: torch.Generator, n: int, size: int, device) -> torch.Tensor:
+    """Grey textures (level, stripes, noise): structure the model must ignore, never mistaken for a colour."""
+    level, amp = _uniform(g, n, 0.25, 0.6), _uniform(g, n, 0.03, 0.1)
+    freq, angle, phase = _uniform(g, n, 1.0, 4.0), _uniform(g, n, 0.0, math.pi), _uniform(g, n, 0.0, 2 * math.pi)
+    noise = 0.03 * torch.randn(n, 1, size, size, generator=g)
+    yy, xx = torch.meshgrid(torch.arange(float(size)), torch.arange(float(size)), indexing="ij")
+    proj = xx * torch.cos(angle)[:, None, None] + yy * torch.sin(angle)[:, None, None]
+    stripes = amp[:, None, None] * torch.sin(2 * math.pi * freq[:, None, None] * proj / size + phase[:, None, None])
+    grey = (level[:, None, None] + stripes)[:, None] + noise
+    return grey.expand(n, 3, size, size).to(device)
+
+
+def shape_masks(shape: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor, r: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, H, W) masks; cx, cy, r may carry a trailing time axis (B, T) for videos -> (B, T, H, W)."""
+    extra = cx.dim() - 1
+    coords = torch.arange(float(size), device=cx.device)
+    x = coords.view(*([1] * (extra + 1)), 1, size)
+    y = coords.view(*([1] * (extra + 1)), size, 1)
+    view = lambda t: t.reshape(*t.shape, 1, 1)  # noqa: E731
+    dx, dy, r = x - view(cx), y - view(cy), view(r)
+    s = view(shape.reshape(shape.shape + (1,) * extra).expand(cx.shape))
+    circle = dx**2 + dy**2 <= r**2
+    square = torch.maximum(dx.abs(), dy.abs()) <= 0.85 * r
+    rise = dy + r  # 0 at the apex, 1.8 r at the base
+    triangle = (rise >= 0) & (dy <= 0.8 * r) & (dx.abs() <= rise / 1.8)
+    cross = ((dx.abs() <= 0.3 * r) & (dy.abs() <= r)) | ((dy.abs() <= 0.3 * r) & (dx.abs() <= r))
+    masks = torch.where(s == 0, circle, torch.where(s == 1, square, torch.where(s == 2, triangle, cross)))
+    return masks.float()
+
+
+def _paint(background: torch.Tensor, masks: torch.Tensor, colour: torch.Tensor) -> torch.Tensor:
+    rgb = torch.tensor(list(COLOURS.values()), device=background.device)[colour]  # (B, 3)
+    rgb = rgb.reshape(rgb.shape[0], 3, *([1] * (background.dim() - 2)))
+    masks = masks.unsqueeze(1)
+    return (background * (1 - masks) + rgb * masks) * 2 - 1
+
+
+def image_batch(seed: int, index: int, batch_size: int, size: int = 32, device="cpu") -> ShapeBatch:
+    g = _generator(seed, index)
+    shape = torch.randint(len(SHAPES), (batch_size,), generator=g)
+    colour = torch.randint(len(COLOURS), (batch_size,), generator=g)
+    r = _uniform(g, batch_size, 0.15 * size, 0.3 * size)
+    cx, cy = _uniform(g, batch_size, 0, 1) * (size - 1 - 2 * r) + r, _uniform(g, batch_size, 0, 1) * (size - 1 - 2 * r) + r
+    background = _background(g, batch_size, size, device)
+    masks = shape_masks(shape.to(device), cx.to(device), cy.to(device), r.to(device), size)
+    return ShapeBatch(_paint(background, masks, colour.to(device)), shape.to(device), colour.to(device))
+
+
+def _bounce(start: torch.Tensor, velocity: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, frames: int) -> torch.Tensor:
+    """Positions over time inside [lo, hi], reflecting off both ends (a triangle wave)."""
+    t = torch.arange(float(frames))
+    span = (hi - lo)[:, None]
+    u = (start - lo)[:, None] + velocity[:, None] * t
+    return lo[:, None] + span - ((u % (2 * span)) - span).abs()
+
+
+def video_batch(seed: int, index: int, batch_size: int, frames: int = 17, size: int = 32, device="cpu") -> ShapeBatch:
+    """Shapes moving at 1 to 1.6 px per frame in one of four directions, bouncing off the edges; the first
+    8 frames never bounce, so the caption's direction is the motion the video starts with."""
+    g = _generator(seed, index)
+    shape = torch.randint(len(SHAPES), (batch_size,), generator=g)
+    colour = torch.randint(len(COLOURS), (batch_size,), generator=g)
+    direction = torch.randint(len(DIRECTIONS), (batch_size,), generator=g)
+    r = _uniform(g, batch_size, 0.15 * size, 0.25 * size)
+    speed = _uniform(g, batch_size, 1.0, 1.6)
+    lo, hi = r, size - 1 - r
+    free = (hi - lo - 8 * speed).clamp_min(0)  # room left after 8 frames of travel
+    along = lo + _uniform(g, batch_size, 0, 1) * free  # start, measured from the edge the shape moves away from
+    across = lo + _uniform(g, batch_size, 0, 1) * (hi - lo)
+    vec = _DIRECTION_VECTORS[direction]
+    forward = (vec.sum(1) > 0)  # moving towards larger coordinates
+    start_along = torch.where(forward, along, hi - (along - lo))
+    horizontal = vec[:, 0] != 0
+    x0, y0 = torch.where(horizontal, start_along, across), torch.where(horizontal, across, start_along)
+    xs = _bounce(x0, vec[:, 0] * speed, lo, hi, frames)
+    ys = _bounce(y0, vec[:, 1] * speed, lo, hi, frames)
+    background = _background(g, batch_size, size, device).unsqueeze(2).expand(-1, -1, frames, -1, -1)
+    masks = shape_masks(shape.to(device), xs.to(device), ys.to(device), r[:, None].expand(-1, frames).to(device), size)
+    pixels = _paint(background, masks, colour.to(device))
+    return ShapeBatch(pixels, shape.to(device), colour.to(device), direction.to(device))

@@ -1,0 +1,82 @@
+"""The networks of the shapes reference models: diffusers transformer classes, sized for a CPU."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import ConfigMixin, DiTTransformer2DModel, ModelMixin, WanTransformer3DModel
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.cache_utils import CacheMixin
+from torch import nn
+from torch.nn import functional as F
+
+from .data import COLOURS, DIRECTIONS, SHAPES
+
+NUM_CLASSES = len(SHAPES) * len(COLOURS)  # image classes: shape-major (class = shape * 6 + colour)
+
+
+class ShapesDiTTransformer(DiTTransformer2DModel, CacheMixin):
+    """diffusers' DiT with `cache_context` / `enable_cache`, so the image pipeline follows WanPipeline's conventions."""
+
+
+def image_transformer() -> ShapesDiTTransformer:
+    """Pixel-space, class-conditional DiT: 32x32x3 in patches of 4 (64 tokens), 6 blocks of width 192."""
+    return ShapesDiTTransformer(
+        in_channels=3, out_channels=3, sample_size=32, patch_size=4, num_attention_heads=4, attention_head_dim=48,
+        num_layers=6, norm_type="ada_norm_zero", num_embeds_ada_norm=NUM_CLASSES,
+    )
+
+
+def video_transformer(text_dim: int) -> WanTransformer3DModel:
+    """Pixel-space Wan: 17 frames of 32x32x3 in patches of 1x4x4 (1,088 tokens), 4 blocks of width 128."""
+    return WanTransformer3DModel(
+        patch_size=(1, 4, 4), num_attention_heads=4, attention_head_dim=32, in_channels=3, out_channels=3,
+        text_dim=text_dim, freq_dim=256, ffn_dim=512, num_layers=4, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=64,
+    )
+
+
+def _conv(cin: int, cout: int, conv=nn.Conv2d, stride=2) -> nn.Sequential:
+    return nn.Sequential(conv(cin, cout, 3, stride=stride, padding=1), nn.GroupNorm(8, cout), nn.SiLU())
+
+
+class ShapesClassifier(ModelMixin, ConfigMixin):
+    """Says which shape, colour (and, for videos, direction of motion) a sample shows.
+
+    The offline stand-in for CLIPScore (does the sample show what its caption says?) and the feature extractor
+    for an offline FID (`image_features` / `video_features`: the pooled embeddings before the heads).
+    Inputs are in [-1, 1]: images (B, 3, H, W), videos (B, 3, T, H, W).
+    """
+
+    @register_to_config
+    def __init__(self, width: int = 64, motion_frames: int = 8):
+        super().__init__()
+        self.frame_encoder = nn.Sequential(_conv(3, width // 2, stride=1), _conv(width // 2, width), _conv(width, 2 * width), _conv(2 * width, 2 * width))
+        self.shape_head = nn.Linear(2 * width, len(SHAPES))
+        self.colour_head = nn.Linear(2 * width, len(COLOURS))
+        self.motion_encoder = nn.Sequential(
+            _conv(3, width // 2, nn.Conv3d, (1, 2, 2)), _conv(width // 2, width, nn.Conv3d), _conv(width, 2 * width, nn.Conv3d)
+        )
+        self.direction_head = nn.Linear(2 * width, len(DIRECTIONS))
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.frame_encoder(images).mean(dim=(2, 3))
+
+    def video_features(self, videos: torch.Tensor) -> torch.Tensor:
+        """Mean frame embedding and motion embedding of the opening frames, concatenated."""
+        b, c, t, h, w = videos.shape
+        frames = self.image_features(videos.transpose(1, 2).reshape(b * t, c, h, w)).reshape(b, t, -1).mean(1)
+        motion = self.motion_encoder(videos[:, :, : self.config.motion_frames]).mean(dim=(2, 3, 4))
+        return torch.cat([frames, motion], dim=1)
+
+    def classify_images(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        f = self.image_features(images)
+        return {"shape": self.shape_head(f), "colour": self.colour_head(f)}
+
+    def classify_videos(self, videos: torch.Tensor) -> dict[str, torch.Tensor]:
+        f = self.video_features(videos)
+        frames, motion = f.split(f.shape[1] // 2, dim=1)
+        return {"shape": self.shape_head(frames), "colour": self.colour_head(frames), "direction": self.direction_head(motion)}
+
+    @staticmethod
+    def loss(logits: dict[str, torch.Tensor], batch) -> torch.Tensor:
+        return sum(F.cross_entropy(v, getattr(batch, k)) for k, v in logits.items())

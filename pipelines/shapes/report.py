@@ -1,0 +1,145 @@
+"""Measure the shipped shapes models and write their model cards.
+
+    python -m accel.pipelines.shapes.report [--weights pipelines/weights] [--samples 96]
+
+Measures, on held-out data (seed 1000, never used in training): the classifier's accuracy; for samples
+generated at the pipelines' default steps and guidance, how often the classifier agrees with the caption;
+the CPU time of one image and one 17-frame video. Writes `evaluation.json`, a sample grid (PNG), a short
+video (GIF), the loss curve (PNG) and README.md into each model's folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import imageio.v3 as iio
+import numpy as np
+import torch
+
+from .data import image_batch, video_batch
+from .models import ShapesClassifier
+from .pipelines import ShapesImagePipeline, ShapesVideoPipeline
+from .text import IMAGE_CAPTIONS, VIDEO_CAPTIONS
+
+HELD_OUT_SEED = 1000
+
+
+def _accuracy(logits: dict, batch) -> dict[str, float]:
+    return {k: float((v.argmax(1) == getattr(batch, k)).float().mean()) for k, v in logits.items()}
+
+
+@torch.no_grad()
+def classifier_accuracy(classifier: ShapesClassifier, batches: int = 8) -> dict[str, float]:
+    acc = {}
+    for i in range(batches):
+        images, videos = image_batch(HELD_OUT_SEED, i, 128), video_batch(HELD_OUT_SEED, i, 32)
+        for prefix, logits, batch in (("image", classifier.classify_images(images.pixels), images),
+                                      ("video", classifier.classify_videos(videos.pixels), videos)):
+            for k, v in _accuracy(logits, batch).items():
+                acc[f"{prefix}_{k}"] = acc.get(f"{prefix}_{k}", 0.0) + v / batches
+    return acc
+
+
+def caption_agreement(classifier, pixels: torch.Tensor, captions: list[str], video: bool) -> list[bool]:
+    """Does each sample show its caption (shape and colour, and for videos the direction)?"""
+    with torch.no_grad():
+        logits = classifier.classify_videos(pixels) if video else classifier.classify_images(pixels)
+    words = [c.split() for c in captions]  # "a <colour> <shape> [moving <direction>]"
+    from .data import COLOUR_NAMES, DIRECTIONS, SHAPES
+
+    ok = (logits["shape"].argmax(1) == torch.tensor([SHAPES.index(w[2]) for w in words]))
+    ok &= logits["colour"].argmax(1) == torch.tensor([COLOUR_NAMES.index(w[1]) for w in words])
+    if video:
+        ok &= logits["direction"].argmax(1) == torch.tensor([DIRECTIONS.index(w[4]) for w in words])
+    return ok.tolist()
+
+
+def _to_unit(pixels: np.ndarray) -> torch.Tensor:
+    """Pipeline "np" output in [0, 1] (channels last) -> classifier input in [-1, 1] (channels first)."""
+    t = torch.from_numpy(np.asarray(pixels)).float() * 2 - 1
+    return t.permute(0, 3, 1, 2) if t.dim() == 4 else t.permute(0, 4, 1, 2, 3)
+
+
+def generate_and_score(pipe, classifier, captions: list[str], video: bool, batch: int = 24) -> tuple[float, np.ndarray]:
+    agree, samples = [], []
+    for start in range(0, len(captions), batch):
+        chunk = captions[start : start + batch]
+        g = [torch.Generator().manual_seed(HELD_OUT_SEED + start + i) for i in range(len(chunk))]
+        out = pipe(chunk, generator=g, output_type="np")
+        pixels = out.frames if video else out.images
+        agree += caption_agreement(classifier, _to_unit(pixels), chunk, video)
+        samples.append(np.asarray(pixels))
+    return float(np.mean(agree)), np.concatenate(samples)
+
+
+def cpu_seconds(pipe, caption: str) -> float:
+    pipe(caption, generator=torch.Generator().manual_seed(0), output_type="np")  # warm-up
+    start = time.perf_counter()
+    pipe(caption, generator=torch.Generator().manual_seed(1), output_type="np")
+    return time.perf_counter() - start
+
+
+def _grid(images: np.ndarray, cols: int, scale: int = 3) -> np.ndarray:
+    n, h, w, c = images.shape
+    rows = -(-n // cols)
+    canvas = np.ones((rows * h, cols * w, c), dtype=np.float32)
+    for i, im in enumerate(images):
+        canvas[(i // cols) * h : (i // cols + 1) * h, (i % cols) * w : (i % cols + 1) * w] = im
+    return np.kron((canvas * 255).round().astype(np.uint8), np.ones((scale, scale, 1), dtype=np.uint8))
+
+
+def _loss_curve(training: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, losses = zip(*training["losses"])
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot(steps, losses)
+    ax.set(xlabel="step", ylabel="loss", yscale="log", title=f"training loss: {training['config']['kind']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--weights", default=os.path.join(os.path.dirname(__file__), "..", "weights"))
+    p.add_argument("--samples", type=int, default=96)
+    args = p.parse_args(argv)
+    torch.set_grad_enabled(False)
+    folder = lambda name: os.path.join(args.weights, name)  # noqa: E731
+    classifier = ShapesClassifier.from_pretrained(folder("shapes-classifier")).eval()
+    results = {"classifier_held_out_accuracy": classifier_accuracy(classifier)}
+
+    image = ShapesImagePipeline.from_pretrained(folder("shapes-image"))
+    video = ShapesVideoPipeline.from_pretrained(folder("shapes-video"))
+    for pipe in (image, video):
+        pipe.set_progress_bar_config(disable=True)
+    image_caps = [list(IMAGE_CAPTIONS)[i % len(IMAGE_CAPTIONS)] for i in range(args.samples)]
+    video_caps = [VIDEO_CAPTIONS[(i * 7) % len(VIDEO_CAPTIONS)] for i in range(args.samples)]
+    results["image_caption_agreement"], images = generate_and_score(image, classifier, image_caps, video=False)
+    results["video_caption_agreement"], videos = generate_and_score(video, classifier, video_caps, video=True, batch=8)
+    torch.set_num_threads(2)
+    results["cpu_seconds_image"] = cpu_seconds(image, image_caps[0])
+    results["cpu_seconds_video_17_frames"] = cpu_seconds(video, video_caps[0])
+    results["samples"] = args.samples
+    print(json.dumps(results, indent=1))
+
+    iio.imwrite(os.path.join(folder("shapes-image"), "samples.png"), _grid(images[:24], 8))
+    iio.imwrite(os.path.join(folder("shapes-video"), "samples.png"), _grid(videos[:8, ::4].reshape(-1, 32, 32, 3), 5))
+    strip = np.concatenate(list(videos[:4]), axis=2)  # four videos side by side, frame by frame
+    iio.imwrite(os.path.join(folder("shapes-video"), "sample.gif"), (strip * 255).round().astype(np.uint8), duration=120, loop=0)
+    for name in ("shapes-image", "shapes-video", "shapes-classifier"):
+        training = json.load(open(os.path.join(folder(name), "training.json")))
+        _loss_curve(training, os.path.join(folder(name), "loss.png"))
+        with open(os.path.join(folder(name), "evaluation.json"), "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""The captions' vocabulary, a word-level tokenizer over it and a tiny T5-style text encoder, built in code."""
+
+from __future__ import annotations
+
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+from .data import COLOUR_NAMES, DIRECTIONS, SHAPES, image_caption, video_caption
+
+MAX_TOKENS = 8
+VOCABULARY = ("[PAD]", "[UNK]", "a", *COLOUR_NAMES, *SHAPES, "moving", *DIRECTIONS)
+IMAGE_CAPTIONS = {image_caption(s, c): s * len(COLOUR_NAMES) + c for s in range(len(SHAPES)) for c in range(len(COLOUR_NAMES))}
+VIDEO_CAPTIONS = tuple(
+    video_caption(s, c, d) for s in range(len(SHAPES)) for c in range(len(COLOUR_NAMES)) for d in range(len(DIRECTIONS))
+)
+
+
+def normalise(caption: str) -> str:
+    return " ".join(caption.lower().replace(".", " ").split())
+
+
+def check_captions(prompts: list[str], known) -> list[str]:
+    """The normalised captions, or a ValueError that says what the model knows."""
+    normalised = [normalise(p) for p in prompts]
+    unknown = [p for p, n in zip(prompts, normalised) if n not in known]
+    if unknown:
+        raise ValueError(
+            f"caption(s) {unknown} are outside what this model knows. It knows captions of the form "
+            f"'a <colour> <shape>{' moving <direction>' if 'moving' in next(iter(known)) else ''}' with colours "
+            f"{list(COLOUR_NAMES)}, shapes {list(SHAPES)}"
+            + (f", directions {list(DIRECTIONS)}" if "moving" in next(iter(known)) else "")
+        )
+    return normalised
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    words = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCABULARY)}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=words, pad_token="[PAD]", unk_token="[UNK]", model_max_length=MAX_TOKENS)
+
+
+def build_text_encoder(width: int = 64) -> UMT5EncoderModel:
+    config = UMT5Config(vocab_size=len(VOCABULARY), d_model=width, d_kv=width // 2, d_ff=2 * width, num_layers=2,
+                        num_heads=2, relative_attention_num_buckets=8, pad_token_id=0)
+    return UMT5EncoderModel(config)

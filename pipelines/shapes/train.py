@@ -1,0 +1,212 @@
+"""Train the shapes reference models: seeded, reproducible, resumable.
+
+    python -m accel.pipelines.shapes.train image      --out runs/shapes-image      [--steps 6000] [--device cuda]
+    python -m accel.pipelines.shapes.train video      --out runs/shapes-video      [--steps 6000]
+    python -m accel.pipelines.shapes.train classifier --out runs/shapes-classifier [--steps 2000]
+
+Every step's batch and noise are functions of (seed, step), so a run resumed from its checkpoint
+(`--resume`, the default when OUT/checkpoint exists) continues exactly as if never stopped. Checkpoints and
+the final model are written atomically. The result is a `save_pretrained` folder plus `training.json`
+(config, steps, wall time, loss per logged step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .data import image_batch, video_batch
+from .models import ShapesClassifier, image_transformer, video_transformer
+from .pipelines import ShapesImagePipeline, ShapesVideoPipeline
+from .text import MAX_TOKENS, build_text_encoder, build_tokenizer
+
+TRAIN_SEED_OFFSET = 0  # held-out data uses other seeds (see the model cards)
+
+
+@dataclass
+class TrainConfig:
+    kind: str
+    steps: int
+    batch_size: int
+    lr: float
+    seed: int = 0
+    ema_decay: float = 0.999
+    log_every: int = 50
+    checkpoint_every: int = 500
+
+
+DEFAULTS = {
+    "image": dict(steps=6000, batch_size=128, lr=3e-4),
+    "video": dict(steps=6000, batch_size=32, lr=3e-4),
+    "classifier": dict(steps=2000, batch_size=128, lr=1e-3),
+}
+
+
+class _VideoModel(torch.nn.Module):
+    """Text encoder and transformer trained together (caption dropout teaches the unconditional branch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.text_encoder = build_text_encoder()
+        self.transformer = video_transformer(self.text_encoder.config.d_model)
+        self.tokenizer = build_tokenizer()
+
+    def embed(self, captions: list[str], drop: torch.Tensor, device) -> torch.Tensor:
+        tokens = self.tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").to(device)
+        hidden = self.text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
+        keep = tokens.attention_mask.unsqueeze(-1) * (~drop).view(-1, 1, 1)
+        return hidden * keep.to(hidden.dtype)
+
+
+def build(kind: str) -> torch.nn.Module:
+    return {"image": image_transformer, "video": _VideoModel, "classifier": ShapesClassifier}[kind]()
+
+
+def _flow_matching_loss(model, kind: str, step: int, cfg: TrainConfig, device) -> torch.Tensor:
+    """x_t = (1 - t) x0 + t noise; the model predicts the velocity noise - x0 (diffusers' FlowMatch convention)."""
+    batch = (image_batch if kind == "image" else video_batch)(cfg.seed, step, cfg.batch_size, device=device)
+    g = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + step)
+    x0 = batch.pixels
+    noise = torch.randn(x0.shape, generator=g, device=device)
+    t = torch.sigmoid(torch.randn(x0.shape[0], generator=g, device=device))  # logit-normal: mid-noise weighted
+    tt = t.view(-1, *([1] * (x0.dim() - 1)))
+    xt = (1 - tt) * x0 + tt * noise
+    if kind == "image":
+        labels = batch.shape * 6 + batch.colour  # DiT's label embedding drops 10% to the null class in train mode
+        pred = model(xt, timestep=t * 1000, class_labels=labels).sample
+    else:
+        drop = torch.rand(x0.shape[0], generator=g, device=device) < 0.1
+        text = model.embed(batch.captions, drop, device)
+        pred = model.transformer(xt, timestep=t * 1000, encoder_hidden_states=text, return_dict=False)[0]
+    return torch.nn.functional.mse_loss(pred, noise - x0)
+
+
+def _classifier_loss(model, step: int, cfg: TrainConfig, device) -> torch.Tensor:
+    images = image_batch(cfg.seed, step, cfg.batch_size, device=device)
+    videos = video_batch(cfg.seed, step, cfg.batch_size // 4, device=device)
+    return model.loss(model.classify_images(images.pixels), images) + model.loss(model.classify_videos(videos.pixels), videos)
+
+
+def _save_atomic(tensors: dict, meta: dict, folder: str) -> None:
+    tmp = folder + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file(tensors, os.path.join(tmp, "state.safetensors"))
+    with open(os.path.join(tmp, "state.json"), "w") as f:
+        json.dump(meta, f)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+def _checkpoint(folder, model, ema, opt, step, losses, elapsed):
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+    opt_state = opt.state_dict()
+    for i, s in opt_state["state"].items():
+        tensors.update({f"opt.{i}.{k}": v for k, v in s.items() if isinstance(v, torch.Tensor)})
+    tensors = {k: v.detach().cpu().clone() for k, v in tensors.items()}  # clone: tied weights share storage
+    _save_atomic(tensors, {"step": step, "losses": losses, "elapsed_s": elapsed, "param_groups": opt_state["param_groups"]}, folder)
+
+
+def _resume(folder, model, ema, opt, device):
+    tensors = load_file(os.path.join(folder, "state.safetensors"), device=str(device))
+    meta = json.load(open(os.path.join(folder, "state.json")))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    state = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, i, name = k.split(".", 2)
+            state.setdefault(int(i), {})[name] = v if name != "step" else v.cpu()
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return meta["step"], meta["losses"], meta["elapsed_s"]
+
+
+def export(kind: str, ema: torch.nn.Module, out: str) -> None:
+    """The EMA weights as a `save_pretrained` folder (a pipeline, or the classifier), written atomically."""
+    tmp = out + ".export.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    ema = copy.deepcopy(ema).cpu().eval().half()  # shipped in float16: half the size, loaded as float32
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    if kind == "image":
+        ShapesImagePipeline(ema, scheduler).save_pretrained(tmp)
+    elif kind == "video":
+        ShapesVideoPipeline(ema.transformer, ema.text_encoder, ema.tokenizer, scheduler).save_pretrained(tmp)
+    else:
+        ema.save_pretrained(tmp)
+    final = os.path.join(out, "model")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+def train(cfg: TrainConfig, out: str, device: str = "cpu", resume: bool = True) -> dict:
+    torch.manual_seed(cfg.seed)
+    model = build(cfg.kind).to(device).train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    ckpt = os.path.join(out, "checkpoint")
+    step, losses, elapsed = 0, [], 0.0
+    if resume and os.path.exists(os.path.join(ckpt, "state.json")):
+        step, losses, elapsed = _resume(ckpt, model, ema, opt, device)
+    start, window = time.perf_counter() - elapsed, []
+    with tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.kind}") as bar:
+        while step < cfg.steps:
+            if cfg.kind == "classifier":
+                loss = _classifier_loss(model, step, cfg, device)
+            else:
+                loss = _flow_matching_loss(model, cfg.kind, step, cfg, device)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            with torch.no_grad():
+                for e, p in zip(ema.parameters(), model.parameters()):
+                    e.lerp_(p, 1 - cfg.ema_decay)
+            step += 1
+            window.append(loss.detach())
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                losses.append([step, float(torch.stack(window).mean())])
+                window = []
+                bar.set_postfix(loss=f"{losses[-1][1]:.4f}")
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                _checkpoint(ckpt, model, ema, opt, step, losses, time.perf_counter() - start)
+            bar.update()
+    export(cfg.kind, ema, out)
+    report = {"config": asdict(cfg), "device": device, "wall_s": time.perf_counter() - start, "losses": losses,
+              "torch": torch.__version__, "gpu": torch.cuda.get_device_name() if str(device).startswith("cuda") else None}
+    with open(os.path.join(out, "training.json.tmp"), "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(os.path.join(out, "training.json.tmp"), os.path.join(out, "training.json"))
+    return report
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="Train a shapes reference model (resumable).")
+    p.add_argument("kind", choices=sorted(DEFAULTS))
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-resume", action="store_true")
+    args = p.parse_args(argv)
+    overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}
+    cfg = TrainConfig(kind=args.kind, seed=args.seed, **{**DEFAULTS[args.kind], **overrides})
+    os.makedirs(args.out, exist_ok=True)
+    report = train(cfg, args.out, args.device, resume=not args.no_resume)
+    print(f"{cfg.kind}: {cfg.steps} steps in {report['wall_s']:.0f} s, final loss {report['losses'][-1][1]:.4f} -> {args.out}/model")
+
+
+if __name__ == "__main__":
+    main()

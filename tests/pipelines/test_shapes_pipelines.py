@@ -1,0 +1,98 @@
+"""The shapes pipelines' mechanics on random-init weights (the shipped weights are tested in test_reference)."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+import accel
+from accel.pipelines.shapes.models import image_transformer, video_transformer
+from accel.pipelines.shapes.pipelines import ShapesImagePipeline, ShapesVideoPipeline
+from accel.pipelines.shapes.text import build_text_encoder, build_tokenizer
+
+
+@pytest.fixture(scope="module")
+def image_pipe():
+    torch.manual_seed(0)
+    pipe = ShapesImagePipeline(image_transformer().eval(), FlowMatchEulerDiscreteScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def video_pipe():
+    torch.manual_seed(0)
+    pipe = ShapesVideoPipeline(video_transformer(64).eval(), build_text_encoder().eval(), build_tokenizer(),
+                               FlowMatchEulerDiscreteScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _run(pipe, prompt, **kw):
+    return pipe(prompt, num_inference_steps=3, generator=torch.Generator().manual_seed(0), **kw)
+
+
+def test_image_output_types(image_pipe):
+    pt = _run(image_pipe, ["a red circle", "a blue cross"], output_type="pt").images
+    np_ = _run(image_pipe, ["a red circle", "a blue cross"], output_type="np").images
+    pil = _run(image_pipe, "a red circle", output_type="pil").images
+    assert pt.shape == (2, 3, 32, 32) and np_.shape == (2, 32, 32, 3) and pil[0].size == (32, 32)
+    assert 0 <= np_.min() and np_.max() <= 1
+    np.testing.assert_allclose(pt.permute(0, 2, 3, 1).numpy(), np_, atol=1e-6)
+
+
+def test_video_output_types(video_pipe):
+    frames = _run(video_pipe, "a green square moving up", output_type="np").frames
+    assert frames.shape == (1, 17, 32, 32, 3) and 0 <= frames.min() and frames.max() <= 1
+    assert _run(video_pipe, "a green square moving up", output_type="pt").frames.shape == (1, 17, 3, 32, 32)
+
+
+@pytest.mark.parametrize("bad", ["a purple circle", "a red circle moving sideways", "a red hexagon moving left"])
+def test_captions_outside_the_vocabulary_are_refused_with_what_is_known(video_pipe, bad):
+    with pytest.raises(ValueError, match="colours.*shapes"):
+        _run(video_pipe, bad)
+
+
+@pytest.mark.parametrize("bad", ["", "   ", []])
+def test_empty_prompts_are_refused(video_pipe, bad):
+    with pytest.raises(ValueError, match="non-empty"):
+        _run(video_pipe, bad)
+
+
+def test_image_pipeline_maps_video_style_captions_to_an_error(image_pipe):
+    with pytest.raises(ValueError, match="a <colour> <shape>'"):
+        _run(image_pipe, "a red circle moving left")
+
+
+def test_save_and_reload_give_identical_outputs(image_pipe, video_pipe, tmp_path):
+    for pipe, prompt, cls in ((image_pipe, "a cyan triangle", ShapesImagePipeline),
+                              (video_pipe, "a cyan triangle moving down", ShapesVideoPipeline)):
+        pipe.save_pretrained(tmp_path / cls.__name__)
+        again = cls.from_pretrained(tmp_path / cls.__name__)
+        again.set_progress_bar_config(disable=True)
+        a, b = _run(pipe, prompt, output_type="pt"), _run(again, prompt, output_type="pt")
+        assert torch.equal(a[0], b[0])
+
+
+def test_callback_on_step_end_sees_and_can_replace_latents(image_pipe):
+    seen = []
+
+    def callback(pipe, i, t, kwargs):
+        seen.append(i)
+        return {"latents": torch.zeros_like(kwargs["latents"])}
+
+    out = _run(image_pipe, "a red circle", output_type="pt", callback_on_step_end=callback).images
+    assert seen == [0, 1, 2] and torch.allclose(out, torch.full_like(out, 0.5))
+
+
+def test_accel_and_diffusers_caches_work_on_both(image_pipe, video_pipe):
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    for pipe, prompt in ((image_pipe, "a red circle"), (video_pipe, "a red circle moving left")):
+        base = _run(pipe, prompt, output_type="pt")[0]
+        with accel.patch(pipe, threshold=0.0) as handle:
+            assert torch.equal(_run(pipe, prompt, output_type="pt")[0], base)
+            assert handle.stats()["per_context"].keys() == {"cond", "uncond"}
+        pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.05))
+        _run(pipe, prompt, output_type="pt")
+        pipe.transformer.disable_cache()
