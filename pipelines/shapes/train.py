@@ -40,6 +40,7 @@ class TrainConfig:
     batch_size: int
     lr: float
     seed: int = 0
+    max_minutes: float | None = None  # stop early (checkpointed and exported) when the wall-clock budget is spent
     ema_decay: float = 0.999
     log_every: int = 50
     checkpoint_every: int = 500
@@ -159,19 +160,22 @@ def train(cfg: TrainConfig, out: str, device: str = "cpu", resume: bool = True) 
     if resume and os.path.exists(os.path.join(ckpt, "state.json")):
         step, losses, elapsed = _resume(ckpt, model, ema, opt, device)
     start, window = time.perf_counter() - elapsed, []
-    with tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.kind}") as bar:
-        while step < cfg.steps:
-            if cfg.kind == "classifier":
-                loss = _classifier_loss(model, step, cfg, device)
-            else:
-                loss = _flow_matching_loss(model, cfg.kind, step, cfg, device)
+    params, ema_params = list(model.parameters()), list(ema.parameters())
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda"))
+    deadline = start + 60 * cfg.max_minutes if cfg.max_minutes is not None else float("inf")
+    with tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.kind}", mininterval=10) as bar:
+        while step < cfg.steps and time.perf_counter() < deadline:
+            with autocast:
+                if cfg.kind == "classifier":
+                    loss = _classifier_loss(model, step, cfg, device)
+                else:
+                    loss = _flow_matching_loss(model, cfg.kind, step, cfg, device)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             with torch.no_grad():
-                for e, p in zip(ema.parameters(), model.parameters()):
-                    e.lerp_(p, 1 - cfg.ema_decay)
+                torch._foreach_lerp_(ema_params, params, 1 - cfg.ema_decay)
             step += 1
             window.append(loss.detach())
             if step % cfg.log_every == 0 or step == cfg.steps:
@@ -181,8 +185,10 @@ def train(cfg: TrainConfig, out: str, device: str = "cpu", resume: bool = True) 
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 _checkpoint(ckpt, model, ema, opt, step, losses, time.perf_counter() - start)
             bar.update()
+    if step < cfg.steps:  # out of time: keep what was learned, resumable later
+        _checkpoint(ckpt, model, ema, opt, step, losses, time.perf_counter() - start)
     export(cfg.kind, ema, out)
-    report = {"config": asdict(cfg), "device": device, "wall_s": time.perf_counter() - start, "losses": losses,
+    report = {"config": asdict(cfg), "steps_done": step, "device": device, "wall_s": time.perf_counter() - start, "losses": losses,
               "torch": torch.__version__, "gpu": torch.cuda.get_device_name() if str(device).startswith("cuda") else None}
     with open(os.path.join(out, "training.json.tmp"), "w") as f:
         json.dump(report, f, indent=1)
@@ -199,13 +205,14 @@ def main(argv=None) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-minutes", type=float, help="stop (checkpointed, exported) after this much wall time")
     p.add_argument("--no-resume", action="store_true")
     args = p.parse_args(argv)
     overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}
-    cfg = TrainConfig(kind=args.kind, seed=args.seed, **{**DEFAULTS[args.kind], **overrides})
+    cfg = TrainConfig(kind=args.kind, seed=args.seed, max_minutes=args.max_minutes, **{**DEFAULTS[args.kind], **overrides})
     os.makedirs(args.out, exist_ok=True)
     report = train(cfg, args.out, args.device, resume=not args.no_resume)
-    print(f"{cfg.kind}: {cfg.steps} steps in {report['wall_s']:.0f} s, final loss {report['losses'][-1][1]:.4f} -> {args.out}/model")
+    print(f"{cfg.kind}: {report['steps_done']} of {cfg.steps} steps in {report['wall_s']:.0f} s, final loss {report['losses'][-1][1] if report['losses'] else float('nan'):.4f} -> {args.out}/model")
 
 
 if __name__ == "__main__":

@@ -28,3 +28,10 @@ def test_flow_matching_models_train_a_step(tmp_path):
         report = train(TrainConfig(kind=kind, steps=1, batch_size=2, lr=1e-4, log_every=1), str(tmp_path / kind))
         assert torch.isfinite(torch.tensor(report["losses"][0][1]))
         assert (tmp_path / kind / "model" / "model_index.json").exists()
+
+
+def test_time_budget_stops_early_with_a_resumable_checkpoint(tmp_path):
+    cfg = dict(kind="classifier", steps=50, batch_size=4, lr=1e-3, log_every=1)
+    report = train(TrainConfig(max_minutes=0.0, **cfg), str(tmp_path))
+    assert report["steps_done"] == 0 and (tmp_path / "checkpoint" / "state.json").exists()
+    assert (tmp_path / "model" / "config.json").exists()
