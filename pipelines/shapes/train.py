@@ -211,6 +211,8 @@ def main(argv=None) -> None:
     overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}
     cfg = TrainConfig(kind=args.kind, seed=args.seed, max_minutes=args.max_minutes, **{**DEFAULTS[args.kind], **overrides})
     os.makedirs(args.out, exist_ok=True)
+    if args.device.startswith("cuda"):
+        torch.set_num_threads(2)  # the CPU only draws batch parameters; many threads per process just contend
     report = train(cfg, args.out, args.device, resume=not args.no_resume)
     print(f"{cfg.kind}: {report['steps_done']} of {cfg.steps} steps in {report['wall_s']:.0f} s, final loss {report['losses'][-1][1] if report['losses'] else float('nan'):.4f} -> {args.out}/model")
 
