@@ -36,7 +36,7 @@ def reference_pipeline(name: str, device: str | torch.device | None = None, dtyp
     from .shapes import pipelines
 
     cls = getattr(pipelines, _REFERENCES[name])
-    pipe = cls.from_pretrained(weights_dir(name), torch_dtype=dtype or torch.float32, local_files_only=True)
+    pipe = cls.from_pretrained(weights_dir(name), dtype=dtype or torch.float32, local_files_only=True)
     return pipe.to(device) if device is not None else pipe
 
 
@@ -44,5 +44,5 @@ def reference_classifier(device: str | torch.device | None = None):
     """The shipped shapes classifier (caption agreement and FID features offline)."""
     from .shapes.models import ShapesClassifier
 
-    model = ShapesClassifier.from_pretrained(weights_dir(CLASSIFIER), torch_dtype=torch.float32).eval()
+    model = ShapesClassifier.from_pretrained(weights_dir(CLASSIFIER), dtype=torch.float32).eval()
     return model.to(device) if device is not None else model

@@ -1,0 +1,138 @@
+"""Generate and time every (configuration, prompt, seed) sample, caching each one atomically on disk.
+
+Layout of a run folder:
+    spec.json                         what was asked
+    samples/<config>/<prompt>-<seed>.npy    uint8 (H, W, 3) or (T, H, W, 3), written through a temporary file
+    samples/<config>/<prompt>-<seed>.json   the accelerator's stats for that sample
+    timing/<config>.json              latencies of the timed repeats, peak memory
+A sample already on disk is never generated again, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import statistics
+import time
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import accel
+from accel.pipelines import reference_names, reference_pipeline
+
+from .spec import MethodConfig, RunSpec, SpecError
+
+
+def load_pipeline(name: str, device: str, dtype: str):
+    """A shipped reference name, a local folder, or a model id already in the local HF cache. Never downloads."""
+    torch_dtype = getattr(torch, dtype)
+    index = os.path.join(name, "model_index.json")
+    own = json.load(open(index)).get("_class_name") if os.path.isfile(index) else None
+    if name in reference_names():
+        pipe = reference_pipeline(name, device=device, dtype=torch_dtype)
+    elif own in ("ShapesImagePipeline", "ShapesVideoPipeline"):  # accel's own pipeline classes, saved locally
+        from accel.pipelines.shapes import pipelines
+
+        pipe = getattr(pipelines, own).from_pretrained(name, dtype=torch_dtype).to(device)
+    else:
+        from diffusers import DiffusionPipeline
+
+        try:
+            pipe = DiffusionPipeline.from_pretrained(name, dtype=torch_dtype, local_files_only=True).to(device)
+        except Exception as err:  # noqa: BLE001 - any loading failure is the user's input problem here
+            raise SpecError(f"cannot load pipeline {name!r} from a local folder or the local HF cache: {err}") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def atomic_write(path: str, write) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def atomic_json(path: str, obj) -> None:
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1, default=str).encode()))
+
+
+def _call(pipe, prompt: str, seed: int, call: dict, device: str) -> np.ndarray:
+    """One sample as uint8, channels last; frames first for videos."""
+    params = inspect.signature(pipe.__call__).parameters
+    kwargs = {k: v for k, v in call.items() if v is not None}
+    if "prompt" in params:
+        kwargs["prompt"] = prompt
+    elif "class_labels" in params:  # DiTPipeline: ImageNet label names as prompts
+        kwargs["class_labels"] = pipe.get_label_ids([prompt])
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    out = pipe(**kwargs, generator=generator, output_type="np")
+    pixels = out.frames if hasattr(out, "frames") else out.images
+    return (np.asarray(pixels)[0] * 255).round().clip(0, 255).astype(np.uint8)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def sample_path(run_dir: str, config: MethodConfig, prompt_index: int, seed: int) -> str:
+    return os.path.join(run_dir, "samples", config.slug, f"{prompt_index:05d}-{seed}.npy")
+
+
+def _time_config(pipe, spec: RunSpec, handle, path: str) -> None:
+    """Warm-up, then `repeats` timed calls of the first prompt; median latency and peak memory."""
+    if os.path.exists(path):
+        return
+    prompt = spec.prompts[0]
+    _call(pipe, prompt, 0, spec.call, spec.device)  # warm-up: allocations, kernels, caches
+    if spec.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    latencies = []
+    for _ in range(spec.repeats):
+        _sync(spec.device)
+        start = time.perf_counter()
+        _call(pipe, prompt, 0, spec.call, spec.device)
+        _sync(spec.device)
+        latencies.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 1e9 if spec.device.startswith("cuda") else None
+    stats = handle.stats() if handle else None
+    atomic_json(path, {"latencies_s": latencies, "median_s": statistics.median(latencies), "peak_memory_gb": peak, "stats": stats})
+
+
+def generate(pipe, spec: RunSpec, run_dir: str, jobs: list[tuple[int, int]], time_it: bool = True) -> None:
+    """All samples of `jobs` for every configuration (skipping those on disk), and each configuration's timing."""
+    todo = [(c, j) for c in spec.configs for j in jobs if not os.path.exists(sample_path(run_dir, c, *j))]
+    bar = tqdm(total=len(todo), desc="samples", disable=not todo)
+    for config in spec.configs:
+        handle = accel.patch(pipe, method=config.method, **dict(config.options)) if config.method else None
+        try:
+            for prompt_index, seed in jobs:
+                path = sample_path(run_dir, config, prompt_index, seed)
+                if os.path.exists(path):
+                    continue
+                pixels = _call(pipe, spec.prompts[prompt_index], seed, spec.call, spec.device)
+                atomic_json(path[:-4] + ".json", handle.stats() if handle else {})
+                atomic_write(path, lambda f: np.save(f, pixels))  # last: its presence marks the sample done
+                bar.update()
+            if time_it:
+                _time_config(pipe, spec, handle, os.path.join(run_dir, "timing", f"{config.slug}.json"))
+        finally:
+            if handle:
+                handle.remove()
+    bar.close()
+
+
+def load_samples(run_dir: str, spec: RunSpec, config: MethodConfig) -> tuple[np.ndarray, list[dict]]:
+    """The configuration's samples in job order, with the accelerator's stats of each."""
+    pixels, stats = [], []
+    for prompt_index, seed in spec.jobs():
+        path = sample_path(run_dir, config, prompt_index, seed)
+        if not os.path.exists(path):
+            raise SpecError(f"{run_dir}: sample {path} is missing; run `accel-eval run` again to finish it")
+        pixels.append(np.load(path))
+        stats.append(json.load(open(path[:-4] + ".json")))
+    return np.stack(pixels), stats

@@ -1,0 +1,137 @@
+"""Quality metrics on cached samples (uint8, channels last; videos are scored per frame).
+
+Every metric either returns numbers or says why it can't: weights are looked for at an explicit path, then an
+environment variable, then the local caches, and never downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+
+class Unavailable(Exception):
+    """A metric that cannot run here (its weights are absent); the message says why."""
+
+
+def to_float(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) or (N, T, H, W, 3) -> float in [0, 1], (N*T, 3, H, W)."""
+    t = torch.from_numpy(pixels).float() / 255
+    return t.reshape(-1, *t.shape[-3:]).permute(0, 3, 1, 2).contiguous()
+
+
+def fidelity(samples: np.ndarray, baseline: np.ndarray) -> dict[str, float]:
+    """PSNR (inf when identical) and SSIM against the unaccelerated outputs."""
+    x, y = to_float(samples), to_float(baseline)
+    psnr = [float(peak_signal_noise_ratio(a[None], b[None], data_range=1.0)) for a, b in zip(x, y)]
+    ssim = float(structural_similarity_index_measure(x, y, data_range=1.0))
+    return {"psnr": float(np.mean(psnr)), "ssim": ssim}
+
+
+def lpips(samples: np.ndarray, baseline: np.ndarray) -> dict[str, float]:
+    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+    hub = os.path.join(torch.hub.get_dir(), "checkpoints")
+    if not (os.path.isdir(hub) and any(f.startswith("alexnet") for f in os.listdir(hub))):
+        raise Unavailable(f"LPIPS needs torchvision's AlexNet weights in {hub}")
+    metric = LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True)
+    return {"lpips": float(metric(to_float(samples), to_float(baseline)))}
+
+
+def temporal_flicker(samples: np.ndarray) -> dict[str, float]:
+    """Mean absolute change between consecutive frames, in 8-bit levels (videos only)."""
+    if samples.ndim != 5:
+        raise Unavailable("flicker applies to videos")
+    return {"flicker": float(np.abs(np.diff(samples.astype(np.float32), axis=1)).mean())}
+
+
+@dataclass
+class FeatureExtractor:
+    """A module mapping uint8 images (N, 3, H, W) to (N, d) features (torchmetrics probes it with uint8), and its name."""
+
+    module: torch.nn.Module
+    name: str
+
+
+class _ShapesFeatures(torch.nn.Module):
+    def __init__(self, classifier):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier.image_features(images.float() / 255 * 2 - 1)
+
+
+def feature_extractor(pipeline_name: str, inception_path: str | None = None) -> FeatureExtractor:
+    """The shapes classifier for the shipped shapes models; else Inception from a local weights file."""
+    if pipeline_name.startswith("shapes-"):
+        from accel.pipelines import reference_classifier
+
+        return FeatureExtractor(_ShapesFeatures(reference_classifier()).eval(), "shapes-classifier")
+    path = inception_path or os.environ.get("ACCEL_INCEPTION_WEIGHTS")
+    default = os.path.join(torch.hub.get_dir(), "checkpoints", "weights-inception-2015-12-05-6726825d.pth")
+    path = path or (default if os.path.isfile(default) else None)
+    if path is None or not os.path.isfile(path):
+        raise Unavailable("FID/KID need Inception weights: set ACCEL_INCEPTION_WEIGHTS or put torch-fidelity's file in the torch hub cache")
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    return FeatureExtractor(NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=path), "inception")
+
+
+def fid_kid(samples: np.ndarray, reference: np.ndarray, extractor: FeatureExtractor) -> dict[str, float]:
+    """FID and KID (torchmetrics) of the samples' frames against a reference set's frames."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    x, y = (torch.from_numpy(p).reshape(-1, *p.shape[-3:]).permute(0, 3, 1, 2).contiguous() for p in (samples, reference))
+    subset = max(2, min(len(x), len(y), 50))
+    fid = FrechetInceptionDistance(feature=extractor.module, normalize=False)  # sums kept in float64
+    kid = KernelInceptionDistance(feature=extractor.module, subset_size=subset, subsets=20, normalize=False)
+    for metric in (fid, kid):
+        metric.update(y, real=True)
+        metric.update(x, real=False)
+    kid_mean, _ = kid.compute()
+    return {"fid": float(fid.compute()), "kid": float(kid_mean)}
+
+
+def clip_score(samples: np.ndarray, prompts: list[str], model_spec: str | None = None) -> dict[str, float]:
+    """CLIPScore (100 x cosine, clamped at 0) through open_clip with a local checkpoint.
+
+    `model_spec` or ACCEL_CLIP: "ARCH:PATH" (e.g. "ViT-B-32:/models/open_clip_vit_b32.bin")."""
+    spec = model_spec or os.environ.get("ACCEL_CLIP")
+    if not spec or ":" not in spec or not os.path.isfile(spec.split(":", 1)[1]):
+        raise Unavailable("CLIPScore needs a local open_clip checkpoint: set ACCEL_CLIP=ARCH:PATH")
+    import open_clip
+
+    arch, path = spec.split(":", 1)
+    model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=path)
+    tokenizer = open_clip.get_tokenizer(arch)
+    return {"clip_score": clip_score_with(model.eval(), tokenizer, samples, prompts)}
+
+
+@torch.no_grad()
+def clip_score_with(model, tokenizer, samples: np.ndarray, prompts: list[str]) -> float:
+    """Mean CLIPScore of samples against their prompts (frames of a video each scored against its prompt)."""
+    images = to_float(samples)
+    frames = len(images) // len(prompts)
+    size = model.visual.image_size if isinstance(model.visual.image_size, int) else model.visual.image_size[0]
+    images = torch.nn.functional.interpolate(images, size=(size, size), mode="bicubic", align_corners=False)
+    mean = torch.tensor(getattr(model.visual, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)
+    std = torch.tensor(getattr(model.visual, "image_std", None) or (0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
+    img = torch.nn.functional.normalize(model.encode_image((images - mean) / std), dim=-1)
+    txt = torch.nn.functional.normalize(model.encode_text(tokenizer(prompts)), dim=-1).repeat_interleave(frames, 0)
+    return float((100 * (img * txt).sum(-1)).clamp_min(0).mean())
+
+
+def caption_agreement(samples: np.ndarray, prompts: list[str]) -> dict[str, float]:
+    """Share of samples in which the shipped shapes classifier sees what the caption says."""
+    from accel.pipelines import reference_classifier
+    from accel.pipelines.shapes.report import caption_agreement as agree
+
+    x = torch.from_numpy(samples).float() / 255 * 2 - 1
+    x = x.permute(0, 4, 1, 2, 3) if x.dim() == 5 else x.permute(0, 3, 1, 2)
+    return {"agreement": float(np.mean(agree(reference_classifier(), x, prompts, video=x.dim() == 5)))}

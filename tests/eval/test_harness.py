@@ -1,0 +1,105 @@
+"""accel-eval end to end on a locally saved shapes pipeline (random weights: mechanics, not quality)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from accel.eval.cli import main
+from accel.pipelines.shapes.models import image_transformer
+from accel.pipelines.shapes.pipelines import ShapesImagePipeline
+
+METHODS = ["--method", "cg_taylor:threshold=0", "--method", "first_block_cache:threshold=1e9"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("harness")
+    torch.manual_seed(0)
+    ShapesImagePipeline(image_transformer().eval(), FlowMatchEulerDiscreteScheduler()).save_pretrained(root / "pipe")
+    (root / "prompts.txt").write_text("a red circle\na blue square\n\na green cross\n")
+    return root
+
+
+def _run(setup, out, *extra):
+    return main(["run", "--pipeline", str(setup / "pipe"), "--prompts", str(setup / "prompts.txt"), *METHODS,
+                 "--steps", "4", "--repeats", "1", "--out", str(out), *extra])
+
+
+def _quality(out):
+    rows = json.load(open(out / "results.json"))["rows"]
+    return [{k: v for k, v in r.items() if k not in ("latency_s", "speedup", "peak_memory_gb")} for r in rows]
+
+
+def test_run_writes_table_csv_json_plot_and_grid(setup):
+    out = setup / "run"
+    assert _run(setup, out) == 0
+    for name in ("results.md", "results.csv", "results.json", "pareto.png", "samples.png", "spec.json"):
+        assert (out / name).stat().st_size > 0
+    rows = json.load(open(out / "results.json"))["rows"]
+    assert [r["config"] for r in rows] == ["baseline", "cg_taylor(threshold=0)", "first_block_cache(threshold=1000000000.0)"]
+    assert rows[0]["speedup"] == 1.0 and rows[0]["psnr"] == float("inf")
+    assert rows[1]["psnr"] == float("inf") and rows[1]["computed_share"] == 1.0  # threshold 0 changes nothing
+    assert rows[2]["computed_share"] < 1.0 and rows[2]["psnr"] < float("inf")
+    env = json.load(open(out / "results.json"))["environment"]
+    assert env["torch"] == torch.__version__ and env["call"] == {"num_inference_steps": 4}
+    table = (out / "results.md").read_text()
+    assert "| baseline |" in table and "1.00x" in table and "inf" in table and "unavailable" in table  # FID: no Inception
+
+
+def test_interrupted_run_resumes_without_recomputing(setup):
+    out = setup / "resume"
+    assert _run(setup, out) == 0
+    before = _quality(out)
+    samples = out / "samples" / "first_block_cache_threshold_1000000000.0"
+    victim = sorted(samples.glob("*.npy"))[1]
+    victim.unlink()
+    (samples / "00001-1000.npy.tmp123").write_bytes(b"half a file")  # what a killed writer leaves behind
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "samples").rglob("*.npy")}
+    assert _run(setup, out) == 0
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # nothing else regenerated
+    assert victim.exists() and _quality(out) == before
+    assert main(["report", str(out)]) == 0 and _quality(out) == before
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["run", "--pipeline", "x", "--prompts", "/nonexistent.txt", "--out", "o"], "prompts file not found"),
+        (["run", "--pipeline", "PIPE", "--prompts", "PROMPTS", "--method", "warp", "--out", "o"], "unknown method"),
+        (["run", "--pipeline", "PIPE", "--prompts", "PROMPTS", "--method", "cg_taylor:threshold", "--out", "o"], "malformed"),
+        (["run", "--pipeline", "PIPE", "--prompts", "PROMPTS", "--method", "cg_taylor:tresh=1", "--out", "o"], "unknown cg_taylor option"),
+        (["run", "--pipeline", "/no/such/pipeline", "--prompts", "PROMPTS", "--out", "o"], "cannot load pipeline"),
+        (["report", "/no/such/run"], "not a run folder"),
+    ],
+)
+def test_bad_input_exits_2_with_a_message(setup, tmp_path, capsys, argv, message):
+    argv = [str(setup / "pipe") if a == "PIPE" else str(setup / "prompts.txt") if a == "PROMPTS" else
+            str(tmp_path / "o") if a == "o" else a for a in argv]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_malformed_prompts_file_and_foreign_run_folder(setup, tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text('["a red circle", 3]')
+    assert main(["run", "--pipeline", str(setup / "pipe"), "--prompts", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert _run(setup, setup / "run", "--seeds", "2") == 2  # the folder holds a run with another spec
+    assert "another run" in capsys.readouterr().err
+
+
+def test_two_processes_give_the_same_numbers_as_one(setup):
+    out = setup / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "accel.eval", "run",
+           "--pipeline", str(setup / "pipe"), "--prompts", str(setup / "prompts.txt"), *METHODS, "--steps", "4",
+           "--repeats", "1", "--out", str(out)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    if not (setup / "run" / "results.json").exists():
+        assert _run(setup, setup / "run") == 0
+    assert _quality(out) == _quality(setup / "run")
