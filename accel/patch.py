@@ -18,7 +18,20 @@ from .steps import STEP_HOOK, ComputeCounter, Schedule, StepClock, StepHook
 logger = logging.getLogger("accel")
 
 COUNTER_HOOK = "accel_compute_counter"
-METHODS = ("cg_taylor", *DIFFUSERS_METHODS)
+# Attention methods swap attention processors inside the blocks: they compose with one caching method.
+ATTENTION_METHODS = ("linear_attention_kernels", "sparse_attention")
+METHODS = ("cg_taylor", *DIFFUSERS_METHODS, *ATTENTION_METHODS)
+_SLOTS = {False: "_accel_handle", True: "_accel_attention_handle"}
+
+
+def _attention_installer(method: str) -> Callable[..., Callable[[], None]]:
+    if method == "linear_attention_kernels":
+        from .attention.linear import apply_linear_attention_kernels
+
+        return apply_linear_attention_kernels
+    from .attention.sparse import apply_sparse_attention
+
+    return apply_sparse_attention
 
 
 def _denoisers(target: Any) -> tuple[list[torch.nn.Module], DiffusionPipeline | None]:
@@ -50,11 +63,14 @@ class PatchHandle:
 
     def __init__(self, method: str, models: list[torch.nn.Module], configs: list[Any], clocks: list[StepClock]):
         self.method, self.models, self.configs, self.clocks = method, models, configs, clocks
+        self.slot = _SLOTS[method in ATTENTION_METHODS]
         self._removers: list[Callable[[], None]] = []
         self.removed = False
 
     def stats(self) -> dict[str, Any]:
         """For the last generation: steps, `computed`, `predicted`, gate error per step, predicted step indices."""
+        if not self.clocks:  # an attention method: nothing is skipped
+            return {"method": self.method, "config": self.configs}
         per_model = [clock.stats.as_dict() for clock in self.clocks]
         out = dict(per_model[0])
         for extra in per_model[1:]:  # Wan 2.2: two experts share the steps of one generation
@@ -79,7 +95,7 @@ class PatchHandle:
             remover()
         for model in self.models:
             HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
-            vars(model).pop("_accel_handle", None)
+            vars(model).pop(self.slot, None)
         self.removed = True
 
     def __enter__(self) -> "PatchHandle":
@@ -106,12 +122,28 @@ def _install_diffusers(handle: PatchHandle, model: torch.nn.Module, cache: Diffu
     handle._removers.append(lambda: remove_diffusers_cache(model, cache))
 
 
+def _patch_attention(method: str, models: list[torch.nn.Module], options: dict) -> PatchHandle:
+    handle = PatchHandle(method, models, [dict(options)], [])
+    install = _attention_installer(method)
+    try:
+        for model in models:
+            handle._removers.append(install(model, **options))
+            setattr(model, handle.slot, handle)
+    except BaseException:
+        handle.remove()
+        raise
+    logger.info("accel: %s on %s", method, ", ".join(type(m).__name__ for m in models))
+    return handle
+
+
 def patch(target: Any, method: str = "cg_taylor", num_inference_steps: int | None = None, **options) -> PatchHandle:
     """Accelerate a diffusers pipeline (its `transformer`, and `transformer_2` if any) or a bare transformer.
 
     method: "cg_taylor" (options: threshold, warmup_steps, first_block_order, last_block_order,
         max_consecutive_predicted; defaults from the model family's preset), or one of diffusers' caches
-        "first_block_cache", "taylorseer", "mag_cache" (options: the fields of its diffusers config).
+        "first_block_cache", "taylorseer", "mag_cache" (options: the fields of its diffusers config), or an
+        attention method, which composes with one of the above: "linear_attention_kernels" (SANA, SANA-Video)
+        or "sparse_attention" (Wan; option `pattern`).
     num_inference_steps: for a bare transformer called outside a pipeline that sets
         `cache_context(..., num_inference_steps=)`, so the last step is recognised; mag_cache needs it always.
     Raises on bad input before touching the model.
@@ -119,11 +151,15 @@ def patch(target: Any, method: str = "cg_taylor", num_inference_steps: int | Non
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
     models, pipeline = _denoisers(target)
+    slot = _SLOTS[method in ATTENTION_METHODS]
     for model in models:
-        if getattr(model, "_accel_handle", None) is not None:
-            raise RuntimeError(f"{type(model).__name__} is already patched ({model._accel_handle}); remove() it first")
-        if getattr(model, "_cache_config", None) is not None:
+        if getattr(model, slot, None) is not None:
+            raise RuntimeError(f"{type(model).__name__} is already patched ({getattr(model, slot)}); remove() it first")
+        if method not in ATTENTION_METHODS and getattr(model, "_cache_config", None) is not None:
             raise RuntimeError(f"{type(model).__name__} has a diffusers cache enabled; call disable_cache() first")
+    if method in ATTENTION_METHODS:
+        return _patch_attention(method, models, options)
+    for model in models:
         blocks_of(model)  # unknown models fail here, before any hook is registered
 
     if method == "cg_taylor":
@@ -143,7 +179,7 @@ def patch(target: Any, method: str = "cg_taylor", num_inference_steps: int | Non
             registry = HookRegistry.check_if_exists_or_initialize(model)
             registry.register_hook(StepHook(clock, _cond_half_reader(model, pipeline)), STEP_HOOK)
             handle._removers.append(lambda r=registry: r.remove_hook(STEP_HOOK, recurse=False))
-            model._accel_handle = handle
+            setattr(model, handle.slot, handle)
             if method == "cg_taylor":
                 _install_cg_taylor(handle, model, config, clock)
             else:

@@ -104,10 +104,28 @@ def test_stats_before_any_call():
 
 def test_remove_leaves_no_hook_behind():
     model = tm.flux()
-    for method in accel.METHODS:
-        if method == "mag_cache":
-            continue
+    for method in ("cg_taylor", "first_block_cache", "taylorseer"):
         accel.patch(model, method=method).remove()
     registries = [m._diffusers_hook for _, m in model.named_modules() if hasattr(m, "_diffusers_hook")]
     assert all(not r.hooks for r in registries)
     assert isinstance(HookRegistry.check_if_exists_or_initialize(model), HookRegistry)
+
+
+def test_attention_methods_compose_with_one_cache_and_refuse_unsupported_models():
+    import tiny_pipelines as tp
+
+    pipe, kwargs = tp.sana()
+    pipe.set_progress_bar_config(disable=True)
+    run = lambda: pipe(**kwargs, num_inference_steps=4, generator=torch.Generator().manual_seed(0))[0]  # noqa: E731
+    base = run()
+    with accel.patch(pipe, method="linear_attention_kernels") as attention:
+        fast = run()
+        torch.testing.assert_close(fast, base, rtol=1e-3, atol=1e-3)
+        with pytest.raises(RuntimeError, match="already patched"):
+            accel.patch(pipe, method="linear_attention_kernels")
+        with accel.patch(pipe, threshold=0.0) as cache:  # a cache on top of the kernels
+            assert torch.equal(run(), fast) and cache.stats()["predicted"] == 0
+        assert attention.stats()["method"] == "linear_attention_kernels"
+    assert torch.equal(run(), base)
+    with pytest.raises((ValueError, NotImplementedError, TypeError), match="linear attention|SANA|Sana"):
+        accel.patch(tm.wan(), method="linear_attention_kernels")

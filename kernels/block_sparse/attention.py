@@ -1,0 +1,383 @@
+"""IO-aware block-sparse attention: one Triton kernel (FlashAttention-2 style) that reads only the listed key blocks.
+
+Tiling. One program computes a BLOCK_M x D tile of the output for one (batch, head): its query tile stays on
+chip, and it walks the key blocks listed for its query block (see mask.py), BLOCK_N keys at a time,
+keeping the running row max m, the running sum l and the unnormalised output acc in fp32 (online softmax).
+Per step: S = Q K^T (tensor cores), P = exp2(S * scale * log2 e - m), acc = acc * exp2(m_old - m) + P V.
+Key blocks never listed are never read, so time and HBM traffic fall with the number of listed blocks.
+
+Two loops per program: first the "full" blocks, with no masking at all (the hot path: no index compares,
+no selects, unmasked loads); then the "partial" blocks, where the token rule and the sequence end mask S
+to -inf. A row that has seen nothing keeps m = -inf; the partial loop subtracts 0 instead of -inf so that
+such rows give p = 0 and alpha = 0 rather than NaN, and the epilogue writes zeros for rows with l = 0.
+
+The mask's block size (MASK_BLOCK) is the unit of the lists; kernel tiles may be smaller (BLOCK_M and
+BLOCK_N divide it), so the tile shape is tuned independently of the pattern.
+Head dims that are not a power of two (e.g. 112) are padded to BLOCK_D with masked loads (zeros).
+
+On Hopper (triton 3.6) K/V tiles come through the TMA copy engine. The measured ceiling of this structure is
+~450-470 TFLOP/s on computed blocks (H200, D = 128): triton waits on each S = Q K^T right after issuing it and
+keeps the two warpgroups of a 128-row tile in step with CTA barriers, so the softmax never overlaps the tensor
+cores within a program. Going further needs FA3-style warp specialisation (producer warp, ping-pong consumers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+try:  # host-side tensor descriptors (TMA), triton >= 3.4
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
+
+from .mask import RULES, BlockSparseMask, table_mask
+from .reference import block_sparse_attention_reference
+
+logger = logging.getLogger("accel")
+
+LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 128
+_INT32_MAX = 2**31 - 1
+
+
+@triton.jit
+def _in_window(q_coord, k_coord, radius):
+    """|q - k| <= radius on a (BLOCK_M, BLOCK_N) grid as one subtraction and one unsigned compare per pair."""
+    return (k_coord[None, :] - (q_coord - radius)[:, None]).to(tl.uint32) <= (2 * radius).to(tl.uint32)
+
+
+@triton.jit
+def _token_allowed(qa, qb, K_AUX, cols, n_k, rf, rh, rw, RULE: tl.constexpr):
+    """Which (row, col) pairs of a partial tile are allowed: the sequence end and the mask's token rule.
+
+    qa, qb: per-row data loaded once per program (interval: lo and hi; box3d: packed coordinates, unused).
+    The rule runs on every pair of every partial tile, so each test is kept to ~2 integer ops per pair.
+    """
+    if RULE == 1:  # interval lo <= j < hi (the builder clamps hi to n_k): one unsigned compare
+        allowed = (cols[None, :] - qa[:, None]).to(tl.uint32) < (qb - qa).to(tl.uint32)[:, None]
+    elif RULE == 2:  # box3d: within the window on every axis, or either token global (coordinate -1)
+        kc = tl.load(K_AUX + cols, mask=cols < n_k, other=0)
+        near = _in_window(qa >> 20, kc >> 20, rf)
+        near = near & _in_window((qa >> 10) & 1023, (kc >> 10) & 1023, rh)
+        near = near & _in_window(qa & 1023, kc & 1023, rw)
+        allowed = (near | ((qa < 0)[:, None] | (kc < 0)[None, :])) & (cols < n_k)[None, :]
+    else:
+        allowed = (cols < n_k)[None, :]
+    return allowed
+
+
+@triton.jit
+def _load_kv_tile(
+    base, desc, b, h, start, cols, stride_n, stride_d, offs_d, d_ok, n_k,
+    MASKED: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """A BLOCK_N x BLOCK_D tile of K or V: rows past n_k and columns past the head dim read as 0."""
+    if USE_TMA:
+        # The copy engine zero-fills outside the tensor and needs no per-element addresses (fewer registers).
+        tile = desc.load([b, h, start, 0]).reshape(BLOCK_N, BLOCK_D)
+    else:
+        ptrs = base + cols[:, None] * stride_n + offs_d[None, :] * stride_d
+        if MASKED:
+            tile = tl.load(ptrs, mask=(cols < n_k)[:, None] & d_ok[None, :], other=0.0)
+        elif EVEN_D:
+            tile = tl.load(ptrs)
+        else:
+            tile = tl.load(ptrs, mask=d_ok[None, :], other=0.0)
+    return tile
+
+
+@triton.jit
+def _attend_listed(
+    acc, m_i, l_i, q, k_base, v_base, desc_k, desc_v, b, h, stride_kn, stride_kd, stride_vn, stride_vd,
+    idx_ptr, count, offs_n, offs_d, d_ok, qa, qb, K_AUX, n_k, rf, rh, rw, qk_scale,
+    MASKED: tl.constexpr, RULE: tl.constexpr, MASK_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    """Online-softmax update of one query tile over `count` listed key blocks (BLOCK_N keys per step)."""
+    SUBS: tl.constexpr = MASK_BLOCK // BLOCK_N  # kernel tiles per mask block
+    for t in range(0, count * SUBS):
+        # The block index is a load inside the loop: the pipeliner issues it a stage ahead of the K/V loads.
+        blk = tl.load(idx_ptr + t // SUBS)
+        start = blk * MASK_BLOCK + (t % SUBS) * BLOCK_N
+        cols = start + offs_n
+        k = _load_kv_tile(k_base, desc_k, b, h, start, cols, stride_kn, stride_kd, offs_d, d_ok, n_k,
+                          MASKED, EVEN_D, USE_TMA, BLOCK_N, BLOCK_D)
+        if DOT_F32:  # the interpreter's bf16 dot is wrong: exact fp32 on upcast operands instead
+            k = k.to(tl.float32)
+        qk = tl.dot(q, tl.trans(k))
+        if MASKED:
+            allowed = _token_allowed(qa, qb, K_AUX, cols, n_k, rf, rh, rw, RULE)
+            qk = tl.where(allowed, qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing yet: exp2(-inf) = 0
+            p = tl.math.exp2(qk - m_sub[:, None])
+            alpha = tl.math.exp2(m_i - m_sub)
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        v = _load_kv_tile(v_base, desc_v, b, h, start, cols, stride_vn, stride_vd, offs_d, d_ok, n_k,
+                          MASKED, EVEN_D, USE_TMA, BLOCK_N, BLOCK_D)
+        p = p.to(v.dtype)  # P V in the input precision, as on the GPU
+        if DOT_F32:
+            p, v = p.to(tl.float32), v.to(tl.float32)
+        acc = tl.dot(p, v, acc)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit(
+    # Scalars whose divisibility does not matter: no recompilation per sequence length or mask shape.
+    do_not_specialize=[
+        "stride_cb", "stride_ch", "stride_fb", "stride_fh", "stride_fm", "stride_pb", "stride_ph", "stride_pm",
+        "rf", "rh", "rw", "n_q", "n_k", "head_dim", "num_heads",
+    ]
+)
+def _block_sparse_attention_fwd(
+    Q, K, V, O, DESC_K, DESC_V,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    FULL_CNT, FULL_IDX, PART_CNT, PART_IDX,
+    stride_cb, stride_ch,  # counts (B, H, Mq): 0 on broadcast dims, 1 along Mq
+    stride_fb, stride_fh, stride_fm,  # full-block indices (B, H, Mq, W_full)
+    stride_pb, stride_ph, stride_pm,  # partial-block indices (B, H, Mq, W_partial)
+    Q_AUX, K_AUX, rf, rh, rw,
+    n_q, n_k, head_dim, num_heads, qk_scale,
+    RULE: tl.constexpr, MASK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    # Grid: (query tiles, batch * heads). Query tiles of one head are adjacent in launch order, so the
+    # programs running together share that head's K/V blocks in L2.
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b32 = pid_bh // num_heads
+    h32 = pid_bh % num_heads
+    b, h = b32.to(tl.int64), h32.to(tl.int64)  # batch / head offsets can pass 2^31 elements
+    mask_row = (pid_m * BLOCK_M) // MASK_BLOCK
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    row_ok = rows < n_q
+
+    q_ptrs = Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+
+    # Per-row data of the token rule, loaded once.
+    if RULE == 1:
+        qa = tl.load(Q_AUX + 2 * rows, mask=row_ok, other=0)
+        qb = tl.load(Q_AUX + 2 * rows + 1, mask=row_ok, other=0)
+    elif RULE == 2:
+        qa = tl.load(Q_AUX + rows, mask=row_ok, other=0)
+        qb = qa
+    else:
+        qa = tl.zeros([BLOCK_M], dtype=tl.int32)
+        qb = qa
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    cnt_off = b * stride_cb + h * stride_ch + mask_row
+    n_full = tl.load(FULL_CNT + cnt_off)
+    full_idx = FULL_IDX + b * stride_fb + h * stride_fh + mask_row * stride_fm
+    acc, m_i, l_i = _attend_listed(
+        acc, m_i, l_i, q, k_base, v_base, DESC_K, DESC_V, b32, h32, stride_kn, stride_kd, stride_vn, stride_vd,
+        full_idx, n_full, offs_n, offs_d, d_ok, qa, qb, K_AUX, n_k, rf, rh, rw, qk_scale,
+        False, RULE, MASK_BLOCK, BLOCK_N, BLOCK_D, EVEN_D, USE_TMA, DOT_F32,
+    )
+    n_part = tl.load(PART_CNT + cnt_off)
+    part_idx = PART_IDX + b * stride_pb + h * stride_ph + mask_row * stride_pm
+    acc, m_i, l_i = _attend_listed(
+        acc, m_i, l_i, q, k_base, v_base, DESC_K, DESC_V, b32, h32, stride_kn, stride_kd, stride_vn, stride_vd,
+        part_idx, n_part, offs_n, offs_d, d_ok, qa, qb, K_AUX, n_k, rf, rh, rw, qk_scale,
+        True, RULE, MASK_BLOCK, BLOCK_N, BLOCK_D, EVEN_D, USE_TMA, DOT_F32,
+    )
+
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # rows that saw no key: acc = 0 -> zeros
+    o_ptrs = O + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+INTERPRETED = isinstance(_block_sparse_attention_fwd, InterpretedFunction)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile shape and launch parameters; block_m and block_n must divide the mask's block size.
+
+    use_tma: K/V tiles through the Hopper copy engine (tensor descriptors) instead of per-element pointers.
+    """
+
+    block_m: int = 128
+    block_n: int = 128
+    num_warps: int = 8
+    num_stages: int = 2
+    use_tma: bool = False
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_arch(device: torch.device) -> tuple[int, int]:
+    """(major compute capability, multiprocessor count), cached: it is read on every call."""
+    props = torch.cuda.get_device_properties(device)
+    return props.major, props.multi_processor_count
+
+
+def default_config(q: torch.Tensor, block_size: int) -> KernelConfig:
+    """Tiles for q's device and problem size (from the H200 benchmark), clipped to the mask's block size.
+
+    Hopper: 128 x 128 tiles, 8 warps, TMA; when that gives under 8 waves of programs (short sequences such as
+    FLUX's 4608 tokens), 64 x 64 tiles with 4 warps: twice the programs, two resident per multiprocessor.
+    """
+    major, sms = _cuda_arch(q.device) if q.device.type == "cuda" else (0, 0)
+    if major >= 9:
+        many = q.shape[0] * q.shape[1] * triton.cdiv(q.shape[2], 128) >= 8 * sms
+        cfg = KernelConfig(128, 128, 8, 2, use_tma=True) if many else KernelConfig(64, 64, 4, 2, use_tma=True)
+    elif major == 8:
+        cfg = KernelConfig(128, 64, 4, 3)
+    else:
+        cfg = KernelConfig(64, 64, 4, 2)
+    return dataclasses.replace(cfg, block_m=min(cfg.block_m, block_size), block_n=min(cfg.block_n, block_size))
+
+
+def _tma_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int, block_d: int):
+    """4-D (B, H, N, D) descriptors of K and V with BLOCK_N x BLOCK_D boxes, or None where TMA cannot be used."""
+    if TensorDescriptor is None:
+        return None
+    for t in (k, v):
+        if t.stride(3) != 1 or t.data_ptr() % 16 or any(st * t.element_size() % 16 for st in t.stride()[:3]):
+            return None
+    return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, block_d]) for t in (k, v))
+
+
+def _fallback_warning() -> None:
+    if not getattr(_fallback_warning, "done", False):
+        logger.warning(
+            "block_sparse_attention on CPU without TRITON_INTERPRET=1: using the PyTorch reference (dense masked "
+            "softmax in row chunks). Set TRITON_INTERPRET=1 before importing triton to run the Triton kernel."
+        )
+        _fallback_warning.done = True
+
+
+def _as_mask(block_mask, q: torch.Tensor, k: torch.Tensor, block_size: int) -> BlockSparseMask:
+    if isinstance(block_mask, BlockSparseMask):
+        if block_mask.device != q.device:
+            raise ValueError(f"block_mask is on {block_mask.device} but q is on {q.device}; build it there or call .to()")
+        return block_mask
+    if isinstance(block_mask, torch.Tensor):
+        return table_mask(block_mask.to(q.device), q.shape[2], k.shape[2], block_size)
+    raise TypeError(f"block_mask must be a bool block table or a BlockSparseMask, got {type(block_mask).__name__}")
+
+
+def _check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.ndim != 4:
+            raise ValueError(f"{name} must be a 4-D tensor (B, H, N, D), got {getattr(t, 'shape', type(t))}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"q, k, v must all be float16 or all bfloat16, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.device.type not in ("cuda", "cpu"):
+        raise NotImplementedError(f"block_sparse_attention runs on CUDA (or CPU), not on {q.device.type}")
+    (bsz, heads, n_q, dim), n_k = q.shape, k.shape[2]
+    if k.shape != (bsz, heads, n_k, dim) or v.shape != k.shape:
+        raise ValueError(
+            f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} (want k = v = (B, H, N_k, D))"
+        )
+    if not 1 <= dim <= MAX_HEAD_DIM or n_q < 1 or n_k < 1:
+        raise ValueError(f"need 1 <= head dim <= {MAX_HEAD_DIM} and non-empty sequences, got D={dim}, N_q={n_q}, N_k={n_k}")
+    like_q = isinstance(out, torch.Tensor) and (out.shape, out.dtype, out.device) == (q.shape, q.dtype, q.device)
+    if out is not None and not like_q:
+        raise ValueError(f"out must be a tensor like q {tuple(q.shape)} {q.dtype} on {q.device}")
+    # Offsets inside one (batch, head) are int32 in the kernel (cheaper tile addresses); only huge tensors can overflow.
+    for t in (q, k, v) if max(q.numel(), k.numel()) > _INT32_MAX else ():
+        if (t.shape[2] - 1) * abs(t.stride(2)) + (t.shape[3] - 1) * abs(t.stride(3)) > _INT32_MAX:
+            raise ValueError(f"a (batch, head) slice of shape {tuple(t.shape)} spans over 2^31 elements")
+
+
+def _check_mask(mask: BlockSparseMask, q: torch.Tensor, k: torch.Tensor) -> None:
+    if (mask.q_len, mask.kv_len) != (q.shape[2], k.shape[2]):
+        raise ValueError(f"block_mask is for (N_q, N_k) = {(mask.q_len, mask.kv_len)}, inputs have {(q.shape[2], k.shape[2])}")
+    mb, mh = mask.shape
+    if mb not in (1, q.shape[0]) or mh not in (1, q.shape[1]):
+        raise ValueError(f"block_mask batch/head dims {(mb, mh)} must be 1 or match (B, H) = {tuple(q.shape[:2])}")
+
+
+def _broadcast_strides(t: torch.Tensor, bsz: int, heads: int) -> tuple[int, int, int]:
+    """(batch, head, row) strides of a per-(B', H') table, 0 on the shared dims (no expand: launch overhead)."""
+    return (t.stride(0) if t.shape[0] == bsz > 1 else 0), (t.stride(1) if t.shape[1] == heads > 1 else 0), t.stride(2)
+
+
+def _launch(q, k, v, out, mask: BlockSparseMask, scale: float, cfg: KernelConfig) -> None:
+    bs = mask.block_size
+    if bs % cfg.block_m or bs % cfg.block_n or min(cfg.block_m, cfg.block_n) < 16:
+        raise ValueError(f"kernel tiles {cfg.block_m}x{cfg.block_n} must be >= 16 and divide block_size={bs}")
+    bsz, heads, n_q, dim = q.shape
+    block_d = max(16, triton.next_power_of_2(dim))
+    descs = _tma_descriptors(k, v, cfg.block_n, block_d) if cfg.use_tma else None
+    q_aux = mask.q_aux if mask.q_aux is not None else mask.full_counts  # unused by the kernel for rule "none"
+    k_aux = mask.k_aux if mask.k_aux is not None else mask.full_counts
+    grid = (triton.cdiv(n_q, cfg.block_m), bsz * heads)
+    _block_sparse_attention_fwd[grid](
+        q, k, v, out, *(descs or (None, None)),
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        mask.full_counts, mask.full_indices, mask.partial_counts, mask.partial_indices,
+        *_broadcast_strides(mask.full_counts, bsz, heads)[:2],
+        *_broadcast_strides(mask.full_indices, bsz, heads), *_broadcast_strides(mask.partial_indices, bsz, heads),
+        q_aux, k_aux, *mask.radius,
+        n_q, k.shape[2], dim, heads, scale * LOG2E,
+        RULE=RULES.index(mask.rule), MASK_BLOCK=bs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_D=block_d, EVEN_D=block_d == dim, USE_TMA=descs is not None, DOT_F32=INTERPRETED,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: BlockSparseMask | torch.Tensor,
+    scale: float | None = None,
+    block_size: int = 128,
+    *,
+    out: torch.Tensor | None = None,
+    config: KernelConfig | None = None,
+) -> torch.Tensor:
+    """Softmax attention restricted to the allowed blocks (and token rule) of `block_mask`.
+
+    q (B, H, N_q, D), k and v (B, H, N_k, D): float16 or bfloat16, any strides, D <= 128; fp32 accumulation.
+    block_mask: a `BlockSparseMask` (see the builders), or a bool block table (B or 1, H or 1,
+        ceil(N_q / block_size), ceil(N_k / block_size)) whose listed block pairs are fully allowed.
+    scale: defaults to 1 / sqrt(D). A query that may see no key gets zeros.
+    out: optional output buffer like q (any strides); by default a new tensor shaped and strided like q.
+    config: kernel tiles / warps / stages (default: `default_config`).
+    On CUDA, and on CPU under TRITON_INTERPRET=1, runs the Triton kernel; on CPU otherwise the PyTorch reference.
+    """
+    _check_tensors(q, k, v, out)
+    mask = _as_mask(block_mask, q, k, block_size)
+    _check_mask(mask, q, k)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    out = torch.empty_like(q) if out is None else out
+    if q.device.type == "cpu" and not INTERPRETED:
+        _fallback_warning()
+        return out.copy_(block_sparse_attention_reference(q, k, v, mask, scale))
+    _launch(q, k, v, out, mask, scale, config or default_config(q, mask.block_size))
+    return out

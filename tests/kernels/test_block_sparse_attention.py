@@ -1,0 +1,269 @@
+"""Block-sparse attention: the Triton kernel (TRITON_INTERPRET=1, see conftest.py) against a float64 dense masked
+reference, the mask builders against explicit token-level masks, and input validation.
+
+Small blocks (16 / 32) and short sequences keep the interpreter fast; every case draws fresh random inputs and
+poisons the output buffer with NaN first, so an element the kernel does not write fails the comparison.
+"""
+
+import logging
+import math
+
+import pytest
+import torch
+
+from accel.kernels.block_sparse import (
+    BlockSparseMask,
+    KernelConfig,
+    block_causal_mask,
+    block_diagonal_mask,
+    block_sparse_attention,
+    block_sparse_attention_reference,
+    interval_mask,
+    local_3d_mask,
+    strided_shards_mask,
+    table_mask,
+)
+from accel.kernels.block_sparse import attention as attention_module
+
+HMAR_SCALES = [s * s for s in (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)]  # 680 tokens, segments not block-aligned
+TOL = {torch.float16: 3e-3, torch.bfloat16: 2e-2}  # relative L2 error vs float64 (P is rounded to the input dtype)
+
+
+@pytest.fixture(autouse=True)
+def _interpreted():
+    assert attention_module.INTERPRETED, "TRITON_INTERPRET=1 must be set before triton kernels are imported (conftest.py)"
+
+
+def _qkv(b, h, n_q, n_k, d, dtype, gen):
+    return [torch.randn(b, h, n, d, generator=gen).to(dtype) for n in (n_q, n_k, n_k)]
+
+
+def _check(mask, b=1, h=2, d=64, dtype=torch.bfloat16, config=None):
+    """Run the kernel on fresh random inputs into a NaN-poisoned buffer; compare with the float64 reference."""
+    seed = int(torch.randint(0, 2**31, ()))
+    q, k, v = _qkv(b, h, mask.q_len, mask.kv_len, d, dtype, torch.Generator().manual_seed(seed))
+    out = torch.full_like(q, float("nan"))
+    assert block_sparse_attention(q, k, v, mask, out=out, config=config) is out
+    ref = block_sparse_attention_reference(q.double(), k.double(), v.double(), mask)
+    assert torch.isfinite(out).all(), f"unwritten (NaN) or non-finite outputs (seed {seed})"
+    err = ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    assert err < TOL[dtype], f"relative error {err:.2e} (seed {seed})"
+    return out, ref
+
+
+def _random_table(b, h, mq, mk, keep, gen):
+    return torch.rand(b, h, mq, mk, generator=gen) < keep
+
+
+# ---------------------------------------------------------------------------------------------- kernel vs reference
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d", [64, 112, 128])
+def test_random_tables_ragged_lengths(dtype, d):
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    n_q, n_k, bs = 77, 93, 16  # neither a multiple of the block; N_q != N_k
+    table = _random_table(2, 2, math.ceil(n_q / bs), math.ceil(n_k / bs), 0.5, gen)
+    table[0, 1, 2] = False  # an empty query-block row
+    _check(table_mask(table, n_q, n_k, bs), b=2, h=2, d=d, dtype=dtype, config=KernelConfig(16, 16, 4, 2))
+
+
+@pytest.mark.parametrize("use_tma", [False, True])
+@pytest.mark.parametrize("tiles", [(16, 16), (32, 16), (16, 32), (32, 32)])
+def test_kernel_tiles_smaller_than_mask_blocks(tiles, use_tma):
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    n, bs = 101, 32
+    table = _random_table(1, 3, 4, 4, 0.6, gen) | torch.eye(4, dtype=torch.bool)
+    _check(table_mask(table, n, block_size=bs), h=3, config=KernelConfig(*tiles, 4, 2, use_tma=use_tma))
+
+
+def test_all_true_table_is_dense_attention():
+    n = 70
+    q, k, v = _qkv(1, 2, n, n, 64, torch.float16, torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()))))
+    out = torch.full_like(q, float("nan"))
+    block_sparse_attention(q, k, v, torch.ones(1, 1, 5, 5, dtype=torch.bool), block_size=16, out=out)
+    dense = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    assert ((out.double() - dense).norm() / dense.norm()).item() < TOL[torch.float16]
+
+
+def test_all_false_table_gives_zeros():
+    n = 70
+    q, k, v = _qkv(1, 2, n, n, 64, torch.bfloat16, torch.Generator().manual_seed(1))
+    out = torch.full_like(q, float("nan"))
+    block_sparse_attention(q, k, v, torch.zeros(1, 1, 5, 5, dtype=torch.bool), block_size=16, out=out)
+    assert torch.equal(out, torch.zeros_like(out)), "queries that see nothing must get zeros"
+
+
+def test_batch_and_head_broadcast_and_strided_inputs():
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    b, h, n, d, bs = 2, 3, 50, 64, 16
+    for shape in [(1, h), (b, 1), (1, 1), (b, h)]:
+        mask = table_mask(_random_table(*shape, 4, 4, 0.5, gen), n, block_size=bs)
+        # (B, N, H, D) memory viewed as (B, H, N, D), as diffusers processors produce them
+        q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in _qkv(b, h, n, n, d, torch.bfloat16, gen))
+        got = block_sparse_attention(q, k, v, mask, config=KernelConfig(16, 16, 4, 2))
+        assert got.stride() == q.stride()
+        ref = block_sparse_attention_reference(q.double(), k.double(), v.double(), mask)
+        assert ((got.double() - ref).norm() / ref.norm()).item() < TOL[torch.bfloat16]
+
+
+def test_scale_and_large_logits():
+    mask = table_mask(torch.ones(1, 1, 3, 3, dtype=torch.bool), 40, block_size=16)
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = _qkv(1, 1, 40, 40, 32, torch.float16, gen)
+    q = q * 8  # large logits: the online softmax must stay finite and exact
+    got = block_sparse_attention(q, k, v, mask, scale=0.5)
+    ref = block_sparse_attention_reference(q.double(), k.double(), v.double(), mask, scale=0.5)
+    assert torch.isfinite(got).all() and ((got.double() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+# ------------------------------------------------------------------------------------------ builders: token level
+
+
+def _explicit_segments(lengths, causal):
+    seg = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    return seg[None, :] <= seg[:, None] if causal else seg[:, None] == seg[None, :]
+
+
+def _explicit_window(grid, radius, num_global, global_first):
+    f, h, w = torch.meshgrid(*(torch.arange(g) for g in grid), indexing="ij")
+    coords = torch.stack([f.flatten(), h.flatten(), w.flatten()], 1)
+    near = ((coords[:, None] - coords[None, :]).abs() <= torch.tensor(radius)).all(-1)
+    n = coords.shape[0] + num_global
+    dense = torch.ones(n, n, dtype=torch.bool)
+    o = num_global if global_first else 0
+    dense[o : o + coords.shape[0], o : o + coords.shape[0]] = near
+    return dense
+
+
+def _check_classes(mask: BlockSparseMask, dense: torch.Tensor):
+    """The mask reproduces `dense` exactly and its full / partial / empty block classes are right."""
+    dense = dense.expand(*mask.shape, mask.q_len, mask.kv_len)
+    assert torch.equal(mask.to_dense(), dense)
+    full, partial = mask.block_tables()
+    bs = mask.block_size
+    for i in range(mask.num_q_blocks):
+        for j in range(mask.num_kv_blocks):
+            tile = dense[..., i * bs : (i + 1) * bs, j * bs : (j + 1) * bs].flatten(-2)
+            ragged = (j + 1) * bs > mask.kv_len  # only partial blocks mask the sequence end
+            assert torch.equal(full[..., i, j], tile.all(-1) & (not ragged)), (i, j)
+            assert torch.equal(full[..., i, j] | partial[..., i, j], tile.any(-1)), (i, j)
+    assert bool((full & partial).logical_not().all())
+    counts = mask.full_counts + mask.partial_counts
+    assert int(counts.sum()) == int((full | partial).sum())
+
+
+@pytest.mark.parametrize("bs", [16, 32, 64])
+@pytest.mark.parametrize("causal", [False, True])
+def test_segment_masks_are_exact(bs, causal):
+    build = block_causal_mask if causal else block_diagonal_mask
+    mask = build(HMAR_SCALES, bs)
+    _check_classes(mask, _explicit_segments(HMAR_SCALES, causal))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_segment_masks_kernel(causal):
+    build = block_causal_mask if causal else block_diagonal_mask
+    _check(build(HMAR_SCALES, 32), h=1, d=64, dtype=torch.bfloat16, config=KernelConfig(32, 32, 4, 2))
+
+
+def test_interval_mask_with_empty_rows_inside_listed_blocks():
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    n_q, n_k = 60, 75
+    lo = torch.randint(0, n_k, (n_q,), generator=gen)
+    hi = lo + torch.randint(0, 20, (n_q,), generator=gen)
+    hi[::7] = lo[::7]  # rows that see no key, inside blocks other rows make partial
+    mask = interval_mask(lo, hi, n_k, 16)
+    j = torch.arange(n_k)
+    _check_classes(mask, (j[None, :] >= lo[:, None]) & (j[None, :] < hi.clamp(max=n_k)[:, None]))
+    out, _ = _check(mask, dtype=torch.float16, config=KernelConfig(16, 16, 4, 2))
+    assert torch.equal(out[:, :, ::7], torch.zeros_like(out[:, :, ::7]))
+
+
+@pytest.mark.parametrize(
+    "grid,radius,num_global,global_first,bs",
+    [((3, 5, 7), (1, 1, 2), 0, True, 16), ((2, 6, 9), (0, 2, 3), 5, True, 16), ((4, 3, 5), (1, 0, 1), 7, False, 32)],
+)
+def test_local_3d_mask_is_exact(grid, radius, num_global, global_first, bs):
+    mask = local_3d_mask(grid, radius, bs, num_global=num_global, global_first=global_first)
+    _check_classes(mask, _explicit_window(grid, radius, num_global, global_first))
+
+
+@pytest.mark.parametrize("d", [64, 112])
+def test_local_3d_mask_kernel(d):
+    mask = local_3d_mask((3, 6, 8), (1, 2, 2), 16, num_global=6)
+    _check(mask, h=2, d=d, dtype=torch.bfloat16, config=KernelConfig(16, 16, 4, 2, use_tma=True))
+
+
+def test_strided_shards_union_covers_everything():
+    heads, n, shards, bs = 4, 100, 3, 16
+    mask = strided_shards_mask(heads, n, shards, local_blocks=1, block_size=bs)
+    m = math.ceil(n / bs)
+    i, j = torch.arange(m)[:, None], torch.arange(m)[None, :]
+    blocks = torch.stack([(j % shards == h % shards) | ((i - j).abs() < 1) for h in range(heads)])
+    dense = blocks.repeat_interleave(bs, 1).repeat_interleave(bs, 2)[:, :n, :n][None]
+    _check_classes(mask, dense)
+    assert bool(mask.to_dense().any(1).all()), "the heads' union must cover every (query, key) pair"
+    _check(mask, h=heads, d=128, dtype=torch.float16, config=KernelConfig(16, 16, 4, 2))
+
+
+# ------------------------------------------------------------------------------------------------------- errors
+
+
+def test_bad_inputs_raise_clear_errors():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = _qkv(1, 2, 40, 40, 64, torch.bfloat16, gen)
+    table = torch.ones(1, 2, 3, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="blocks"):
+        block_sparse_attention(q, k, v, torch.ones(1, 2, 2, 3, dtype=torch.bool), block_size=16)
+    with pytest.raises(TypeError, match="float16 or all bfloat16"):
+        block_sparse_attention(q.float(), k.float(), v.float(), table, block_size=16)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        block_sparse_attention(q, k[..., :32], v, table, block_size=16)
+    with pytest.raises(ValueError, match="head dim"):
+        block_sparse_attention(*[torch.zeros(1, 2, 40, 160, dtype=torch.bfloat16)] * 3, table, block_size=16)
+    with pytest.raises(ValueError, match="N_q, N_k"):
+        block_sparse_attention(q[:, :, :20], k, v, table_mask(table, 40, block_size=16))
+    with pytest.raises(ValueError, match="batch/head"):
+        block_sparse_attention(q, k, v, torch.ones(1, 3, 3, 3, dtype=torch.bool), block_size=16)
+    with pytest.raises(ValueError, match="power of two"):
+        table_mask(table, 40, block_size=24)
+    with pytest.raises(ValueError, match="bool"):
+        table_mask(table.int(), 40, block_size=16)
+    with pytest.raises(TypeError, match="block table or a BlockSparseMask"):
+        block_sparse_attention(q, k, v, [[True]], block_size=16)
+    with pytest.raises(ValueError, match="divide"):
+        block_sparse_attention(q, k, v, table, block_size=16, config=KernelConfig(32, 16, 4, 2))
+    with pytest.raises(ValueError, match="out"):
+        block_sparse_attention(q, k, v, table, block_size=16, out=torch.empty(1, 2, 40, 64))
+    with pytest.raises(ValueError, match="segment lengths"):
+        block_diagonal_mask([4, 0, 3], 16)
+    with pytest.raises(ValueError, match="num_shards"):
+        strided_shards_mask(2, 64, 3, block_size=16)
+    with pytest.raises(ValueError, match="grid"):
+        local_3d_mask((2, 2048, 2), (1, 1, 1), 16)
+
+
+def test_hand_built_masks_are_validated():
+    good = table_mask(torch.ones(1, 1, 3, 3, dtype=torch.bool), 40, block_size=16)  # last key block ragged
+    fields = dict(vars(good))
+    with pytest.raises(ValueError, match="ragged last key block"):
+        last = torch.full((1, 1, 3, 1), 2, dtype=torch.int32)  # the ragged block 2 listed as full
+        BlockSparseMask(**{**fields, "full_indices": last, "full_counts": torch.ones(1, 1, 3, dtype=torch.int32)})
+    with pytest.raises(ValueError, match="key block indices"):
+        BlockSparseMask(**{**fields, "partial_indices": good.partial_indices + 5})
+    with pytest.raises(ValueError, match="counts must be in"):
+        BlockSparseMask(**{**fields, "partial_counts": good.partial_counts + 3})
+    with pytest.raises(ValueError, match="interval bounds"):
+        BlockSparseMask(**{**fields, "rule": "interval", "q_aux": torch.tensor([[0, 41]] * 40, dtype=torch.int32)})
+
+
+def test_cpu_without_interpreter_falls_back_to_reference_and_logs(monkeypatch, caplog):
+    monkeypatch.setattr(attention_module, "INTERPRETED", False)
+    monkeypatch.setattr(attention_module._fallback_warning, "done", False, raising=False)
+    mask = block_causal_mask([3, 9, 20], 16)
+    q, k, v = _qkv(1, 2, 32, 32, 64, torch.bfloat16, torch.Generator().manual_seed(5))
+    with caplog.at_level(logging.WARNING, logger="accel"):
+        got = block_sparse_attention(q, k, v, mask)
+    assert "PyTorch reference" in caplog.text
+    assert torch.equal(got, block_sparse_attention_reference(q, k, v, mask))
