@@ -1,0 +1,5 @@
+"""Long video with SANA-Video: a block-causal transformer with a constant-memory state."""
+
+from .transformer import CausalSanaVideoTransformer3DModel, LongVideoMemory
+
+__all__ = ["CausalSanaVideoTransformer3DModel", "LongVideoMemory"]

@@ -1,0 +1,163 @@
+"""SANA-Video made block-causal: a chunk of latent frames attends to itself and, through a constant-size memory, to
+every earlier chunk.
+
+`CausalSanaVideoTransformer3DModel` keeps the config and parameter names of diffusers' `SanaVideoTransformer3DModel`
+(SANA-Video checkpoints load into it) and changes three things, all per chunk:
+- linear self-attention is bidirectional inside the chunk and causal across chunks: the running sums
+  S = sum R(phi(k)) v^T and z = sum phi(k) of earlier chunks are added (accel's block-causal kernel);
+- the Mix-FFN temporal convolution (kernel 3 over frames) sees the previous chunk's last frame on its left and
+  zeros on its right, from a one-frame cache, instead of the next frame it cannot know yet;
+- RoPE uses absolute frame positions (the memory counts the frames written so far).
+The memory is written only when asked (`write_memory=True`: the pipeline's pass on a finished chunk); its size
+never depends on how many chunks came before, and `keep_last_chunks=K` forgets chunks older than K.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import SanaVideoTransformer3DModel
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from torch.nn import functional as F
+
+from accel.attention.linear import EPS, _output, _project
+from accel.kernels.linear_attention import RotaryTables, block_causal_linear_attention
+from accel.kernels.linear_attention.inputs import LinearAttentionState
+
+
+@dataclass
+class LayerMemory:
+    attention: LinearAttentionState | None = None  # sums over the remembered chunks
+    chunks: deque = field(default_factory=deque)  # each remembered chunk's own sums, when chunks are forgotten
+    conv_frame: torch.Tensor | None = None  # the temporal conv's input at the last frame: (B, C, 1, H*W)
+
+
+class LongVideoMemory:
+    """What a causal SANA-Video remembers of the chunks written so far, per layer: constant size."""
+
+    def __init__(self, num_layers: int, keep_last_chunks: int | None = None):
+        if keep_last_chunks is not None and keep_last_chunks < 1:
+            raise ValueError(f"keep_last_chunks must be >= 1 or None, got {keep_last_chunks}")
+        self.layers = [LayerMemory() for _ in range(num_layers)]
+        self.keep_last_chunks = keep_last_chunks
+        self.frames = 0  # latent frames written: the next chunk's first RoPE position
+
+    def nbytes(self) -> int:
+        tensors = [t for m in self.layers for t in (*(m.attention or ()), m.conv_frame, *[x for c in m.chunks for x in c])]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def remember(self, layer: LayerMemory, before: LinearAttentionState | None, after: LinearAttentionState) -> None:
+        if self.keep_last_chunks is None:
+            layer.attention = after
+            return
+        own = after if before is None else LinearAttentionState(after.kv - before.kv, after.k_sum - before.k_sum)
+        layer.chunks.append(own)
+        if len(layer.chunks) > self.keep_last_chunks:
+            old = layer.chunks.popleft()
+            after = LinearAttentionState(after.kv - old.kv, after.k_sum - old.k_sum)
+        layer.attention = after
+
+
+def causal_temporal_conv(conv: torch.nn.Conv2d, x: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+    """The kernel-3 temporal conv on x (B, C, T, H*W), the previous chunk's last frame (or zeros) on the left and
+    zeros on the right. Equals diffusers' conv (padding 1) on a first chunk."""
+    left = torch.zeros_like(x[:, :, :1]) if previous is None else previous.to(x.dtype)
+    padded = torch.cat([left, x, torch.zeros_like(x[:, :, :1])], dim=2)
+    return F.conv2d(padded, conv.weight, conv.bias)
+
+
+def _feed_forward(ff, x: torch.Tensor, memory: LayerMemory | None, write: bool) -> torch.Tensor:
+    """GLUMBTempConv.forward with the causal temporal conv (x: B, T, H, W, C)."""
+    b, t, h, w, c = x.shape
+    y = x.reshape(b * t, h, w, c).permute(0, 3, 1, 2)
+    y = ff.nonlinearity(ff.conv_inverted(y))
+    y, gate = torch.chunk(ff.conv_depth(y), 2, dim=1)
+    y = ff.conv_point(y * ff.nonlinearity(gate))
+    temporal = y.view(b, t, c, h * w).permute(0, 2, 1, 3)
+    out = temporal + causal_temporal_conv(ff.conv_temp, temporal, memory.conv_frame if memory else None)
+    if write:
+        memory.conv_frame = temporal[:, :, -1:].detach().clone()
+    out = out.permute(0, 2, 3, 1).reshape(b, t, h, w, c)
+    if ff.norm_type == "rms_norm":
+        out = ff.norm(out.movedim(1, -1)).movedim(-1, 1)
+    return out + x if ff.residual_connection else out
+
+
+class CausalSanaVideoTransformer3DModel(SanaVideoTransformer3DModel):
+    """diffusers' SANA-Video transformer, run one chunk at a time against a `LongVideoMemory`."""
+
+    def new_memory(self, keep_last_chunks: int | None = None) -> LongVideoMemory:
+        return LongVideoMemory(len(self.transformer_blocks), keep_last_chunks)
+
+    def _rotary(self, hidden_states: torch.Tensor, frame_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """diffusers' RoPE tables for frames [offset, offset + T): computed for the prefix, the chunk's rows kept."""
+        b, c, t, h, w = hidden_states.shape
+        p_t, p_h, p_w = self.config.patch_size
+        if frame_offset + t // p_t > self.config.rope_max_seq_len:
+            raise ValueError(
+                f"frame {frame_offset + t // p_t} is past the model's RoPE table ({self.config.rope_max_seq_len} frames): "
+                "generate fewer chunks or load the model with a larger rope_max_seq_len"
+            )
+        prefix = torch.empty(b, c, frame_offset * p_t + t, h, w, device="meta")  # the rope reads only the shape
+        cos, sin = self.rope(prefix)
+        rows = t // p_t * (h // p_h) * (w // p_w)
+        return cos[:, -rows:], sin[:, -rows:]
+
+    def _attention(self, attn, x, rotary, memory: LongVideoMemory | None, layer: LayerMemory | None, write: bool):
+        query, key, value = _project(attn, x, None)
+        tables = RotaryTables.from_diffusers(*rotary, key.shape[2], key.shape[3])
+        prior = layer.attention if layer is not None else None
+        out, after = block_causal_linear_attention(query, key, value, prior, eps=EPS, rotary=tables)
+        if write:
+            memory.remember(layer, prior, LinearAttentionState(after.kv.detach(), after.k_sum.detach()))
+        return _output(attn, out, x.dtype)
+
+    def _block(self, block, x, text, text_mask, temb, grid, rotary, memory, index, write):
+        layer = memory.layers[index] if memory is not None else None
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            block.scale_shift_table[None, None] + temb.reshape(x.shape[0], temb.shape[1], 6, -1)
+        ).unbind(dim=2)
+        normed = (block.norm1(x) * (1 + scale_msa) + shift_msa).to(x.dtype)
+        x = x + gate_msa * self._attention(block.attn1, normed, rotary, memory, layer, write)
+        if block.attn2 is not None:
+            x = x + block.attn2(x, encoder_hidden_states=text, attention_mask=text_mask)
+        normed = (block.norm2(x) * (1 + scale_mlp) + shift_mlp).unflatten(1, grid)
+        return x + gate_mlp * _feed_forward(block.ff, normed, layer, write).flatten(1, 3)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        memory: LongVideoMemory | None = None,
+        write_memory: bool = False,
+        encoder_attention_mask: torch.Tensor | None = None,
+        return_dict: bool = True,
+        **unused,
+    ):
+        """One chunk (B, C, T, H, W) of latent frames following the chunks in `memory` (None: the first chunk, or a
+        bidirectional clip). With write_memory, the chunk is added to the memory."""
+        if write_memory and memory is None:
+            raise ValueError("write_memory needs a memory: model.new_memory()")
+        if encoder_attention_mask is not None and encoder_attention_mask.ndim == 2:
+            encoder_attention_mask = ((1 - encoder_attention_mask.to(hidden_states.dtype)) * -10000.0).unsqueeze(1)
+        b, _, t, h, w = hidden_states.shape
+        p_t, p_h, p_w = self.config.patch_size
+        grid = (t // p_t, h // p_h, w // p_w)
+        rotary = self._rotary(hidden_states, memory.frames if memory is not None else 0)
+
+        x = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2)
+        temb, embedded = self.time_embed(timestep.flatten(), batch_size=b, hidden_dtype=x.dtype)
+        temb, embedded = temb.view(b, -1, temb.size(-1)), embedded.view(b, -1, embedded.size(-1))
+        text = self.caption_norm(self.caption_projection(encoder_hidden_states).view(b, -1, x.shape[-1]))
+        for index, block in enumerate(self.transformer_blocks):
+            x = self._block(block, x, text, encoder_attention_mask, temb, grid, rotary, memory, index, write_memory)
+        if write_memory:
+            memory.frames += grid[0]
+
+        x = self.proj_out(self.norm_out(x, embedded, self.scale_shift_table))
+        x = x.reshape(b, *grid, p_t, p_h, p_w, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        output = x.flatten(6, 7).flatten(4, 5).flatten(2, 3)
+        return Transformer2DModelOutput(sample=output) if return_dict else (output,)
