@@ -2,4 +2,14 @@
 
 from .reference import reference_classifier, reference_names, reference_pipeline
 
-__all__ = ["reference_names", "reference_pipeline", "reference_classifier"]
+
+def __getattr__(name: str):
+    # The long-video pipeline pulls in the Triton kernels: imported on first use only.
+    if name == "LongSanaVideoPipeline":
+        from .long_sana_video import LongSanaVideoPipeline
+
+        return LongSanaVideoPipeline
+    raise AttributeError(name)
+
+
+__all__ = ["reference_names", "reference_pipeline", "reference_classifier", "LongSanaVideoPipeline"]

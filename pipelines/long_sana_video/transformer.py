@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 from diffusers import SanaVideoTransformer3DModel
+from diffusers.models.cache_utils import CacheMixin
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch.nn import functional as F
 
@@ -85,8 +86,9 @@ def _feed_forward(ff, x: torch.Tensor, memory: LayerMemory | None, write: bool) 
     return out + x if ff.residual_connection else out
 
 
-class CausalSanaVideoTransformer3DModel(SanaVideoTransformer3DModel):
-    """diffusers' SANA-Video transformer, run one chunk at a time against a `LongVideoMemory`."""
+class CausalSanaVideoTransformer3DModel(SanaVideoTransformer3DModel, CacheMixin):
+    """diffusers' SANA-Video transformer, run one chunk at a time against a `LongVideoMemory` (with diffusers'
+    `cache_context`, so accel's and diffusers' caches apply)."""
 
     def new_memory(self, keep_last_chunks: int | None = None) -> LongVideoMemory:
         return LongVideoMemory(len(self.transformer_blocks), keep_last_chunks)

@@ -1,0 +1,93 @@
+"""LongSanaVideoPipeline on tiny offline components: chunks, streaming, memory, composability."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler
+
+import accel
+import tiny_models as tm
+from accel.pipelines import LongSanaVideoPipeline
+from accel.pipelines.long_sana_video import CausalSanaVideoTransformer3DModel
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    reference = tm.sana_video()
+    transformer = CausalSanaVideoTransformer3DModel.from_config(reference.config).eval()
+    transformer.load_state_dict(reference.state_dict())
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True]).eval()
+    pipe = LongSanaVideoPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
+                                 scheduler=FlowMatchEulerDiscreteScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _embeds():
+    g = torch.Generator().manual_seed(5)
+    mask = torch.ones(1, 6, dtype=torch.long)
+    return dict(prompt_embeds=torch.randn(1, 6, 16, generator=g), prompt_attention_mask=mask,
+                negative_prompt_embeds=torch.randn(1, 6, 16, generator=g), negative_prompt_attention_mask=mask,
+                negative_prompt=None, chunk_frames=2, height=64, width=64)
+
+
+def _run(pipe, **kw):
+    return pipe(**_embeds(), generator=torch.Generator().manual_seed(0), **kw)
+
+
+def test_chunks_stream_to_callback_and_mp4_and_the_first_chunk_does_not_depend_on_later_ones(pipe, tmp_path):
+    seen = []
+    out = _run(pipe, num_chunks=3, output_path=str(tmp_path / "v.mp4"), return_frames=True,
+               callback_on_chunk_end=lambda p, i, frames: seen.append((i, frames.shape)))
+    assert out.num_chunks == 3 and [i for i, _ in seen] == [0, 1, 2]
+    per_chunk = seen[0][1][1]
+    assert out.frames.shape == (1, 3 * per_chunk, 64, 64, 3) and 0 <= out.frames.min() and out.frames.max() <= 1
+    assert (tmp_path / "v.mp4").stat().st_size > 0 and not list(tmp_path.glob("*.partial.mp4"))
+    one = _run(pipe, num_chunks=1)
+    np.testing.assert_allclose(one.frames, out.frames[:, :per_chunk], atol=1e-6)
+
+
+def test_classifier_free_guidance_keeps_a_memory_per_branch(pipe):
+    out = _run(pipe, num_chunks=2, guidance_scale=3.0)
+    assert np.isfinite(out.frames).all()
+
+
+def test_num_frames_is_rounded_to_whole_chunks_with_a_warning(pipe, caplog):
+    with caplog.at_level(logging.WARNING, logger="accel"):
+        out = _run(pipe, num_frames=9)  # 3 latent frames -> 2 chunks of 2
+    assert out.num_chunks == 2 and "rounded" in caplog.text
+    with pytest.raises(ValueError, match="exactly one"):
+        _run(pipe, num_chunks=2, num_frames=9)
+
+
+def test_composes_with_cg_taylor(pipe):
+    with accel.patch(pipe, method="cg_taylor", threshold=0.0) as handle:
+        out = _run(pipe, num_chunks=2)
+        assert handle.stats()["steps"] > 0
+    np.testing.assert_allclose(out.frames, _run(pipe, num_chunks=2).frames, atol=1e-6)
+
+
+def test_interrupted_generation_leaves_no_video_file(pipe, tmp_path):
+    def boom(p, i, frames):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(pipe, num_chunks=2, output_path=str(tmp_path / "v.mp4"), callback_on_chunk_end=boom)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_loads_from_a_local_sana_video_folder(tmp_path):
+    from diffusers import SanaVideoPipeline
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
+    SanaVideoPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=tm.sana_video(),
+                      scheduler=FlowMatchEulerDiscreteScheduler()).save_pretrained(tmp_path)
+    pipe = LongSanaVideoPipeline.from_pretrained(tmp_path, tokenizer=None, text_encoder=None)  # saved without them
+    assert isinstance(pipe.transformer, CausalSanaVideoTransformer3DModel)
+    expected = tm.sana_video().state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in pipe.transformer.state_dict().items())
