@@ -13,3 +13,9 @@ from .block_sparse import (
     strided_shards_mask,
     table_mask,
 )
+
+__all__ = [
+    "linear_attention", "block_causal_linear_attention", "block_sparse_attention", "block_sparse_attention_reference",
+    "BlockSparseMask", "table_mask", "interval_mask", "block_diagonal_mask", "block_causal_mask", "local_3d_mask",
+    "strided_shards_mask",
+]

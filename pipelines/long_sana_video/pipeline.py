@@ -21,7 +21,7 @@ from diffusers import AutoencoderKLWan, SanaVideoPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .transformer import CausalSanaVideoTransformer3DModel, LongVideoMemory
+from .transformer import CausalSanaVideoTransformer3DModel
 
 logger = logging.getLogger("accel")
 
