@@ -1,11 +1,11 @@
-"""Measure the shipped shapes models and write their model cards.
+"""Measure the shipped shapes models: the figures and pictures their model cards show.
 
     python -m accel.pipelines.shapes.report [--weights pipelines/weights] [--samples 96]
 
 Measures, on held-out data (seed 1000, never used in training): the classifier's accuracy; for samples
 generated at the pipelines' default steps and guidance, how often the classifier agrees with the caption;
 the CPU time of one image and one 17-frame video. Writes `evaluation.json`, a sample grid (PNG), a short
-video (GIF), the loss curve (PNG) and README.md into each model's folder.
+video (GIF) and the loss curve (PNG) into each model's folder, beside the card (README.md) that cites them.
 """
 
 from __future__ import annotations
