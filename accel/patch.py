@@ -118,8 +118,12 @@ def _install_diffusers(handle: PatchHandle, model: torch.nn.Module, cache: Diffu
     # The counter sits inside the cache's hook, so it sees only the steps the cache lets run.
     HookRegistry.check_if_exists_or_initialize(cache.observed).register_hook(ComputeCounter(clock), COUNTER_HOOK)
     handle._removers.append(lambda: HookRegistry.check_if_exists_or_initialize(model).remove_hook(COUNTER_HOOK))
-    cache.apply(model, cache.config)
-    handle._removers.append(lambda: remove_diffusers_cache(model, cache))
+    if hasattr(model, "enable_cache"):  # CacheMixin: diffusers then knows a cache is on and refuses a second one
+        model.enable_cache(cache.config)
+        handle._removers.append(model.disable_cache)
+    else:
+        cache.apply(model, cache.config)
+        handle._removers.append(lambda: remove_diffusers_cache(model, cache))
 
 
 def _patch_attention(method: str, models: list[torch.nn.Module], options: dict) -> PatchHandle:

@@ -74,8 +74,18 @@ def test_patching_twice_raises_and_remove_is_idempotent():
         accel.patch(model, method="first_block_cache")
     handle.remove()
     handle.remove()
-    assert _hooks(model) == [] or all(not m._diffusers_hook.hooks for _, m in model.named_modules() if hasattr(m, "_diffusers_hook"))
+    assert _hooks(model) == []
     accel.patch(model, method="first_block_cache").remove()
+
+
+def test_a_diffusers_cache_through_accel_is_known_to_diffusers():
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    model = tm.wan()
+    with accel.patch(model, method="first_block_cache"):
+        with pytest.raises(ValueError, match="already been enabled"):
+            model.enable_cache(FirstBlockCacheConfig())
+    assert model._cache_config is None
 
 
 def test_diffusers_cache_already_enabled_is_refused():

@@ -42,38 +42,36 @@ def dit():
 
 
 def flux():
-    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_kl_vae(1, shift_factor=0.06, scaling_factor=1.5), text_encoder=None,
-                        tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=tm.flux())
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_kl_vae(1, shift_factor=0.06, scaling_factor=1.5),
+                        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=tm.flux())
     return pipe, dict(prompt_embeds=_embeds(1, 1, 5, 32), pooled_prompt_embeds=_embeds(2, 1, 32), height=8, width=8,
                       output_type="pt")
+
+
+def _text(width: int) -> dict:
+    """Prompt and negative embeddings with their masks (no text encoder needed)."""
+    mask = torch.ones(1, 6, dtype=torch.long)
+    return dict(prompt_embeds=_embeds(1, 1, 6, width), prompt_attention_mask=mask, negative_prompt=None,
+                negative_prompt_embeds=_embeds(2, 1, 6, width), negative_prompt_attention_mask=mask,
+                use_resolution_binning=False)
 
 
 def pixart():
     pipe = PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=_kl_vae(4), transformer=tm.pixart(),
                                scheduler=DDIMScheduler())
-    mask = torch.ones(1, 6, dtype=torch.long)
-    return pipe, dict(prompt_embeds=_embeds(1, 1, 6, 32), prompt_attention_mask=mask, negative_prompt=None,
-                      negative_prompt_embeds=_embeds(2, 1, 6, 32), negative_prompt_attention_mask=mask,
-                      height=8, width=8, guidance_scale=4.0, use_resolution_binning=False, output_type="pt")
+    return pipe, dict(**_text(32), height=8, width=8, guidance_scale=4.0, output_type="pt")
 
 
 def sana():
     pipe = SanaPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=tm.sana(),
                         scheduler=FlowMatchEulerDiscreteScheduler())
-    mask = torch.ones(1, 6, dtype=torch.long)
-    return pipe, dict(prompt_embeds=_embeds(1, 1, 6, 8), prompt_attention_mask=mask, negative_prompt=None,
-                      negative_prompt_embeds=_embeds(2, 1, 6, 8), negative_prompt_attention_mask=mask,
-                      height=256, width=256, guidance_scale=4.5, use_resolution_binning=False, output_type="latent")
+    return pipe, dict(**_text(8), height=256, width=256, guidance_scale=4.5, output_type="latent")
 
 
 def sana_video():
     pipe = SanaVideoPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=tm.sana_video(),
                              scheduler=FlowMatchEulerDiscreteScheduler())
-    mask = torch.ones(1, 6, dtype=torch.long)
-    return pipe, dict(prompt_embeds=_embeds(1, 1, 6, 16), prompt_attention_mask=mask, negative_prompt=None,
-                      negative_prompt_embeds=_embeds(2, 1, 6, 16), negative_prompt_attention_mask=mask,
-                      height=64, width=64, frames=5, guidance_scale=6.0, use_resolution_binning=False,
-                      output_type="latent")
+    return pipe, dict(**_text(16), height=64, width=64, frames=5, guidance_scale=6.0, output_type="latent")
 
 
 PIPELINES = [wan, dit, flux, pixart, sana, sana_video]
