@@ -7,7 +7,8 @@ cache context, as DiT, PixArt and SANA pipelines don't). The hook
   scheduler, or the user), so "first", "last" and "warm-up" mean something;
 - notices a new generation (step index back at 0, a new scheduler run, another input shape, the step count
   reached, or, for a bare transformer with nothing else to go by, the timestep rising) and then resets every
-  stateful hook under the model, including diffusers' own caches, so a second call with another step count, resolution or batch size never reuses stale state;
+  stateful hook under the model, including diffusers' own caches, so a second call with another step count,
+  resolution or batch size never reuses stale state;
 - keeps the statistics of the last generation for `handle.stats()`.
 """
 
