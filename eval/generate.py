@@ -51,9 +51,13 @@ def load_pipeline(name: str, device: str, dtype: str):
 def atomic_write(path: str, write) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):  # the write failed: leave nothing half-written behind
+            os.remove(tmp)
 
 
 def atomic_json(path: str, obj) -> None:
