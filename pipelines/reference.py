@@ -2,40 +2,49 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from importlib import resources
 
 import torch
 
-_REFERENCES = {
-    "shapes-image": "ShapesImagePipeline",
-    "shapes-video": "ShapesVideoPipeline",
+_REFERENCES = {  # name -> (module under accel.pipelines.shapes, pipeline class)
+    "shapes-image": ("pipelines", "ShapesImagePipeline"),
+    "shapes-video": ("pipelines", "ShapesVideoPipeline"),
+    "shapes-long-video": ("long_video", "ShapesLongVideoPipeline"),
 }
 CLASSIFIER = "shapes-classifier"
 
 
+def _folder(name: str) -> str:
+    return os.fspath(resources.files("accel.pipelines") / "weights" / name)
+
+
+def _installed(name: str) -> bool:
+    return os.path.isfile(os.path.join(_folder(name), "model_index.json" if name in _REFERENCES else "config.json"))
+
+
 def weights_dir(name: str) -> str:
     """Folder of a shipped model (a `save_pretrained` folder inside the installed package)."""
-    path = os.fspath(resources.files("accel.pipelines") / "weights" / name)
-    if not os.path.isfile(os.path.join(path, "model_index.json" if name in _REFERENCES else "config.json")):
+    if not _installed(name):
         raise FileNotFoundError(
-            f"the weights of {name!r} are not in this installation ({path}); train them with "
+            f"the weights of {name!r} are not in this installation ({_folder(name)}); train them with "
             f"`python -m accel.pipelines.shapes.train` and copy the result there"
         )
-    return path
+    return _folder(name)
 
 
 def reference_names() -> list[str]:
-    return sorted(_REFERENCES)
+    """The reference pipelines whose weights this installation holds."""
+    return sorted(name for name in _REFERENCES if _installed(name))
 
 
 def reference_pipeline(name: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
     """A shipped reference pipeline, loaded from the package with no network access."""
     if name not in _REFERENCES:
-        raise ValueError(f"unknown reference model {name!r}; shipped: {reference_names()}")
-    from .shapes import pipelines
-
-    cls = getattr(pipelines, _REFERENCES[name])
+        raise ValueError(f"unknown reference model {name!r}; known: {sorted(_REFERENCES)}, shipped: {reference_names()}")
+    module, class_name = _REFERENCES[name]
+    cls = getattr(importlib.import_module(f"accel.pipelines.shapes.{module}"), class_name)
     pipe = cls.from_pretrained(weights_dir(name), dtype=dtype or torch.float32, local_files_only=True)
     return pipe.to(device) if device is not None else pipe
 

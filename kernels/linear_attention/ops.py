@@ -1,5 +1,6 @@
 """Public entry points: checks, then the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1), else a logged PyTorch
-fallback computing the same thing in float32."""
+fallback computing the same thing in float32. The kernels are forward-only: when autograd needs gradients (training),
+the differentiable PyTorch reference runs instead, logged once."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from .state import chunk_state
 
 logger = logging.getLogger("accel")
 _warned_fallback = False
+_warned_autograd = False
 
 
 def backend(device: torch.device) -> str:
@@ -25,8 +27,18 @@ def backend(device: torch.device) -> str:
     return "interpreter" if is_interpreted(_fused_query_kernel) else "torch"
 
 
-def _use_kernels(device: torch.device) -> bool:
-    global _warned_fallback
+def _needs_autograd(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _use_kernels(device: torch.device, *inputs: torch.Tensor | None) -> bool:
+    global _warned_fallback, _warned_autograd
+    if _needs_autograd(*inputs):
+        if not _warned_autograd:
+            logger.warning("accel linear attention: the Triton kernels are forward-only; inputs that need gradients "
+                           "go through the differentiable PyTorch reference (logged once)")
+            _warned_autograd = True
+        return False
     kind = backend(device)
     if kind == "torch":
         if not _warned_fallback:
@@ -62,7 +74,7 @@ def linear_attention(
     if rotary is not None and q.shape[2] != k.shape[2]:
         raise ValueError(f"rotary embeddings need as many queries as keys: {q.shape[2]} vs {k.shape[2]}")
     tables = as_tables(rotary, k.shape[2], k.shape[3], k.device)
-    if not _use_kernels(q.device):
+    if not _use_kernels(q.device, q, k, v):
         return _finish(naive.linear_attention(q, k, v, eps, tables), q, out)
     state = chunk_state(k, v, tables)
     return fused_query(q, state, tables, eps, torch.empty_like(q) if out is None else out)
@@ -85,7 +97,7 @@ def block_causal_linear_attention(
         raise ValueError(f"a chunk's queries and keys are the same tokens: q {tuple(q.shape)} vs k {tuple(k.shape)}")
     prior = None if state is None else check_state(state, k)
     tables = as_tables(rotary, k.shape[2], k.shape[3], k.device)
-    if not _use_kernels(q.device):
+    if not _use_kernels(q.device, q, k, v, *(prior or ())):
         result, new_state = naive.block_causal_linear_attention(q, k, v, prior, eps, tables)
         return _finish(result, q, out), new_state
     new_state = chunk_state(k, v, tables, prior)

@@ -18,7 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import torch
-from diffusers import SanaVideoTransformer3DModel
+from diffusers import ModelMixin, SanaVideoTransformer3DModel
 from diffusers.models.cache_utils import CacheMixin
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch.nn import functional as F
@@ -26,6 +26,10 @@ from torch.nn import functional as F
 from accel.attention.linear import EPS, _output, _project
 from accel.kernels.linear_attention import RotaryTables, block_causal_linear_attention
 from accel.kernels.linear_attention.inputs import LinearAttentionState
+
+# diffusers' pipeline loader checks a saved component against the base classes it finds in the component's own
+# module: ModelMixin must be importable from here for a saved pipeline holding this transformer to load again.
+__all__ = ["CausalSanaVideoTransformer3DModel", "LongVideoMemory", "ModelMixin"]
 
 
 @dataclass
@@ -38,12 +42,17 @@ class LayerMemory:
 class LongVideoMemory:
     """What a causal SANA-Video remembers of the chunks written so far, per layer: constant size."""
 
-    def __init__(self, num_layers: int, keep_last_chunks: int | None = None):
+    def __init__(self, num_layers: int, keep_last_chunks: int | None = None, track_gradients: bool = False):
         if keep_last_chunks is not None and keep_last_chunks < 1:
             raise ValueError(f"keep_last_chunks must be >= 1 or None, got {keep_last_chunks}")
         self.layers = [LayerMemory() for _ in range(num_layers)]
         self.keep_last_chunks = keep_last_chunks
+        self.track_gradients = track_gradients  # training: later chunks' losses reach the passes that wrote the memory
         self.frames = 0  # latent frames written: the next chunk's first RoPE position
+
+    def keep(self, t: torch.Tensor) -> torch.Tensor:
+        """What the memory stores of a tensor: itself while training through it, else a detached copy."""
+        return t if self.track_gradients else t.detach().clone()
 
     def nbytes(self) -> int:
         tensors = [t for m in self.layers for t in (*(m.attention or ()), m.conv_frame, *[x for c in m.chunks for x in c])]
@@ -69,7 +78,7 @@ def causal_temporal_conv(conv: torch.nn.Conv2d, x: torch.Tensor, previous: torch
     return F.conv2d(padded, conv.weight, conv.bias)
 
 
-def _feed_forward(ff, x: torch.Tensor, memory: LayerMemory | None, write: bool) -> torch.Tensor:
+def _feed_forward(ff, x: torch.Tensor, memory: LongVideoMemory | None, layer: LayerMemory | None, write: bool) -> torch.Tensor:
     """GLUMBTempConv.forward with the causal temporal conv (x: B, T, H, W, C)."""
     b, t, h, w, c = x.shape
     y = x.reshape(b * t, h, w, c).permute(0, 3, 1, 2)
@@ -77,9 +86,9 @@ def _feed_forward(ff, x: torch.Tensor, memory: LayerMemory | None, write: bool) 
     y, gate = torch.chunk(ff.conv_depth(y), 2, dim=1)
     y = ff.conv_point(y * ff.nonlinearity(gate))
     temporal = y.view(b, t, c, h * w).permute(0, 2, 1, 3)
-    out = temporal + causal_temporal_conv(ff.conv_temp, temporal, memory.conv_frame if memory else None)
+    out = temporal + causal_temporal_conv(ff.conv_temp, temporal, layer.conv_frame if layer else None)
     if write:
-        memory.conv_frame = temporal[:, :, -1:].detach().clone()
+        layer.conv_frame = memory.keep(temporal[:, :, -1:])
     out = out.permute(0, 2, 3, 1).reshape(b, t, h, w, c)
     if ff.norm_type == "rms_norm":
         out = ff.norm(out.movedim(1, -1)).movedim(-1, 1)
@@ -90,8 +99,8 @@ class CausalSanaVideoTransformer3DModel(SanaVideoTransformer3DModel, CacheMixin)
     """diffusers' SANA-Video transformer, run one chunk at a time against a `LongVideoMemory` (with diffusers'
     `cache_context`, so accel's and diffusers' caches apply)."""
 
-    def new_memory(self, keep_last_chunks: int | None = None) -> LongVideoMemory:
-        return LongVideoMemory(len(self.transformer_blocks), keep_last_chunks)
+    def new_memory(self, keep_last_chunks: int | None = None, track_gradients: bool = False) -> LongVideoMemory:
+        return LongVideoMemory(len(self.transformer_blocks), keep_last_chunks, track_gradients)
 
     def _rotary(self, hidden_states: torch.Tensor, frame_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
         """diffusers' RoPE tables for frames [offset, offset + T): computed for the prefix, the chunk's rows kept."""
@@ -108,12 +117,13 @@ class CausalSanaVideoTransformer3DModel(SanaVideoTransformer3DModel, CacheMixin)
         return cos[:, -rows:], sin[:, -rows:]
 
     def _attention(self, attn, x, rotary, memory: LongVideoMemory | None, layer: LayerMemory | None, write: bool):
-        query, key, value = _project(attn, x, None)
+        # Under autocast the q/k norms return float32 beside bf16 values: the kernels take one dtype.
+        query, key, value = (t.to(x.dtype) for t in _project(attn, x, None))
         tables = RotaryTables.from_diffusers(*rotary, key.shape[2], key.shape[3])
         prior = layer.attention if layer is not None else None
         out, after = block_causal_linear_attention(query, key, value, prior, eps=EPS, rotary=tables)
         if write:
-            memory.remember(layer, prior, LinearAttentionState(after.kv.detach(), after.k_sum.detach()))
+            memory.remember(layer, prior, LinearAttentionState(memory.keep(after.kv), memory.keep(after.k_sum)))
         return _output(attn, out, x.dtype)
 
     def _block(self, block, x, text, text_mask, temb, grid, rotary, memory, index, write):
@@ -126,7 +136,7 @@ class CausalSanaVideoTransformer3DModel(SanaVideoTransformer3DModel, CacheMixin)
         if block.attn2 is not None:
             x = x + block.attn2(x, encoder_hidden_states=text, attention_mask=text_mask)
         normed = (block.norm2(x) * (1 + scale_mlp) + shift_mlp).unflatten(1, grid)
-        return x + gate_mlp * _feed_forward(block.ff, normed, layer, write).flatten(1, 3)
+        return x + gate_mlp * _feed_forward(block.ff, normed, memory, layer, write).flatten(1, 3)
 
     def forward(
         self,

@@ -27,10 +27,10 @@ def image_transformer() -> ShapesDiTTransformer:
 
 
 def video_transformer(text_dim: int) -> WanTransformer3DModel:
-    """Pixel-space Wan: 17 frames of 32x32x3 in patches of 1x4x4 (1,088 tokens), 4 blocks of width 128."""
+    """Pixel-space Wan: 17 frames of 32x32x3 in patches of 1x4x4 (1,088 tokens), 6 blocks of width 192."""
     return WanTransformer3DModel(
-        patch_size=(1, 4, 4), num_attention_heads=4, attention_head_dim=32, in_channels=3, out_channels=3,
-        text_dim=text_dim, freq_dim=256, ffn_dim=512, num_layers=4, cross_attn_norm=True,
+        patch_size=(1, 4, 4), num_attention_heads=3, attention_head_dim=64, in_channels=3, out_channels=3,
+        text_dim=text_dim, freq_dim=256, ffn_dim=768, num_layers=6, cross_attn_norm=True,
         qk_norm="rms_norm_across_heads", rope_max_seq_len=64,
     )
 

@@ -57,6 +57,23 @@ def caption_agreement(classifier, pixels: torch.Tensor, captions: list[str], vid
     return ok.tolist()
 
 
+def chunk_consistency(classifier, frames: np.ndarray, captions: list[str], chunk_frames: int) -> list[bool]:
+    """Per long video: does every chunk show the caption's shape and colour (the classifier's mean over the chunk's
+    frames)? Frames (B, F, H, W, 3) in [0, 1]."""
+    from .data import COLOUR_NAMES, SHAPES
+
+    pixels = _to_unit(frames)
+    b, c, f, h, w = pixels.shape
+    with torch.no_grad():
+        logits = classifier.classify_images(pixels.transpose(1, 2).reshape(b * f, c, h, w))
+    words = [caption.split() for caption in captions]  # "a <colour> <shape> moving <direction>"
+    ok = torch.ones(b, dtype=torch.bool)
+    for head, names, position in (("shape", SHAPES, 2), ("colour", COLOUR_NAMES, 1)):
+        per_chunk = logits[head].softmax(-1).reshape(b, f // chunk_frames, chunk_frames, -1).mean(2).argmax(-1)
+        ok &= (per_chunk == torch.tensor([names.index(w[position]) for w in words])[:, None]).all(1)
+    return ok.tolist()
+
+
 def _to_unit(pixels: np.ndarray) -> torch.Tensor:
     """Pipeline "np" output in [0, 1] (channels last) -> classifier input in [-1, 1] (channels first)."""
     t = torch.from_numpy(np.asarray(pixels)).float() * 2 - 1
@@ -73,6 +90,19 @@ def generate_and_score(pipe, classifier, captions: list[str], video: bool, batch
         agree += caption_agreement(classifier, _to_unit(pixels), chunk, video)
         samples.append(np.asarray(pixels))
     return float(np.mean(agree)), np.concatenate(samples)
+
+
+def long_video_report(folder: str, classifier, seeds: int, chunks: int = 8) -> tuple[dict, np.ndarray]:
+    """How often a long video keeps its caption's shape and colour in every one of `chunks` chunks."""
+    from .long_video import CHUNK_FRAMES, ShapesLongVideoPipeline
+
+    pipe = ShapesLongVideoPipeline.from_pretrained(folder, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    captions = [VIDEO_CAPTIONS[(i * 7) % len(VIDEO_CAPTIONS)] for i in range(seeds)]
+    generators = [torch.Generator().manual_seed(HELD_OUT_SEED + i) for i in range(seeds)]
+    frames = pipe(captions, num_chunks=chunks, generator=generators).frames
+    ok = chunk_consistency(classifier, frames, captions, CHUNK_FRAMES)
+    return {f"long_video_keeps_shape_and_colour_over_{chunks}_chunks": float(np.mean(ok)), "long_video_seeds": seeds}, frames
 
 
 def cpu_seconds(pipe, caption: str) -> float:
@@ -113,11 +143,12 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     torch.set_grad_enabled(False)
     folder = lambda name: os.path.join(args.weights, name)  # noqa: E731
-    classifier = ShapesClassifier.from_pretrained(folder("shapes-classifier")).eval()
+    classifier = ShapesClassifier.from_pretrained(folder("shapes-classifier"), dtype=torch.float32).eval()
     results = {"classifier_held_out_accuracy": classifier_accuracy(classifier)}
 
-    image = ShapesImagePipeline.from_pretrained(folder("shapes-image"))
-    video = ShapesVideoPipeline.from_pretrained(folder("shapes-video"))
+    # Shipped in float16, run in float32: CPUs have no fast float16 matmuls.
+    image = ShapesImagePipeline.from_pretrained(folder("shapes-image"), dtype=torch.float32)
+    video = ShapesVideoPipeline.from_pretrained(folder("shapes-video"), dtype=torch.float32)
     for pipe in (image, video):
         pipe.set_progress_bar_config(disable=True)
     image_caps = [list(IMAGE_CAPTIONS)[i % len(IMAGE_CAPTIONS)] for i in range(args.samples)]
@@ -134,7 +165,16 @@ def main(argv=None) -> None:
     iio.imwrite(os.path.join(folder("shapes-video"), "samples.png"), _grid(videos[:8, ::4].reshape(-1, 32, 32, 3), 5))
     strip = np.concatenate(list(videos[:4]), axis=2)  # four videos side by side, frame by frame
     iio.imwrite(os.path.join(folder("shapes-video"), "sample.gif"), (strip * 255).round().astype(np.uint8), duration=120, loop=0)
-    for name in ("shapes-image", "shapes-video", "shapes-classifier"):
+    names = ["shapes-image", "shapes-video", "shapes-classifier"]
+    if os.path.isfile(os.path.join(folder("shapes-long-video"), "model_index.json")):
+        long_results, long_frames = long_video_report(folder("shapes-long-video"), classifier, seeds=args.samples // 4)
+        results.update(long_results)
+        print(json.dumps(long_results, indent=1))
+        strip = np.concatenate(list(long_frames[:4]), axis=2)
+        iio.imwrite(os.path.join(folder("shapes-long-video"), "sample.gif"), (strip * 255).round().astype(np.uint8),
+                    duration=120, loop=0)
+        names.append("shapes-long-video")
+    for name in names:
         training = json.load(open(os.path.join(folder(name), "training.json")))
         _loss_curve(training, os.path.join(folder(name), "loss.png"))
         with open(os.path.join(folder(name), "evaluation.json"), "w") as f:

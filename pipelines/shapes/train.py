@@ -3,6 +3,7 @@
     python -m accel.pipelines.shapes.train image      --out runs/shapes-image      [--steps 6000] [--device cuda]
     python -m accel.pipelines.shapes.train video      --out runs/shapes-video      [--steps 6000]
     python -m accel.pipelines.shapes.train classifier --out runs/shapes-classifier [--steps 2000]
+    python -m accel.pipelines.shapes.train long-video --out runs/shapes-long-video [--steps 6000]
 
 Every step's batch and noise are functions of (seed, step), so a run resumed from its checkpoint
 (`--resume`, the default when OUT/checkpoint exists) continues exactly as if never stopped. Checkpoints and
@@ -26,11 +27,13 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .data import image_batch, video_batch
+from .long_video import CHUNK_FRAMES, ShapesLongVideoPipeline, long_video_transformer
 from .models import ShapesClassifier, image_transformer, video_transformer
 from .pipelines import ShapesImagePipeline, ShapesVideoPipeline
 from .text import MAX_TOKENS, build_text_encoder, build_tokenizer
 
 TRAIN_SEED_OFFSET = 0  # held-out data uses other seeds (see the model cards)
+LONG_CHUNKS = 4  # chunks per long-video training clip (16 frames)
 
 
 @dataclass
@@ -48,18 +51,19 @@ class TrainConfig:
 
 DEFAULTS = {
     "image": dict(steps=6000, batch_size=128, lr=3e-4),
-    "video": dict(steps=6000, batch_size=32, lr=3e-4),
+    "video": dict(steps=20000, batch_size=128, lr=4e-4),
     "classifier": dict(steps=2000, batch_size=128, lr=1e-3),
+    "long-video": dict(steps=20000, batch_size=128, lr=4e-4),
 }
 
 
 class _VideoModel(torch.nn.Module):
     """Text encoder and transformer trained together (caption dropout teaches the unconditional branch)."""
 
-    def __init__(self):
+    def __init__(self, transformer=video_transformer):
         super().__init__()
         self.text_encoder = build_text_encoder()
-        self.transformer = video_transformer(self.text_encoder.config.d_model)
+        self.transformer = transformer(self.text_encoder.config.d_model)
         self.tokenizer = build_tokenizer()
 
     def embed(self, captions: list[str], drop: torch.Tensor, device) -> torch.Tensor:
@@ -70,26 +74,53 @@ class _VideoModel(torch.nn.Module):
 
 
 def build(kind: str) -> torch.nn.Module:
+    if kind == "long-video":
+        return _VideoModel(long_video_transformer)
     return {"image": image_transformer, "video": _VideoModel, "classifier": ShapesClassifier}[kind]()
+
+
+def _noised(x0: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_t, t, target): x_t = (1 - t) x0 + t noise, t logit-normal (mid-noise weighted), target velocity noise - x0."""
+    noise = torch.randn(x0.shape, generator=g, device=x0.device)
+    t = torch.sigmoid(torch.randn(x0.shape[0], generator=g, device=x0.device))
+    tt = t.view(-1, *([1] * (x0.dim() - 1)))
+    return (1 - tt) * x0 + tt * noise, t, noise - x0
 
 
 def _flow_matching_loss(model, kind: str, step: int, cfg: TrainConfig, device) -> torch.Tensor:
     """x_t = (1 - t) x0 + t noise; the model predicts the velocity noise - x0 (diffusers' FlowMatch convention)."""
     batch = (image_batch if kind == "image" else video_batch)(cfg.seed, step, cfg.batch_size, device=device)
     g = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + step)
-    x0 = batch.pixels
-    noise = torch.randn(x0.shape, generator=g, device=device)
-    t = torch.sigmoid(torch.randn(x0.shape[0], generator=g, device=device))  # logit-normal: mid-noise weighted
-    tt = t.view(-1, *([1] * (x0.dim() - 1)))
-    xt = (1 - tt) * x0 + tt * noise
+    xt, t, target = _noised(batch.pixels, g)
     if kind == "image":
         labels = batch.shape * 6 + batch.colour  # DiT's label embedding drops 10% to the null class in train mode
         pred = model(xt, timestep=t * 1000, class_labels=labels).sample
     else:
-        drop = torch.rand(x0.shape[0], generator=g, device=device) < 0.1
+        drop = torch.rand(xt.shape[0], generator=g, device=device) < 0.1
         text = model.embed(batch.captions, drop, device)
         pred = model.transformer(xt, timestep=t * 1000, encoder_hidden_states=text, return_dict=False)[0]
-    return torch.nn.functional.mse_loss(pred, noise - x0)
+    return torch.nn.functional.mse_loss(pred, target)
+
+
+def _long_video_loss(model, step: int, cfg: TrainConfig, device) -> torch.Tensor:
+    """As the long pipeline generates: each chunk denoised against the memory of the clean chunks before it
+    (written by a t=0 pass), with gradients through the memory. Clips start at a random absolute frame, since long
+    videos run far past the training clips' length."""
+    batch = video_batch(cfg.seed, step, cfg.batch_size, frames=LONG_CHUNKS * CHUNK_FRAMES, device=device)
+    g = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + step)
+    drop = torch.rand(cfg.batch_size, generator=g, device=device) < 0.1
+    text = model.embed(batch.captions, drop, device)
+    memory = model.transformer.new_memory(track_gradients=True)
+    memory.frames = int(torch.randint(0, 256, (1,), generator=torch.Generator().manual_seed(cfg.seed * 7919 + step)))
+    zero = torch.zeros(cfg.batch_size, device=device)
+    losses = []
+    for i, chunk in enumerate(batch.pixels.split(CHUNK_FRAMES, dim=2)):
+        xt, t, target = _noised(chunk, g)
+        pred = model.transformer(xt, text, t * 1000, memory=memory, return_dict=False)[0]
+        losses.append(torch.nn.functional.mse_loss(pred, target))
+        if i + 1 < LONG_CHUNKS:
+            model.transformer(chunk, text, zero, memory=memory, write_memory=True)
+    return torch.stack(losses).mean()
 
 
 def _classifier_loss(model, step: int, cfg: TrainConfig, device) -> torch.Tensor:
@@ -143,6 +174,8 @@ def export(kind: str, ema: torch.nn.Module, out: str) -> None:
         ShapesImagePipeline(ema, scheduler).save_pretrained(tmp)
     elif kind == "video":
         ShapesVideoPipeline(ema.transformer, ema.text_encoder, ema.tokenizer, scheduler).save_pretrained(tmp)
+    elif kind == "long-video":
+        ShapesLongVideoPipeline(ema.transformer, ema.text_encoder, ema.tokenizer, scheduler).save_pretrained(tmp)
     else:
         ema.save_pretrained(tmp)
     final = os.path.join(out, "model")
@@ -168,14 +201,16 @@ def train(cfg: TrainConfig, out: str, device: str = "cpu", resume: bool = True) 
             with autocast:
                 if cfg.kind == "classifier":
                     loss = _classifier_loss(model, step, cfg, device)
+                elif cfg.kind == "long-video":
+                    loss = _long_video_loss(model, step, cfg, device)
                 else:
                     loss = _flow_matching_loss(model, cfg.kind, step, cfg, device)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
-            with torch.no_grad():
-                torch._foreach_lerp_(ema_params, params, 1 - cfg.ema_decay)
+            with torch.no_grad():  # EMA with warm-up: short runs are not averaged towards their random init
+                torch._foreach_lerp_(ema_params, params, 1 - min(cfg.ema_decay, (1 + step) / (10 + step)))
             step += 1
             window.append(loss.detach())
             if step % cfg.log_every == 0 or step == cfg.steps:

@@ -163,6 +163,25 @@ def test_torch_fallback_is_logged_and_correct(gen, monkeypatch, caplog):
     assert_close(chunk_out, expected, TOL[torch.bfloat16], gen)
 
 
+def test_gradients_flow_through_the_differentiable_reference(gen, monkeypatch, caplog):
+    """The kernels are forward-only: inputs that need gradients (training) take the PyTorch reference, logged once,
+    and the gradients, through a prior state too, are float64's."""
+    monkeypatch.setattr(ops, "_warned_autograd", False)
+    q, k, v, k0, v0 = inputs = tuple(randn(gen, 1, 2, 19, 16).requires_grad_() for _ in range(5))
+    rot, rot0 = tables(gen, 19, 16), tables(gen, 19, 16)
+    with caplog.at_level(logging.WARNING, logger="accel"):
+        _, prior = block_causal_linear_attention(k0, k0, v0, rotary=rot0)
+        out, _ = block_causal_linear_attention(q, k, v, prior, rotary=rot)
+        grads = torch.autograd.grad(out.pow(2).sum(), inputs)
+    assert "forward-only" in caplog.text
+    prior64 = naive.summarise(k0, v0, rot0, dtype=torch.float64)
+    out64, _ = naive.block_causal_linear_attention(q, k, v, prior64, rotary=rot, dtype=torch.float64)
+    for name, g, e in zip("q k v k0 v0".split(), grads, torch.autograd.grad(out64.pow(2).sum(), inputs)):
+        assert_close(g, e, 1e-5, gen, f"d loss / d {name}")
+    with torch.no_grad():  # no gradients needed: the kernels again
+        assert block_causal_linear_attention(q, k, v)[0].grad_fn is None
+
+
 def _state(b=1, h=2, d=16, dtype=torch.float32):
     return LinearAttentionState(torch.zeros(b, h, d, d, dtype=dtype), torch.zeros(b, h, d, dtype=dtype))
 

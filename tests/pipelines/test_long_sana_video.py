@@ -120,6 +120,20 @@ def test_keep_last_chunks_forgets_older_chunks():
         torch.testing.assert_close(layer.attention.kv, layer.chunks[0].kv, rtol=1e-4, atol=1e-5)
 
 
+def test_a_training_memory_carries_gradients_to_the_chunks_that_wrote_it():
+    _, causal = _models()
+    video, text = _video(2 * FRAMES_PER_CHUNK, seed=4)
+    first, second = video.split(FRAMES_PER_CHUNK, dim=2)
+    first.requires_grad_()
+    t = torch.full((1,), 0.0)
+    for track, carries in ((True, True), (False, False)):
+        memory = causal.new_memory(track_gradients=track)
+        causal(first, text, t, memory=memory, write_memory=True)
+        out = causal(second, text, t, memory=memory, return_dict=False)[0]
+        (grad,) = torch.autograd.grad(out.sum(), first, allow_unused=True)
+        assert (grad is not None and grad.abs().sum() > 0) == carries
+
+
 def test_bad_use_is_refused():
     _, causal = _models()
     video, text = _video(2)

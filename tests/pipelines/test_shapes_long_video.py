@@ -1,0 +1,64 @@
+"""The shapes long-video pipeline and its training on random-init weights (the shipped weights: test_reference)."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+import accel
+from accel.pipelines.shapes.long_video import CHUNK_FRAMES, ShapesLongVideoPipeline, long_video_transformer
+from accel.pipelines.shapes.text import build_text_encoder, build_tokenizer
+from accel.pipelines.shapes.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    torch.manual_seed(0)
+    pipe = ShapesLongVideoPipeline(long_video_transformer(64).eval(), build_text_encoder().eval(), build_tokenizer(),
+                                   FlowMatchEulerDiscreteScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _run(pipe, prompt="a red circle moving left", **kw):
+    kw.setdefault("num_chunks", 2)
+    return pipe(prompt, num_inference_steps=2, generator=torch.Generator().manual_seed(0), **kw)
+
+
+def test_generates_whole_chunks_of_frames_in_range(pipe, caplog):
+    frames = _run(pipe, ["a red circle moving left", "a blue cross moving up"], num_chunks=3).frames
+    assert frames.shape == (2, 3 * CHUNK_FRAMES, 32, 32, 3) and 0 <= frames.min() and frames.max() <= 1
+    with caplog.at_level(logging.WARNING, logger="accel"):
+        rounded = _run(pipe, num_chunks=None, num_frames=CHUNK_FRAMES + 1)
+    assert rounded.num_chunks == 2 and "rounded" in caplog.text
+
+
+def test_earlier_chunks_do_not_depend_on_later_ones(pipe):
+    short, long = _run(pipe, num_chunks=1).frames, _run(pipe, num_chunks=3).frames
+    np.testing.assert_allclose(long[:, :CHUNK_FRAMES], short, atol=1e-6)
+
+
+@pytest.mark.parametrize("kw, match", [(dict(prompt="a red circle moving sideways"), "directions"),
+                                       (dict(negative_prompt="blurry"), "captions only")])
+def test_bad_input_is_refused(pipe, kw, match):
+    with pytest.raises(ValueError, match=match):
+        _run(pipe, **kw)
+
+
+def test_cg_taylor_that_skips_nothing_changes_nothing(pipe):
+    base = _run(pipe).frames
+    with accel.patch(pipe, method="cg_taylor", threshold=0.0):
+        np.testing.assert_array_equal(_run(pipe).frames, base)
+
+
+def test_a_trained_step_exports_a_pipeline_that_reloads_identically(tmp_path):
+    report = train(TrainConfig(kind="long-video", steps=1, batch_size=2, lr=1e-4, log_every=1), str(tmp_path))
+    assert np.isfinite(report["losses"][0][1])
+    loaded = ShapesLongVideoPipeline.from_pretrained(tmp_path / "model", dtype=torch.float32)
+    loaded.set_progress_bar_config(disable=True)
+    loaded.save_pretrained(tmp_path / "again")
+    again = ShapesLongVideoPipeline.from_pretrained(tmp_path / "again", dtype=torch.float32)
+    again.set_progress_bar_config(disable=True)
+    np.testing.assert_array_equal(_run(loaded).frames, _run(again).frames)
