@@ -1,0 +1,20 @@
+"""The README's main job: `accel-eval quickstart` on the shipped reference pipelines, on the CPU, offline."""
+
+import json
+import os
+
+from accel.eval import cli
+
+
+def test_quickstart_runs_offline_and_writes_tables_and_plots(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert cli.main(["quickstart", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for name in ("shapes-image", "shapes-video"):
+        assert f"## {name}" in out
+        folder = tmp_path / name
+        for produced in ("results.md", "results.csv", "results.json", "pareto.png", "samples.png"):
+            assert os.path.isfile(folder / produced), f"{name}: no {produced}"
+        rows = json.load(open(folder / "results.json"))["rows"]
+        assert [r["config"] for r in rows][0] == "baseline" and len(rows) == 1 + len(cli.QUICKSTART_METHODS)
+        assert rows[0]["psnr"] == float("inf") and all(0 < r["computed_share"] <= 1 for r in rows)

@@ -1,0 +1,104 @@
+"""The shipped reference models: offline loading, size budget, model cards, and quality against what the cards say."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import accel
+from accel.pipelines import reference_classifier, reference_names, reference_pipeline
+from accel.pipelines.reference import weights_dir
+from accel.pipelines.shapes.data import image_batch, video_batch
+from accel.pipelines.shapes.report import HELD_OUT_SEED, caption_agreement, chunk_consistency, classifier_accuracy
+from accel.pipelines.shapes.text import IMAGE_CAPTIONS
+
+SHIPPED = ["shapes-image", "shapes-video"]
+IMAGE_CAPTION_LIST = list(IMAGE_CAPTIONS)
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return reference_classifier()
+
+
+def _card_figures(name: str) -> dict:
+    return json.load(open(os.path.join(weights_dir(name), "evaluation.json")))
+
+
+def test_shipped_names_load_offline_and_generate_the_right_shapes_and_ranges():
+    assert set(SHIPPED) <= set(reference_names())
+    image = reference_pipeline("shapes-image")
+    image.set_progress_bar_config(disable=True)
+    images = image(["a red circle", "a blue cross"], num_inference_steps=2, output_type="np").images
+    assert images.shape == (2, 32, 32, 3) and 0 <= images.min() and images.max() <= 1
+    video = reference_pipeline("shapes-video")
+    video.set_progress_bar_config(disable=True)
+    frames = video("a red circle moving left", num_inference_steps=2, output_type="np").frames
+    assert frames.shape == (1, 17, 32, 32, 3) and 0 <= frames.min() and frames.max() <= 1
+    assert next(video.transformer.parameters()).dtype == torch.float32  # shipped in fp16, loaded as fp32
+
+
+def test_unknown_and_unshipped_names_get_clear_errors():
+    with pytest.raises(ValueError, match="known.*shapes-image"):
+        reference_pipeline("flux-dev")
+    if "shapes-long-video" not in reference_names():
+        with pytest.raises(FileNotFoundError, match="train them"):
+            reference_pipeline("shapes-long-video")
+
+
+def test_weights_are_safetensors_within_40_mb_each_with_a_card():
+    root = os.path.dirname(weights_dir("shapes-image"))
+    total = 0
+    for name in [*reference_names(), "shapes-classifier"]:
+        folder = weights_dir(name)
+        files = [os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs]
+        assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl"))]
+        assert any(f.endswith(".safetensors") for f in files)
+        for needed in ("README.md", "evaluation.json", "training.json", "loss.png"):
+            assert os.path.isfile(os.path.join(folder, needed)), f"{name}: no {needed}"
+        total += sum(os.path.getsize(f) for f in files if f.endswith(".safetensors"))
+    assert total <= 40e6, f"shipped weights are {total / 1e6:.1f} MB under {root}"
+
+
+def test_classifier_accuracy_on_held_out_data_is_what_its_card_reports(classifier):
+    accuracy = classifier_accuracy(classifier, batches=1)
+    reported = _card_figures("shapes-classifier")["classifier_held_out_accuracy"]
+    for key, value in accuracy.items():
+        assert value >= 0.98 and abs(value - reported[key]) <= 0.02, (key, value, reported[key])
+
+
+def test_generated_images_show_their_captions_and_cg_taylor_keeps_that(classifier):
+    pipe = reference_pipeline("shapes-image")
+    pipe.set_progress_bar_config(disable=True)
+    captions = IMAGE_CAPTION_LIST[::2]  # 12 captions: every shape, every colour
+
+    def agreement():
+        generators = [torch.Generator().manual_seed(HELD_OUT_SEED + i) for i in range(len(captions))]
+        images = pipe(captions, generator=generators, output_type="pt").images * 2 - 1
+        return float(np.mean(caption_agreement(classifier, images, captions, video=False)))
+
+    base = agreement()
+    assert base >= 0.9 and abs(base - _card_figures("shapes-image")["image_caption_agreement"]) <= 0.15
+    with accel.patch(pipe, method="cg_taylor") as handle:
+        accelerated = agreement()
+        assert handle.stats()["predicted"] > 0
+    assert accelerated >= base - 0.05
+
+
+def test_chunk_consistency_tells_a_steady_long_video_from_one_that_changes(classifier):
+    steady = video_batch(HELD_OUT_SEED, 0, 4, frames=16)
+    captions = steady.captions
+    frames = (steady.pixels.permute(0, 2, 3, 4, 1).numpy() + 1) / 2
+    assert chunk_consistency(classifier, frames, captions, chunk_frames=4) == [True] * 4
+    other = image_batch(HELD_OUT_SEED, 1, 4)
+    changed = frames.copy()
+    swapped = (other.shape != steady.shape) | (other.colour != steady.colour)
+    changed[:, 12:] = ((other.pixels.permute(0, 2, 3, 1).numpy() + 1) / 2)[:, None]  # last chunk: another picture
+    assert chunk_consistency(classifier, changed, captions, chunk_frames=4) == (~swapped).tolist()
