@@ -16,7 +16,7 @@ from diffusers.video_processor import VideoProcessor
 from transformers import PreTrainedTokenizerFast, UMT5EncoderModel
 
 from ..long_sana_video import CausalSanaVideoTransformer3DModel, LongSanaVideoPipeline
-from .text import MAX_TOKENS, VIDEO_CAPTIONS, check_captions
+from .text import VIDEO_CAPTIONS, check_captions, embed_captions
 
 CHUNK_FRAMES = 4
 SIZE = 32
@@ -54,9 +54,7 @@ class ShapesLongVideoPipeline(LongSanaVideoPipeline):
         if negative_prompt or prompt_embeds is not None or negative_prompt_embeds is not None:
             raise ValueError("the shapes model takes captions only: no negative_prompt, prompt_embeds or negative_prompt_embeds")
         captions = check_captions([prompt] if isinstance(prompt, str) else list(prompt), set(VIDEO_CAPTIONS))
-        tokens = self.tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").to(device)
-        hidden = self.text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
-        cond = (hidden * tokens.attention_mask.unsqueeze(-1).to(hidden.dtype)).to(self.transformer.dtype)
+        cond = embed_captions(self.tokenizer, self.text_encoder, captions, device).to(self.transformer.dtype)
         uncond = torch.zeros_like(cond) if do_classifier_free_guidance else None
         return cond, None, uncond, None
 

@@ -19,7 +19,7 @@ from diffusers.video_processor import VideoProcessor
 from transformers import PreTrainedTokenizerFast, UMT5EncoderModel
 
 from .models import NUM_CLASSES, ShapesDiTTransformer
-from .text import IMAGE_CAPTIONS, MAX_TOKENS, VIDEO_CAPTIONS, check_captions
+from .text import IMAGE_CAPTIONS, VIDEO_CAPTIONS, check_captions, embed_captions
 
 
 def _as_list(prompt: str | list[str]) -> list[str]:
@@ -98,10 +98,7 @@ class ShapesVideoPipeline(_FlowMatchingPipeline):
         self.video_processor = VideoProcessor(vae_scale_factor=1)
 
     def encode_prompt(self, captions: list[str], device) -> torch.Tensor:
-        """Text embeddings with the padding positions zeroed, as WanPipeline does (so "" is all zeros)."""
-        tokens = self.tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").to(device)
-        hidden = self.text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
-        return hidden * tokens.attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return embed_captions(self.tokenizer, self.text_encoder, captions, device)
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], num_inference_steps: int = 20, guidance_scale: float = 4.0,

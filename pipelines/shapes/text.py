@@ -43,3 +43,10 @@ def build_text_encoder(width: int = 64) -> UMT5EncoderModel:
     config = UMT5Config(vocab_size=len(VOCABULARY), d_model=width, d_kv=width // 2, d_ff=2 * width, num_layers=2,
                         num_heads=2, relative_attention_num_buckets=8, pad_token_id=0)
     return UMT5EncoderModel(config)
+
+
+def embed_captions(tokenizer: PreTrainedTokenizerFast, text_encoder: UMT5EncoderModel, captions: list[str], device):
+    """Text embeddings with the padding positions zeroed, as WanPipeline does (so "" is all zeros)."""
+    tokens = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").to(device)
+    hidden = text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
+    return hidden * tokens.attention_mask.unsqueeze(-1).to(hidden.dtype)

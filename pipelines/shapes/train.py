@@ -30,7 +30,7 @@ from .data import image_batch, video_batch
 from .long_video import CHUNK_FRAMES, ShapesLongVideoPipeline, long_video_transformer
 from .models import ShapesClassifier, image_transformer, video_transformer
 from .pipelines import ShapesImagePipeline, ShapesVideoPipeline
-from .text import MAX_TOKENS, build_text_encoder, build_tokenizer
+from .text import build_text_encoder, build_tokenizer, embed_captions
 
 TRAIN_SEED_OFFSET = 0  # held-out data uses other seeds (see the model cards)
 LONG_CHUNKS = 4  # chunks per long-video training clip (16 frames)
@@ -67,10 +67,8 @@ class _VideoModel(torch.nn.Module):
         self.tokenizer = build_tokenizer()
 
     def embed(self, captions: list[str], drop: torch.Tensor, device) -> torch.Tensor:
-        tokens = self.tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").to(device)
-        hidden = self.text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
-        keep = tokens.attention_mask.unsqueeze(-1) * (~drop).view(-1, 1, 1)
-        return hidden * keep.to(hidden.dtype)
+        hidden = embed_captions(self.tokenizer, self.text_encoder, captions, device)
+        return hidden * (~drop).view(-1, 1, 1).to(hidden.dtype)
 
 
 def build(kind: str) -> torch.nn.Module:
