@@ -1,9 +1,9 @@
 """Train the shapes reference models: seeded, reproducible, resumable.
 
-    python -m accel.pipelines.shapes.train image      --out runs/shapes-image      [--steps 6000] [--device cuda]
-    python -m accel.pipelines.shapes.train video      --out runs/shapes-video      [--steps 6000]
-    python -m accel.pipelines.shapes.train classifier --out runs/shapes-classifier [--steps 2000]
-    python -m accel.pipelines.shapes.train long-video --out runs/shapes-long-video [--steps 6000]
+    python -m accel.pipelines.shapes.train image      --out runs/shapes-image      [--steps N] [--max-minutes 9] [--device cuda]
+    python -m accel.pipelines.shapes.train video      --out runs/shapes-video      [...]
+    python -m accel.pipelines.shapes.train classifier --out runs/shapes-classifier [...]
+    python -m accel.pipelines.shapes.train long-video --out runs/shapes-long-video [...]
 
 Every step's batch and noise are functions of (seed, step), so a run resumed from its checkpoint
 (`--resume`, the default when OUT/checkpoint exists) continues exactly as if never stopped. Checkpoints and
