@@ -53,7 +53,7 @@ class ShapesLongVideoPipeline(LongSanaVideoPipeline):
         """(cond, mask, uncond, mask) as SanaVideoPipeline returns them; uncond is all zeros, as in training."""
         if negative_prompt or prompt_embeds is not None or negative_prompt_embeds is not None:
             raise ValueError("the shapes model takes captions only: no negative_prompt, prompt_embeds or negative_prompt_embeds")
-        captions = check_captions([prompt] if isinstance(prompt, str) else list(prompt), set(VIDEO_CAPTIONS))
+        captions = check_captions(prompt, set(VIDEO_CAPTIONS))
         cond = embed_captions(self.tokenizer, self.text_encoder, captions, device).to(self.transformer.dtype)
         uncond = torch.zeros_like(cond) if do_classifier_free_guidance else None
         return cond, None, uncond, None

@@ -22,13 +22,6 @@ from .models import NUM_CLASSES, ShapesDiTTransformer
 from .text import IMAGE_CAPTIONS, VIDEO_CAPTIONS, check_captions, embed_captions
 
 
-def _as_list(prompt: str | list[str]) -> list[str]:
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
-        raise ValueError("prompt must be a non-empty caption or a list of them")
-    return prompts
-
-
 class _FlowMatchingPipeline(DiffusionPipeline):
     """The denoising loop both pipelines share: Euler steps on the flow, CFG with the branches in cache contexts."""
 
@@ -73,7 +66,7 @@ class ShapesImagePipeline(_FlowMatchingPipeline):
                  num_images_per_prompt: int = 1, generator: torch.Generator | list[torch.Generator] | None = None,
                  latents: torch.Tensor | None = None, output_type: str = "pil", return_dict: bool = True,
                  callback_on_step_end: Callable | None = None, callback_on_step_end_tensor_inputs: list[str] = ("latents",)):
-        captions = check_captions(_as_list(prompt), IMAGE_CAPTIONS)
+        captions = check_captions(prompt, IMAGE_CAPTIONS)
         device, dtype = self._execution_device, self.transformer.dtype
         labels = torch.tensor([IMAGE_CAPTIONS[c] for c in captions], device=device).repeat_interleave(num_images_per_prompt)
         size = self.transformer.config.sample_size
@@ -106,7 +99,7 @@ class ShapesVideoPipeline(_FlowMatchingPipeline):
                  generator: torch.Generator | list[torch.Generator] | None = None, latents: torch.Tensor | None = None,
                  output_type: str = "np", return_dict: bool = True, callback_on_step_end: Callable | None = None,
                  callback_on_step_end_tensor_inputs: list[str] = ("latents",)):
-        captions = check_captions(_as_list(prompt), set(VIDEO_CAPTIONS))
+        captions = check_captions(prompt, set(VIDEO_CAPTIONS))
         device, dtype = self._execution_device, self.transformer.dtype
         cond = self.encode_prompt(captions, device).to(dtype).repeat_interleave(num_videos_per_prompt, dim=0)
         uncond = torch.zeros_like(cond)

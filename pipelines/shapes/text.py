@@ -19,8 +19,11 @@ def normalise(caption: str) -> str:
     return " ".join(caption.lower().replace(".", " ").split())
 
 
-def check_captions(prompts: list[str], known) -> list[str]:
-    """The normalised captions, or a ValueError that says what the model knows."""
+def check_captions(prompt: str | list[str], known) -> list[str]:
+    """The normalised captions of a prompt or list of prompts, or a ValueError that says what the model knows."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else []
+    if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
+        raise ValueError("prompt must be a non-empty caption or a list of them")
     normalised = [normalise(p) for p in prompts]
     unknown = [p for p, n in zip(prompts, normalised) if n not in known]
     if unknown:

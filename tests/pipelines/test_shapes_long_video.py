@@ -45,7 +45,8 @@ def test_earlier_chunks_do_not_depend_on_later_ones(pipe):
 
 
 @pytest.mark.parametrize("kw, match", [(dict(prompt="a red circle moving sideways"), "directions"),
-                                       (dict(negative_prompt="blurry"), "captions only")])
+                                       (dict(prompt=""), "non-empty"), (dict(prompt=[]), "non-empty"),
+                                       (dict(prompt=None), "non-empty"), (dict(negative_prompt="blurry"), "captions only")])
 def test_bad_input_is_refused(pipe, kw, match):
     with pytest.raises(ValueError, match=match):
         _run(pipe, **kw)
