@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Train shapes reference models side by side on the lent GPU (one H200 fits them all), results into $OUT.
-#   bash scripts/device_train_shapes.sh MINUTES KIND[:STEPS] ...    e.g.  bash scripts/device_train_shapes.sh 7 image:30000 video:30000
+#   bash scripts/device_train_shapes.sh MINUTES "KIND [train.py options]" ...
+#   e.g. bash scripts/device_train_shapes.sh 9 "video --compile --seed 1 --init $PWD/pipelines/weights/shapes-video"
 # Needs the device wheels in .whl/ (bash ../shared/tools/device-wheels.sh). Each model comes back as
 # $OUT/<kind>.tar (the save_pretrained folder + training.json); logs as $OUT/<kind>.log.
 set -euo pipefail
@@ -11,13 +12,13 @@ cp -r accel/* /tmp/pkg/accel/ && cp -r pipelines /tmp/pkg/accel/pipelines && cp 
 export PYTHONPATH=/tmp/site:/tmp/pkg PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 cd /tmp  # the repo's ./accel folder would shadow the assembled package
 for spec in "$@"; do
-  kind=${spec%%:*}; steps=${spec#*:}; [ "$steps" = "$spec" ] && steps=""
-  python -m accel.pipelines.shapes.train "$kind" --out "/tmp/runs/$kind" --max-minutes "$minutes" ${steps:+--steps $steps} \
-    >"$OUT/$kind.log" 2>&1 &
+  read -r kind options <<<"$spec"
+  # shellcheck disable=SC2086  # options are words
+  python -m accel.pipelines.shapes.train "$kind" --out "/tmp/runs/$kind" --max-minutes "$minutes" $options >"$OUT/$kind.log" 2>&1 &
 done
 wait
 for spec in "$@"; do
-  kind=${spec%%:*}
+  read -r kind _ <<<"$spec"
   tar -C "/tmp/runs/$kind" -cf "$OUT/$kind.tar" model training.json || echo "no result for $kind"
 done
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader >"$OUT/gpu.txt"

@@ -112,17 +112,23 @@ def _bounce(start: torch.Tensor, velocity: torch.Tensor, lo: torch.Tensor, hi: t
     return lo[:, None] + span - ((u % (2 * span)) - span).abs()
 
 
-def video_batch(seed: int, index: int, batch_size: int, frames: int = 17, size: int = 32, device="cpu") -> ShapeBatch:
-    """Shapes moving at 1 to 1.6 px per frame in one of four directions, bouncing off the edges; the first
-    8 frames never bounce, so the caption's direction is the motion the video starts with."""
+CLIP_FRAMES = 17  # a video's length; inside it a shape never turns back
+
+
+def video_batch(seed: int, index: int, batch_size: int, frames: int = CLIP_FRAMES, size: int = 32, start: int = 0,
+                device="cpu") -> ShapeBatch:
+    """Shapes moving at 0.6 to 0.9 px per frame in one of four directions, bouncing off the edges, frames
+    [start, start + frames) of each path. The first CLIP_FRAMES frames never bounce: a clip moves one way throughout,
+    which a model with relative positions only (RoPE) can tell from the opposite direction. (With a bounce inside the
+    clip, "left" and "right" differ only in where the clip starts, which such a model cannot see.)"""
     g = _generator(seed, index)
     shape = torch.randint(len(SHAPES), (batch_size,), generator=g)
     colour = torch.randint(len(COLOURS), (batch_size,), generator=g)
     direction = torch.randint(len(DIRECTIONS), (batch_size,), generator=g)
-    r = _uniform(g, batch_size, 0.15 * size, 0.25 * size)
-    speed = _uniform(g, batch_size, 1.0, 1.6)
+    r = _uniform(g, batch_size, 0.15 * size, 0.22 * size)
+    speed = _uniform(g, batch_size, 0.6, 0.9)
     lo, hi = r, size - 1 - r
-    free = (hi - lo - 8 * speed).clamp_min(0)  # room left after 8 frames of travel
+    free = (hi - lo - (CLIP_FRAMES - 1) * speed).clamp_min(0)  # room left after a clip's travel
     along = lo + _uniform(g, batch_size, 0, 1) * free  # start, measured from the edge the shape moves away from
     across = lo + _uniform(g, batch_size, 0, 1) * (hi - lo)
     vec = _DIRECTION_VECTORS[direction]
@@ -130,8 +136,8 @@ def video_batch(seed: int, index: int, batch_size: int, frames: int = 17, size: 
     start_along = torch.where(forward, along, hi - (along - lo))
     horizontal = vec[:, 0] != 0
     x0, y0 = torch.where(horizontal, start_along, across), torch.where(horizontal, across, start_along)
-    xs = _bounce(x0, vec[:, 0] * speed, lo, hi, frames)
-    ys = _bounce(y0, vec[:, 1] * speed, lo, hi, frames)
+    xs = _bounce(x0, vec[:, 0] * speed, lo, hi, start + frames)[:, start:]
+    ys = _bounce(y0, vec[:, 1] * speed, lo, hi, start + frames)[:, start:]
     background = _background(g, batch_size, size, device).unsqueeze(2).expand(-1, -1, frames, -1, -1)
     masks = shape_masks(shape.to(device), xs.to(device), ys.to(device), r[:, None].expand(-1, frames).to(device), size)
     pixels = _paint(background, masks, colour.to(device))

@@ -127,10 +127,14 @@ def _loss_curve(training: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    earlier, stage = 0, training.get("init_training")  # continued trainings: count the steps of every stage
+    while stage:
+        earlier, stage = earlier + stage["steps_done"], stage.get("init_training")
     steps, losses = zip(*training["losses"])
     fig, ax = plt.subplots(figsize=(5, 3))
-    ax.plot(steps, losses)
-    ax.set(xlabel="step", ylabel="loss", yscale="log", title=f"training loss: {training['config']['kind']}")
+    ax.plot([earlier + s for s in steps], losses)
+    title = f"training loss: {training['config']['kind']}" + (f" (last stage, after {earlier} steps)" if earlier else "")
+    ax.set(xlabel="step", ylabel="loss", yscale="log", title=title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

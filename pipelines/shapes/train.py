@@ -44,6 +44,8 @@ class TrainConfig:
     lr: float
     seed: int = 0
     max_minutes: float | None = None  # stop early (checkpointed and exported) when the wall-clock budget is spent
+    init: str | None = None  # start from this saved model's weights (a save_pretrained folder) instead of random ones
+    compile: bool = False  # torch.compile the network: fuses the elementwise work that bounds these small models
     ema_decay: float = 0.999
     log_every: int = 50
     checkpoint_every: int = 500
@@ -77,6 +79,29 @@ def build(kind: str) -> torch.nn.Module:
     return {"image": image_transformer, "video": _VideoModel, "classifier": ShapesClassifier}[kind]()
 
 
+def _initialise(model: torch.nn.Module, kind: str, folder: str) -> None:
+    """Load the weights of an earlier exported model (continued training; the optimizer starts afresh)."""
+    parts = {"image": {"": "transformer"}, "classifier": {"": "."}}.get(kind, {"transformer": "transformer", "text_encoder": "text_encoder"})
+    for attr, sub in parts.items():
+        module = getattr(model, attr) if attr else model
+        weights = load_file(os.path.join(folder, sub, "diffusion_pytorch_model.safetensors" if sub != "text_encoder" else "model.safetensors"))
+        result = module.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False)
+        state = module.state_dict()
+        loaded = {state[k].data_ptr() for k in weights}
+        untied = [k for k in result.missing_keys if state[k].data_ptr() not in loaded]  # tied copies are loaded
+        if untied or result.unexpected_keys:
+            raise ValueError(f"{folder}/{sub} does not fit a {kind} model: missing {untied}, unexpected {result.unexpected_keys}")
+
+
+def _init_training(folder: str | None) -> dict | None:
+    """The training record of the model a run started from, so a card can state the whole history."""
+    path = os.path.join(folder, "training.json") if folder else None
+    if not path or not os.path.exists(path):
+        return None
+    record = json.load(open(path))
+    return {k: record.get(k) for k in ("config", "steps_done", "wall_s", "gpu", "init_training")}
+
+
 def _noised(x0: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x_t, t, target): x_t = (1 - t) x0 + t noise, t logit-normal (mid-noise weighted), target velocity noise - x0."""
     noise = torch.randn(x0.shape, generator=g, device=x0.device)
@@ -102,20 +127,24 @@ def _flow_matching_loss(model, kind: str, step: int, cfg: TrainConfig, device) -
 
 def _long_video_loss(model, step: int, cfg: TrainConfig, device) -> torch.Tensor:
     """As the long pipeline generates: each chunk denoised against the memory of the clean chunks before it
-    (written by a t=0 pass), with gradients through the memory. Clips start at a random absolute frame, since long
-    videos run far past the training clips' length."""
-    batch = video_batch(cfg.seed, step, cfg.batch_size, frames=LONG_CHUNKS * CHUNK_FRAMES, device=device)
+    (written by a t=0 pass), with gradients through the memory. RoPE positions start at a random frame, since long
+    videos run far past the training clips' length. Half the clips are cut from later in the path (where shapes
+    bounce): their first chunk is context only, since the caption says how a path starts, not how it goes on."""
+    rng = torch.Generator().manual_seed(cfg.seed * 7919 + step)
+    start = 0 if torch.rand(1, generator=rng) < 0.5 else int(torch.randint(CHUNK_FRAMES, 12 * CHUNK_FRAMES, (1,), generator=rng))
+    batch = video_batch(cfg.seed, step, cfg.batch_size, frames=LONG_CHUNKS * CHUNK_FRAMES, start=start, device=device)
     g = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + step)
     drop = torch.rand(cfg.batch_size, generator=g, device=device) < 0.1
     text = model.embed(batch.captions, drop, device)
     memory = model.transformer.new_memory(track_gradients=True)
-    memory.frames = int(torch.randint(0, 256, (1,), generator=torch.Generator().manual_seed(cfg.seed * 7919 + step)))
+    memory.frames = int(torch.randint(0, 256, (1,), generator=rng))
     zero = torch.zeros(cfg.batch_size, device=device)
     losses = []
     for i, chunk in enumerate(batch.pixels.split(CHUNK_FRAMES, dim=2)):
-        xt, t, target = _noised(chunk, g)
-        pred = model.transformer(xt, text, t * 1000, memory=memory, return_dict=False)[0]
-        losses.append(torch.nn.functional.mse_loss(pred, target))
+        if i > 0 or start == 0:
+            xt, t, target = _noised(chunk, g)
+            pred = model.transformer(xt, text, t * 1000, memory=memory, return_dict=False)[0]
+            losses.append(torch.nn.functional.mse_loss(pred, target))
         if i + 1 < LONG_CHUNKS:
             model.transformer(chunk, text, zero, memory=memory, write_memory=True)
     return torch.stack(losses).mean()
@@ -184,7 +213,11 @@ def export(kind: str, ema: torch.nn.Module, out: str) -> None:
 def train(cfg: TrainConfig, out: str, device: str = "cpu", resume: bool = True) -> dict:
     torch.manual_seed(cfg.seed)
     model = build(cfg.kind).to(device).train()
+    if cfg.init:
+        _initialise(model, cfg.kind, cfg.init)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
+    if cfg.compile:  # in place, so parameter names (checkpoints, EMA) stay as they are
+        (model if cfg.kind in ("image", "classifier") else model.transformer).compile()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     ckpt = os.path.join(out, "checkpoint")
     step, losses, elapsed = 0, [], 0.0
@@ -222,7 +255,7 @@ def train(cfg: TrainConfig, out: str, device: str = "cpu", resume: bool = True) 
         _checkpoint(ckpt, model, ema, opt, step, losses, time.perf_counter() - start)
     export(cfg.kind, ema, out)
     report = {"config": asdict(cfg), "steps_done": step, "device": device, "wall_s": time.perf_counter() - start, "losses": losses,
-              "torch": torch.__version__, "gpu": torch.cuda.get_device_name() if str(device).startswith("cuda") else None}
+              "torch": torch.__version__, "init_training": _init_training(cfg.init), "gpu": torch.cuda.get_device_name() if str(device).startswith("cuda") else None}
     with open(os.path.join(out, "training.json.tmp"), "w") as f:
         json.dump(report, f, indent=1)
     os.replace(os.path.join(out, "training.json.tmp"), os.path.join(out, "training.json"))
@@ -239,10 +272,12 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-minutes", type=float, help="stop (checkpointed, exported) after this much wall time")
+    p.add_argument("--init", help="start from the weights of this exported model folder (continued training)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network (GPU training)")
     p.add_argument("--no-resume", action="store_true")
     args = p.parse_args(argv)
     overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}
-    cfg = TrainConfig(kind=args.kind, seed=args.seed, max_minutes=args.max_minutes, **{**DEFAULTS[args.kind], **overrides})
+    cfg = TrainConfig(kind=args.kind, seed=args.seed, max_minutes=args.max_minutes, init=args.init, compile=args.compile, **{**DEFAULTS[args.kind], **overrides})
     os.makedirs(args.out, exist_ok=True)
     if args.device.startswith("cuda"):
         torch.set_num_threads(2)  # the CPU only draws batch parameters; many threads per process just contend
