@@ -6,10 +6,8 @@
 # $OUT/<kind>.tar (the save_pretrained folder + training.json); logs as $OUT/<kind>.log.
 set -euo pipefail
 minutes=$1; shift
-pip install -q --no-deps --target /tmp/site .whl/*.whl >/dev/null 2>&1
-mkdir -p /tmp/pkg/accel /tmp/runs
-cp -r accel/* /tmp/pkg/accel/ && cp -r pipelines /tmp/pkg/accel/pipelines && cp -r kernels /tmp/pkg/accel/kernels
-export PYTHONPATH=/tmp/site:/tmp/pkg PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+source scripts/device_env.sh
+mkdir -p /tmp/runs
 cd /tmp  # the repo's ./accel folder would shadow the assembled package
 for spec in "$@"; do
   read -r kind options <<<"$spec"

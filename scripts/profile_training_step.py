@@ -2,8 +2,8 @@
 
     python scripts/profile_training_step.py long-video [--batch-size 128] [--steps 3] [--compile] [--out FILE]
 
-Runs on the GPU when there is one (bf16 autocast, as training does), else on the CPU. For the lent GPU: put the repo's
-accel package on PYTHONPATH as scripts/device_train_shapes.sh does.
+Runs on the GPU when there is one (bf16 autocast, as training does), else on the CPU. On the lent GPU:
+    source scripts/device_env.sh && cd /tmp && python $REPO/scripts/profile_training_step.py long-video
 """
 
 from __future__ import annotations
