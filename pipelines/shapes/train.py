@@ -146,7 +146,7 @@ def _long_video_loss(model, step: int, cfg: TrainConfig, device) -> torch.Tensor
             pred = model.transformer(xt, text, t * 1000, memory=memory, return_dict=False)[0]
             losses.append(torch.nn.functional.mse_loss(pred, target))
         if i + 1 < LONG_CHUNKS:
-            model.transformer(chunk, text, zero, memory=memory, write_memory=True)
+            model.transformer(chunk, text, zero, memory=memory, write_memory=True, return_dict=False)
     return torch.stack(losses).mean()
 
 
@@ -217,6 +217,8 @@ def train(cfg: TrainConfig, out: str, device: str = "cpu", resume: bool = True) 
         _initialise(model, cfg.kind, cfg.init)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     if cfg.compile:  # in place, so parameter names (checkpoints, EMA) stay as they are
+        # The long model's calls differ in the memory they see (none yet, earlier chunks, writing): a graph each.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
         (model if cfg.kind in ("image", "classifier") else model.transformer).compile()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     ckpt = os.path.join(out, "checkpoint")
