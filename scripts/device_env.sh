@@ -1,8 +1,8 @@
 # Source on the lent GPU: installs the carried wheels (.whl/, from ../shared/tools/device-wheels.sh) into /tmp/site,
 # assembles the accel package in /tmp/pkg (the repo's folders under their import names) and puts both on PYTHONPATH.
-# Then run from /tmp: the repo's own ./accel folder would shadow the assembled package.
+# Source it from the repo root; then run from /tmp: the repo's own ./accel folder would shadow the assembled package.
 REPO=$(pwd)
-pip install -q --no-deps --target /tmp/site .whl/*.whl >/dev/null 2>&1
+pip install -q --no-deps --target /tmp/site .whl/*.whl  # fails loudly without .whl/ (device-wheels.sh)
 rm -rf /tmp/pkg && mkdir -p /tmp/pkg/accel  # cp -r into an existing folder would nest the copy
 cp -r accel/* /tmp/pkg/accel/ && cp -r pipelines /tmp/pkg/accel/pipelines && cp -r kernels /tmp/pkg/accel/kernels
 export REPO PYTHONPATH=/tmp/site:/tmp/pkg PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True

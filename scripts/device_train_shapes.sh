@@ -6,6 +6,8 @@
 # $OUT/<kind>.tar (the save_pretrained folder + training.json); logs as $OUT/<kind>.log.
 set -euo pipefail
 minutes=$1; shift
+kinds=$(for spec in "$@"; do read -r kind _ <<<"$spec"; echo "$kind"; done)
+[ -z "$(sort <<<"$kinds" | uniq -d)" ] || { echo "one run per kind (they share /tmp/runs/KIND and \$OUT/KIND.*)" >&2; exit 2; }
 source scripts/device_env.sh
 mkdir -p /tmp/runs
 cd /tmp  # the repo's ./accel folder would shadow the assembled package

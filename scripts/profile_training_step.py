@@ -40,20 +40,21 @@ def main() -> None:
     cfg = shapes_train.TrainConfig(kind=args.kind, steps=args.steps, batch_size=args.batch_size, lr=1e-4)
     model = shapes_train.build(args.kind).to(device).train()
     if args.compile:
-        (model if args.kind == "image" else model.transformer).compile()
+        shapes_train.compile_network(model, args.kind)
     step = step_fn(args.kind, model, cfg, device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for i in range(2):  # warm-up (and compilation)
+    steps = range(100, 100 + args.steps)
+    for i in steps:  # warm-up (and compilation) on the very steps timed: the long model's graphs depend on the step
         step(i)
     sync()
     start = time.perf_counter()
-    for i in range(args.steps):
-        step(100 + i)
+    for i in steps:
+        step(i)
     sync()
     rate = args.steps / (time.perf_counter() - start)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as prof:
-        step(1000)
+        step(steps[0])
         sync()
     sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
     table = prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70)

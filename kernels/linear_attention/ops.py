@@ -16,8 +16,9 @@ from .rotary import as_tables
 from .state import chunk_state
 
 logger = logging.getLogger("accel")
-# Under torch.compile the one-time warnings below are moved after the graph instead of breaking it in two.
-torch._dynamo.config.reorderable_logging_functions.add(logger.warning)
+# Under torch.compile the one-time warnings below are moved after the graph instead of breaking it in two (where
+# dynamo can; elsewhere it breaks the graph of the first call only).
+getattr(torch._dynamo.config, "reorderable_logging_functions", set()).add(logger.warning)
 _warned_fallback = False
 _warned_autograd = False
 

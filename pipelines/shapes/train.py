@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import os
 import shutil
 import time
@@ -32,7 +33,7 @@ from .models import ShapesClassifier, image_transformer, video_transformer
 from .pipelines import ShapesImagePipeline, ShapesVideoPipeline
 from .text import build_text_encoder, build_tokenizer, embed_captions
 
-TRAIN_SEED_OFFSET = 0  # held-out data uses other seeds (see the model cards)
+logger = logging.getLogger("accel")
 LONG_CHUNKS = 4  # chunks per long-video training clip (16 frames)
 
 
@@ -87,19 +88,29 @@ def _initialise(model: torch.nn.Module, kind: str, folder: str) -> None:
         weights = load_file(os.path.join(folder, sub, "diffusion_pytorch_model.safetensors" if sub != "text_encoder" else "model.safetensors"))
         result = module.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False)
         state = module.state_dict()
-        loaded = {state[k].data_ptr() for k in weights}
+        loaded = {state[k].data_ptr() for k in weights if k in state}
         untied = [k for k in result.missing_keys if state[k].data_ptr() not in loaded]  # tied copies are loaded
         if untied or result.unexpected_keys:
             raise ValueError(f"{folder}/{sub} does not fit a {kind} model: missing {untied}, unexpected {result.unexpected_keys}")
 
 
 def _init_training(folder: str | None) -> dict | None:
-    """The training record of the model a run started from, so a card can state the whole history."""
-    path = os.path.join(folder, "training.json") if folder else None
-    if not path or not os.path.exists(path):
+    """The training record of the model a run started from, so a card can state the whole history: inside the folder
+    (shipped weights) or beside it (a run's OUT/model)."""
+    if not folder:
+        return None
+    paths = [os.path.join(folder, "training.json"), os.path.join(os.path.dirname(os.path.normpath(folder)), "training.json")]
+    path = next((p for p in paths if os.path.exists(p)), None)
+    if path is None:
+        logger.warning("no training.json in or beside %s: this run's record starts at its own step 0", folder)
         return None
     record = json.load(open(path))
     return {k: record.get(k) for k in ("config", "steps_done", "wall_s", "gpu", "init_training")}
+
+
+def _step_seed(cfg: TrainConfig, step: int, stream: int = 0) -> int:
+    """Seeds of a step's random draws, distinct for every (seed, step, stream) as the data's batches are."""
+    return ((cfg.seed * 1_000_003 + step) * 4 + stream) % 2**63
 
 
 def _noised(x0: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -113,7 +124,7 @@ def _noised(x0: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.T
 def _flow_matching_loss(model, kind: str, step: int, cfg: TrainConfig, device) -> torch.Tensor:
     """x_t = (1 - t) x0 + t noise; the model predicts the velocity noise - x0 (diffusers' FlowMatch convention)."""
     batch = (image_batch if kind == "image" else video_batch)(cfg.seed, step, cfg.batch_size, device=device)
-    g = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + step)
+    g = torch.Generator(device=device).manual_seed(_step_seed(cfg, step))
     xt, t, target = _noised(batch.pixels, g)
     if kind == "image":
         labels = batch.shape * 6 + batch.colour  # DiT's label embedding drops 10% to the null class in train mode
@@ -130,10 +141,10 @@ def _long_video_loss(model, step: int, cfg: TrainConfig, device) -> torch.Tensor
     (written by a t=0 pass), with gradients through the memory. RoPE positions start at a random frame, since long
     videos run far past the training clips' length. Half the clips are cut from later in the path (where shapes
     bounce): their first chunk is context only, since the caption says how a path starts, not how it goes on."""
-    rng = torch.Generator().manual_seed(cfg.seed * 7919 + step)
+    rng = torch.Generator().manual_seed(_step_seed(cfg, step, stream=1))
     start = 0 if torch.rand(1, generator=rng) < 0.5 else int(torch.randint(CHUNK_FRAMES, 12 * CHUNK_FRAMES, (1,), generator=rng))
     batch = video_batch(cfg.seed, step, cfg.batch_size, frames=LONG_CHUNKS * CHUNK_FRAMES, start=start, device=device)
-    g = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + step)
+    g = torch.Generator(device=device).manual_seed(_step_seed(cfg, step))
     drop = torch.rand(cfg.batch_size, generator=g, device=device) < 0.1
     text = model.embed(batch.captions, drop, device)
     memory = model.transformer.new_memory(track_gradients=True)
@@ -210,16 +221,23 @@ def export(kind: str, ema: torch.nn.Module, out: str) -> None:
     os.replace(tmp, final)
 
 
+def compile_network(model: torch.nn.Module, kind: str) -> None:
+    """torch.compile the denoising network in place (parameter names, hence checkpoints and EMA, stay as they are)."""
+    if kind == "classifier":
+        raise ValueError("--compile is for the diffusion models; the classifier is small and calls its parts directly")
+    # The long model's calls differ in the memory they see (none yet, earlier chunks, writing): a graph each.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
+    (model if kind == "image" else model.transformer).compile()
+
+
 def train(cfg: TrainConfig, out: str, device: str = "cpu", resume: bool = True) -> dict:
     torch.manual_seed(cfg.seed)
     model = build(cfg.kind).to(device).train()
     if cfg.init:
         _initialise(model, cfg.kind, cfg.init)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    if cfg.compile:  # in place, so parameter names (checkpoints, EMA) stay as they are
-        # The long model's calls differ in the memory they see (none yet, earlier chunks, writing): a graph each.
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
-        (model if cfg.kind in ("image", "classifier") else model.transformer).compile()
+    if cfg.compile:
+        compile_network(model, cfg.kind)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     ckpt = os.path.join(out, "checkpoint")
     step, losses, elapsed = 0, [], 0.0
