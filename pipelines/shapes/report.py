@@ -43,18 +43,41 @@ def classifier_accuracy(classifier: ShapesClassifier, batches: int = 8) -> dict[
     return acc
 
 
-def caption_agreement(classifier, pixels: torch.Tensor, captions: list[str], video: bool) -> list[bool]:
-    """Does each sample show its caption (shape and colour, and for videos the direction)?"""
-    with torch.no_grad():
-        logits = classifier.classify_videos(pixels) if video else classifier.classify_images(pixels)
-    words = [c.split() for c in captions]  # "a <colour> <shape> [moving <direction>]"
+def agreement_by_part(classifier, pixels: torch.Tensor, captions: list[str], video: bool) -> dict[str, list[bool]]:
+    """Per sample and per part of the caption ("a <colour> <shape> [moving <direction>]"): does the classifier see it?"""
     from .data import COLOUR_NAMES, DIRECTIONS, SHAPES
 
-    ok = (logits["shape"].argmax(1) == torch.tensor([SHAPES.index(w[2]) for w in words]))
-    ok &= logits["colour"].argmax(1) == torch.tensor([COLOUR_NAMES.index(w[1]) for w in words])
-    if video:
-        ok &= logits["direction"].argmax(1) == torch.tensor([DIRECTIONS.index(w[4]) for w in words])
-    return ok.tolist()
+    with torch.no_grad():
+        logits = classifier.classify_videos(pixels) if video else classifier.classify_images(pixels)
+    words = [c.split() for c in captions]
+    parts = {"shape": (SHAPES, 2), "colour": (COLOUR_NAMES, 1)} | ({"direction": (DIRECTIONS, 4)} if video else {})
+    return {part: (logits[part].argmax(1) == torch.tensor([names.index(w[i]) for w in words])).tolist()
+            for part, (names, i) in parts.items()}
+
+
+def caption_agreement(classifier, pixels: torch.Tensor, captions: list[str], video: bool) -> list[bool]:
+    """Does each sample show its caption (shape and colour, and for videos the direction)?"""
+    return [all(ok) for ok in zip(*agreement_by_part(classifier, pixels, captions, video).values())]
+
+
+def motion_by_centroid(frames: np.ndarray, captions: list[str], frames_apart: int = 8) -> dict[str, float]:
+    """Independent of the classifier: how the centroid of the caption's colour moves from the first frame to frame
+    `frames_apart`. Shares of videos moving along the captioned axis, and along it in the captioned sense.
+    Frames (B, F, H, W, 3) in [0, 1]."""
+    from .data import _DIRECTION_VECTORS, COLOURS, DIRECTIONS
+
+    axis = sense = 0
+    ys, xs = np.mgrid[: frames.shape[2], : frames.shape[3]]
+    for video, caption in zip(frames, captions):
+        words = caption.split()
+        mask = np.abs(video[[0, frames_apart]] - np.array(COLOURS[words[1]])).sum(-1) < 0.35  # (2, H, W)
+        if not mask.all(axis=(1, 2)).any() and mask.any(axis=(1, 2)).all():
+            centre = [np.array([(xs * m).sum(), (ys * m).sum()]) / m.sum() for m in mask]
+            moved, expected = centre[1] - centre[0], _DIRECTION_VECTORS[DIRECTIONS.index(words[4])].numpy()
+            along = int(np.argmax(np.abs(moved)))
+            axis += bool(expected[along] != 0)
+            sense += bool(expected[along] != 0 and np.sign(moved[along]) == expected[along])
+    return {"axis": axis / len(captions), "axis_and_sense": sense / len(captions)}
 
 
 def chunk_consistency(classifier, frames: np.ndarray, captions: list[str], chunk_frames: int) -> list[bool]:
@@ -80,16 +103,19 @@ def _to_unit(pixels: np.ndarray) -> torch.Tensor:
     return t.permute(0, 3, 1, 2) if t.dim() == 4 else t.permute(0, 4, 1, 2, 3)
 
 
-def generate_and_score(pipe, classifier, captions: list[str], video: bool, batch: int = 24) -> tuple[float, np.ndarray]:
-    agree, samples = [], []
+def generate_and_score(pipe, classifier, captions: list[str], video: bool, batch: int = 24) -> tuple[dict, np.ndarray]:
+    """({"all": share agreeing with the whole caption, and the share per part}, the samples)."""
+    parts, samples = {}, []
     for start in range(0, len(captions), batch):
         chunk = captions[start : start + batch]
         g = [torch.Generator().manual_seed(HELD_OUT_SEED + start + i) for i in range(len(chunk))]
         out = pipe(chunk, generator=g, output_type="np")
         pixels = out.frames if video else out.images
-        agree += caption_agreement(classifier, _to_unit(pixels), chunk, video)
+        for part, ok in agreement_by_part(classifier, _to_unit(pixels), chunk, video).items():
+            parts.setdefault(part, []).extend(ok)
         samples.append(np.asarray(pixels))
-    return float(np.mean(agree)), np.concatenate(samples)
+    shares = {"all": float(np.mean([all(ok) for ok in zip(*parts.values())]))}
+    return shares | {part: float(np.mean(ok)) for part, ok in parts.items()}, np.concatenate(samples)
 
 
 def long_video_report(folder: str, classifier, seeds: int, chunks: int = 8) -> tuple[dict, np.ndarray]:
@@ -157,8 +183,11 @@ def main(argv=None) -> None:
         pipe.set_progress_bar_config(disable=True)
     image_caps = [list(IMAGE_CAPTIONS)[i % len(IMAGE_CAPTIONS)] for i in range(args.samples)]
     video_caps = [VIDEO_CAPTIONS[(i * 7) % len(VIDEO_CAPTIONS)] for i in range(args.samples)]
-    results["image_caption_agreement"], images = generate_and_score(image, classifier, image_caps, video=False)
-    results["video_caption_agreement"], videos = generate_and_score(video, classifier, video_caps, video=True, batch=8)
+    image_shares, images = generate_and_score(image, classifier, image_caps, video=False)
+    video_shares, videos = generate_and_score(video, classifier, video_caps, video=True, batch=8)
+    results["image_caption_agreement"], results["video_caption_agreement"] = image_shares.pop("all"), video_shares.pop("all")
+    results["image_agreement_by_part"], results["video_agreement_by_part"] = image_shares, video_shares
+    results["video_motion_by_centroid"] = motion_by_centroid(videos, video_caps)
     torch.set_num_threads(2)
     results["cpu_seconds_image"] = cpu_seconds(image, image_caps[0])
     results["cpu_seconds_video_17_frames"] = cpu_seconds(video, video_caps[0])

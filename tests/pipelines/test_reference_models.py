@@ -10,8 +10,10 @@ import torch
 import accel
 from accel.pipelines import reference_classifier, reference_names, reference_pipeline
 from accel.pipelines.reference import weights_dir
-from accel.pipelines.shapes.data import COLOUR_NAMES, SHAPES, image_batch, video_batch, video_caption
-from accel.pipelines.shapes.report import HELD_OUT_SEED, caption_agreement, chunk_consistency, classifier_accuracy
+from accel.pipelines.shapes.data import image_batch, video_batch, video_caption
+from accel.pipelines.shapes.report import (
+    HELD_OUT_SEED, agreement_by_part, caption_agreement, chunk_consistency, classifier_accuracy, motion_by_centroid,
+)
 from accel.pipelines.shapes.text import IMAGE_CAPTIONS
 
 SHIPPED = ["shapes-image", "shapes-video"]
@@ -93,18 +95,15 @@ def test_generated_images_show_their_captions_and_cg_taylor_keeps_that(classifie
 
 
 def test_generated_videos_show_their_captions_shape_and_colour(classifier):
-    """The video model's shape and colour are right (its card: 100%); its direction is short of the bar (card)."""
+    """The video model gets shape and colour right (its card: 92% and 100%); its direction is short of the bar."""
     pipe = reference_pipeline("shapes-video")
     pipe.set_progress_bar_config(disable=True)
     captions = [video_caption(i % 4, (5 * i) % 6, (i + i // 4) % 4) for i in range(8)]  # every shape, colour, direction
     generators = [torch.Generator().manual_seed(HELD_OUT_SEED + i) for i in range(len(captions))]
     frames = pipe(captions, generator=generators).frames
     videos = torch.from_numpy(frames).float().permute(0, 4, 1, 2, 3) * 2 - 1
-    logits = classifier.classify_videos(videos)
-    words = [c.split() for c in captions]
-    shape_ok = logits["shape"].argmax(1) == torch.tensor([SHAPES.index(w[2]) for w in words])
-    colour_ok = logits["colour"].argmax(1) == torch.tensor([COLOUR_NAMES.index(w[1]) for w in words])
-    assert float((shape_ok & colour_ok).float().mean()) >= 0.85
+    parts = agreement_by_part(classifier, videos, captions, video=True)
+    assert np.mean([s and c for s, c in zip(parts["shape"], parts["colour"])]) >= 0.85
     whole = float(np.mean(caption_agreement(classifier, videos, captions, video=True)))
     assert abs(whole - _card_figures("shapes-video")["video_caption_agreement"]) <= 0.35  # 8 videos: a wide margin
 
@@ -119,3 +118,10 @@ def test_chunk_consistency_tells_a_steady_long_video_from_one_that_changes(class
     swapped = (other.shape != steady.shape) | (other.colour != steady.colour)
     changed[:, 12:] = ((other.pixels.permute(0, 2, 3, 1).numpy() + 1) / 2)[:, None]  # last chunk: another picture
     assert chunk_consistency(classifier, changed, captions, chunk_frames=4) == (~swapped).tolist()
+
+
+def test_motion_by_centroid_tells_the_captioned_direction_from_its_reverse():
+    clips = video_batch(HELD_OUT_SEED, 0, 32)
+    frames = (clips.pixels.permute(0, 2, 3, 4, 1).numpy() + 1) / 2
+    assert motion_by_centroid(frames, clips.captions) == {"axis": 1.0, "axis_and_sense": 1.0}
+    assert motion_by_centroid(frames[:, ::-1], clips.captions) == {"axis": 1.0, "axis_and_sense": 0.0}
