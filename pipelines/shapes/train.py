@@ -82,10 +82,18 @@ def build(kind: str) -> torch.nn.Module:
 
 def _initialise(model: torch.nn.Module, kind: str, folder: str) -> None:
     """Load the weights of an earlier exported model (continued training; the optimizer starts afresh)."""
-    parts = {"image": {"": "transformer"}, "classifier": {"": "."}}.get(kind, {"transformer": "transformer", "text_encoder": "text_encoder"})
-    for attr, sub in parts.items():
+    # (attribute of the training model, or "" for the model itself) -> (subfolder, weights file) of the export
+    parts = {
+        "image": {"": ("transformer", "diffusion_pytorch_model.safetensors")},
+        "classifier": {"": (".", "diffusion_pytorch_model.safetensors")},
+    }.get(kind, {"transformer": ("transformer", "diffusion_pytorch_model.safetensors"),
+                 "text_encoder": ("text_encoder", "model.safetensors")})
+    for attr, (sub, file) in parts.items():
         module = getattr(model, attr) if attr else model
-        weights = load_file(os.path.join(folder, sub, "diffusion_pytorch_model.safetensors" if sub != "text_encoder" else "model.safetensors"))
+        path = os.path.join(folder, sub, file)
+        if not os.path.isfile(path):
+            raise ValueError(f"{folder} does not fit a {kind} model: it has no {os.path.join(sub, file)}")
+        weights = load_file(path)
         result = module.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False)
         state = module.state_dict()
         loaded = {state[k].data_ptr() for k in weights if k in state}
@@ -231,6 +239,7 @@ def compile_network(model: torch.nn.Module, kind: str) -> None:
 
 
 def train(cfg: TrainConfig, out: str, device: str = "cpu", resume: bool = True) -> dict:
+    os.makedirs(out, exist_ok=True)
     torch.manual_seed(cfg.seed)
     model = build(cfg.kind).to(device).train()
     if cfg.init:
@@ -298,7 +307,6 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}
     cfg = TrainConfig(kind=args.kind, seed=args.seed, max_minutes=args.max_minutes, init=args.init, compile=args.compile, **{**DEFAULTS[args.kind], **overrides})
-    os.makedirs(args.out, exist_ok=True)
     if args.device.startswith("cuda"):
         torch.set_num_threads(2)  # the CPU only draws batch parameters; many threads per process just contend
     report = train(cfg, args.out, args.device, resume=not args.no_resume)

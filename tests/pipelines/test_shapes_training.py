@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -35,3 +36,23 @@ def test_time_budget_stops_early_with_a_resumable_checkpoint(tmp_path):
     report = train(TrainConfig(max_minutes=0.0, **cfg), str(tmp_path))
     assert report["steps_done"] == 0 and (tmp_path / "checkpoint" / "state.json").exists()
     assert (tmp_path / "model" / "config.json").exists()
+
+
+def test_init_continues_from_an_exported_model_and_records_its_history(tmp_path):
+    for kind in ("classifier", "video"):
+        cfg = dict(kind=kind, batch_size=4, lr=1e-3, log_every=1)
+        train(TrainConfig(steps=2, **cfg), str(tmp_path / kind / "first"))
+        first = tmp_path / kind / "first" / "model"
+        report = train(TrainConfig(steps=0, init=str(first), **cfg), str(tmp_path / kind / "second"))  # exports the init
+        assert report["init_training"]["steps_done"] == 2
+        second = tmp_path / kind / "second" / "model"
+        for file in first.rglob("*.safetensors"):
+            a, b = load_file(str(file)), load_file(str(second / file.relative_to(first)))
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_init_refuses_weights_of_another_model(tmp_path):
+    train(TrainConfig(kind="classifier", steps=1, batch_size=4, lr=1e-3), str(tmp_path / "classifier"))
+    with pytest.raises(ValueError, match="does not fit"):
+        train(TrainConfig(kind="image", steps=1, batch_size=2, lr=1e-3, init=str(tmp_path / "classifier" / "model")),
+              str(tmp_path / "image"))
