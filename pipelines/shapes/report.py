@@ -71,7 +71,7 @@ def motion_by_centroid(frames: np.ndarray, captions: list[str], frames_apart: in
     for video, caption in zip(frames, captions):
         words = caption.split()
         mask = np.abs(video[[0, frames_apart]] - np.array(COLOURS[words[1]])).sum(-1) < 0.35  # (2, H, W)
-        if not mask.all(axis=(1, 2)).any() and mask.any(axis=(1, 2)).all():
+        if mask.any(axis=(1, 2)).all():  # the colour is seen in both frames (else the video counts as wrong)
             centre = [np.array([(xs * m).sum(), (ys * m).sum()]) / m.sum() for m in mask]
             moved, expected = centre[1] - centre[0], _DIRECTION_VECTORS[DIRECTIONS.index(words[4])].numpy()
             along = int(np.argmax(np.abs(moved)))
