@@ -4,5 +4,5 @@
 REPO=$(pwd)
 pip install -q --no-deps --target /tmp/site .whl/*.whl  # fails loudly without .whl/ (device-wheels.sh)
 rm -rf /tmp/pkg && mkdir -p /tmp/pkg/accel  # cp -r into an existing folder would nest the copy
-cp -r accel/* /tmp/pkg/accel/ && cp -r pipelines /tmp/pkg/accel/pipelines && cp -r kernels /tmp/pkg/accel/kernels
+cp -r accel/* /tmp/pkg/accel/ && cp -r pipelines /tmp/pkg/accel/pipelines && cp -r kernels /tmp/pkg/accel/kernels && cp -r eval /tmp/pkg/accel/eval
 export REPO PYTHONPATH=/tmp/site:/tmp/pkg PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True

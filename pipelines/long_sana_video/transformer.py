@@ -103,18 +103,26 @@ class CausalSanaVideoTransformer3DModel(SanaVideoTransformer3DModel, CacheMixin)
         return LongVideoMemory(len(self.transformer_blocks), keep_last_chunks, track_gradients)
 
     def _rotary(self, hidden_states: torch.Tensor, frame_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """diffusers' RoPE tables for frames [offset, offset + T): computed for the prefix, the chunk's rows kept."""
-        b, c, t, h, w = hidden_states.shape
+        """diffusers' RoPE tables (WanRotaryPosEmbed's layout) for the chunk's frames [offset, offset + T) only:
+        building them for the whole prefix would grow the memory with the video's length."""
+        _, _, t, h, w = hidden_states.shape
         p_t, p_h, p_w = self.config.patch_size
-        if frame_offset + t // p_t > self.config.rope_max_seq_len:
+        frames, rows, cols = t // p_t, h // p_h, w // p_w
+        if frame_offset + frames > self.config.rope_max_seq_len:
             raise ValueError(
-                f"frame {frame_offset + t // p_t} is past the model's RoPE table ({self.config.rope_max_seq_len} frames): "
+                f"frame {frame_offset + frames} is past the model's RoPE table ({self.config.rope_max_seq_len} frames): "
                 "generate fewer chunks or load the model with a larger rope_max_seq_len"
             )
-        prefix = torch.empty(b, c, frame_offset * p_t + t, h, w, device="meta")  # the rope reads only the shape
-        cos, sin = self.rope(prefix)
-        rows = t // p_t * (h // p_h) * (w // p_w)
-        return cos[:, -rows:], sin[:, -rows:]
+        splits = [self.rope.t_dim, self.rope.h_dim, self.rope.w_dim]
+
+        def table(freqs: torch.Tensor) -> torch.Tensor:
+            f_t, f_h, f_w = freqs.split(splits, dim=1)
+            axes = (f_t[frame_offset : frame_offset + frames].view(frames, 1, 1, -1), f_h[:rows].view(1, rows, 1, -1),
+                    f_w[:cols].view(1, 1, cols, -1))
+            grid = torch.cat([a.expand(frames, rows, cols, -1) for a in axes], dim=-1)
+            return grid.reshape(1, frames * rows * cols, 1, -1)
+
+        return table(self.rope.freqs_cos), table(self.rope.freqs_sin)
 
     def _attention(self, attn, x, rotary, memory: LongVideoMemory | None, layer: LayerMemory | None, write: bool):
         # Under autocast the q/k norms return float32 beside bf16 values: the kernels take one dtype.

@@ -145,3 +145,16 @@ def test_bad_use_is_refused():
         causal(video, text, torch.zeros(1), memory=memory)
     with pytest.raises(ValueError, match="keep_last_chunks"):
         causal.new_memory(0)
+
+
+def test_rope_tables_of_a_chunk_are_diffusers_rows_for_its_frames():
+    """The chunk's tables are built for its own frames (constant memory), equal to the rows of diffusers' table."""
+    _, causal = _models()
+    chunk = torch.empty(1, 16, 3, 8, 8)
+    for offset in (0, 5):
+        cos, sin = causal._rotary(chunk, offset)
+        whole_cos, whole_sin = causal.rope(torch.empty(1, 16, offset + 3, 8, 8))
+        rows = cos.shape[1]
+        assert rows == 3 * 4 * 4
+        torch.testing.assert_close(cos, whole_cos[:, -rows:], rtol=0, atol=0)
+        torch.testing.assert_close(sin, whole_sin[:, -rows:], rtol=0, atol=0)
