@@ -1,6 +1,6 @@
 """`accel-eval` (also `python -m accel.eval`): quality vs speed of accelerators on a diffusers pipeline.
 
-    accel-eval quickstart [--out DIR]                 the shipped reference pipelines, on the CPU, a few minutes
+    accel-eval quickstart [--out DIR] [--device cuda] the shipped reference pipelines (on the CPU: a few minutes)
     accel-eval run --pipeline P --prompts FILE --method cg_taylor:threshold=0.1 --method first_block_cache [...]
     accel-eval report DIR                             rebuild table and plots from a run folder
     accelerate launch -m accel.eval run ...           shard the prompts over processes / GPUs
@@ -31,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     q = sub.add_parser("quickstart", help="the shipped reference pipelines, baseline and several methods, on the CPU")
     q.add_argument("--out", default="accel-quickstart")
+    q.add_argument("--device", default="cpu", help="cpu (the README's first command) or cuda")
     r = sub.add_parser("run", help="evaluate methods on any diffusers pipeline")
     r.add_argument("--pipeline", required=True, help="a shipped reference name, a local folder or a locally cached id")
     r.add_argument("--prompts", required=True, help="a file: one prompt per line, or a JSON list")
@@ -104,9 +105,10 @@ def report(run_dir: str) -> str:
     return write_report(run_dir, results)
 
 
-def quickstart(out: str) -> str:
-    image = RunSpec("shapes-image", [parse_method(m) for m in QUICKSTART_METHODS], QUICKSTART_IMAGE_PROMPTS, repeats=3)
-    video = RunSpec("shapes-video", [parse_method(m) for m in QUICKSTART_METHODS], QUICKSTART_VIDEO_PROMPTS, repeats=1)
+def quickstart(out: str, device: str = "cpu") -> str:
+    configs = [parse_method(m) for m in QUICKSTART_METHODS]
+    image = RunSpec("shapes-image", configs, QUICKSTART_IMAGE_PROMPTS, repeats=3, device=device)
+    video = RunSpec("shapes-video", configs, QUICKSTART_VIDEO_PROMPTS, repeats=1, device=device)
     tables = [f"## {s.pipeline}\n\n{execute(s, os.path.join(out, s.pipeline))}" for s in (image, video)]
     return "\n\n".join(tables) + f"\n\nResults, plots and samples: {out}/"
 
@@ -115,7 +117,7 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "quickstart":
-            text = quickstart(args.out)
+            text = quickstart(args.out, args.device)
         elif args.command == "run":
             text = execute(_spec_from_args(args), args.out)
         else:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The eval harness on the lent GPU(s): the quickstart's methods on both shipped pipelines (more seeds), on one GPU and,
-# when the machine has two, the same runs sharded over two processes with `accelerate launch`; then the two runs'
-# metrics side by side (everything but timings must agree). Run from the repo root with ".whl" carried:
+# The eval harness on the lent GPU(s): the quickstart itself, then its methods on both shipped pipelines (more
+# seeds) on one GPU and, when the machine has two, sharded over two processes with `accelerate launch`; then the
+# two runs' metrics side by side (everything but timings must agree). Run from the repo root with ".whl" carried:
 #   bash scripts/device_eval.sh             -> $OUT/eval.tar (results.md / results.json of each run), $OUT/compare.json
 set -euo pipefail
 source scripts/device_env.sh
@@ -14,6 +14,7 @@ print("methods=(--method baseline " + " ".join(f"--method '{m}'" for m in QUICKS
 PY
 source $runs/args.sh
 gpus=$(nvidia-smi -L | wc -l)
+python -m accel.eval quickstart --device cuda --out $runs/quickstart
 for pipe in shapes-image shapes-video; do
   common=(--pipeline $pipe --prompts $runs/$pipe.txt --seeds 4 --device cuda "${methods[@]}")
   python -m accel.eval run "${common[@]}" --out $runs/$pipe-1gpu
@@ -34,4 +35,4 @@ for one in sorted(glob.glob("/tmp/evalruns/*-1gpu")):
         out[os.path.basename(one)]["two_gpus_same_quality"] = rows(one) == rows(two)
 print(json.dumps(out, indent=1))
 PY
-tar -C $runs -cf "$OUT/eval.tar" $(cd $runs && ls -d */results.md */results.json */pareto.png 2>/dev/null)
+tar -C $runs -cf "$OUT/eval.tar" $(cd $runs && ls -d */results.md */results.json */pareto.png quickstart/*/results.md quickstart/*/results.json 2>/dev/null)

@@ -46,6 +46,9 @@ class TrainConfig:
     seed: int = 0
     max_minutes: float | None = None  # stop early (checkpointed and exported) when the wall-clock budget is spent
     init: str | None = None  # start from this saved model's weights (a save_pretrained folder) instead of random ones
+    # With init (video kinds): keep the transformer, start the text encoder afresh. An encoder trained where two
+    # captions showed the same videos has merged their words; a fresh one tells every word apart again.
+    new_text_encoder: bool = False
     compile: bool = False  # torch.compile the network: fuses the elementwise work that bounds these small models
     ema_decay: float = 0.999
     log_every: int = 50
@@ -80,14 +83,20 @@ def build(kind: str) -> torch.nn.Module:
     return {"image": image_transformer, "video": _VideoModel, "classifier": ShapesClassifier}[kind]()
 
 
-def _initialise(model: torch.nn.Module, kind: str, folder: str) -> None:
-    """Load the weights of an earlier exported model (continued training; the optimizer starts afresh)."""
+def _initialise(model: torch.nn.Module, kind: str, folder: str, new_text_encoder: bool = False) -> None:
+    """Load the weights of an earlier exported model (continued training; the optimizer starts afresh), all but the
+    text encoder if `new_text_encoder`."""
     # (attribute of the training model, or "" for the model itself) -> (subfolder, weights file) of the export
     parts = {
         "image": {"": ("transformer", "diffusion_pytorch_model.safetensors")},
         "classifier": {"": (".", "diffusion_pytorch_model.safetensors")},
     }.get(kind, {"transformer": ("transformer", "diffusion_pytorch_model.safetensors"),
                  "text_encoder": ("text_encoder", "model.safetensors")})
+    if new_text_encoder:
+        if "text_encoder" not in parts:
+            raise ValueError(f"new_text_encoder is for the video models: a {kind} model has no text encoder")
+        logger.info("initialising from %s: the transformer only, the text encoder starts afresh", folder)
+        del parts["text_encoder"]
     for attr, (sub, file) in parts.items():
         module = getattr(model, attr) if attr else model
         path = os.path.join(folder, sub, file)
@@ -242,8 +251,10 @@ def train(cfg: TrainConfig, out: str, device: str = "cpu", resume: bool = True) 
     os.makedirs(out, exist_ok=True)
     torch.manual_seed(cfg.seed)
     model = build(cfg.kind).to(device).train()
+    if cfg.new_text_encoder and not cfg.init:
+        raise ValueError("new_text_encoder replaces the text encoder of an --init model: give --init too")
     if cfg.init:
-        _initialise(model, cfg.kind, cfg.init)
+        _initialise(model, cfg.kind, cfg.init, cfg.new_text_encoder)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     if cfg.compile:
         compile_network(model, cfg.kind)
@@ -302,11 +313,14 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-minutes", type=float, help="stop (checkpointed, exported) after this much wall time")
     p.add_argument("--init", help="start from the weights of this exported model folder (continued training)")
+    p.add_argument("--new-text-encoder", action="store_true",
+                   help="with --init (video models): the transformer from the folder, a fresh text encoder")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (GPU training)")
     p.add_argument("--no-resume", action="store_true")
     args = p.parse_args(argv)
     overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}
-    cfg = TrainConfig(kind=args.kind, seed=args.seed, max_minutes=args.max_minutes, init=args.init, compile=args.compile, **{**DEFAULTS[args.kind], **overrides})
+    cfg = TrainConfig(kind=args.kind, seed=args.seed, max_minutes=args.max_minutes, init=args.init,
+                      new_text_encoder=args.new_text_encoder, compile=args.compile, **{**DEFAULTS[args.kind], **overrides})
     if args.device.startswith("cuda"):
         torch.set_num_threads(2)  # the CPU only draws batch parameters; many threads per process just contend
     report = train(cfg, args.out, args.device, resume=not args.no_resume)

@@ -56,3 +56,22 @@ def test_init_refuses_weights_of_another_model(tmp_path):
     with pytest.raises(ValueError, match="does not fit"):
         train(TrainConfig(kind="image", steps=1, batch_size=2, lr=1e-3, init=str(tmp_path / "classifier" / "model")),
               str(tmp_path / "image"))
+
+
+def test_init_with_a_new_text_encoder_keeps_the_transformer_only(tmp_path):
+    cfg = dict(kind="video", batch_size=4, lr=1e-3, log_every=1)
+    train(TrainConfig(steps=2, seed=1, **cfg), str(tmp_path / "first"))
+    train(TrainConfig(steps=0, **cfg), str(tmp_path / "fresh"))  # seed 0's untrained weights
+    first = tmp_path / "first" / "model"
+    report = train(TrainConfig(steps=0, init=str(first), new_text_encoder=True, **cfg), str(tmp_path / "second"))
+    assert report["config"]["new_text_encoder"]
+    second = tmp_path / "second" / "model"
+    for sub, expected in (("transformer", first), ("text_encoder", tmp_path / "fresh" / "model")):
+        for file in (second / sub).glob("*.safetensors"):
+            a, b = load_file(str(file)), load_file(str(expected / sub / file.name))
+            assert all(torch.equal(a[k], b[k]) for k in a), sub
+    with pytest.raises(ValueError, match="give --init"):
+        train(TrainConfig(steps=0, new_text_encoder=True, **cfg), str(tmp_path / "third"))
+    with pytest.raises(ValueError, match="no text encoder"):
+        train(TrainConfig(kind="image", steps=0, batch_size=2, lr=1e-3, init=str(first), new_text_encoder=True),
+              str(tmp_path / "image"))
