@@ -95,7 +95,8 @@ def test_generated_images_show_their_captions_and_cg_taylor_keeps_that(classifie
 
 
 def test_generated_videos_show_their_captions_shape_and_colour(classifier):
-    """The video model gets shape and colour right (its card: 92% and 100%); its direction is short of the bar."""
+    """The video model gets shape and colour right (its card: 97% and 100%) and moves along the captioned axis; the
+    sense of the motion is a coin flip (short of the bar, see the card), so it is not asserted here."""
     pipe = reference_pipeline("shapes-video")
     pipe.set_progress_bar_config(disable=True)
     captions = [video_caption(i % 4, (5 * i) % 6, (i + i // 4) % 4) for i in range(8)]  # every shape, colour, direction
@@ -104,8 +105,7 @@ def test_generated_videos_show_their_captions_shape_and_colour(classifier):
     videos = torch.from_numpy(frames).float().permute(0, 4, 1, 2, 3) * 2 - 1
     parts = agreement_by_part(classifier, videos, captions, video=True)
     assert np.mean([s and c for s, c in zip(parts["shape"], parts["colour"])]) >= 0.85
-    whole = float(np.mean(caption_agreement(classifier, videos, captions, video=True)))
-    assert abs(whole - _card_figures("shapes-video")["video_caption_agreement"]) <= 0.35  # 8 videos: a wide margin
+    assert motion_by_centroid(frames, captions)["axis"] >= 0.75  # the card: 98% along the captioned axis
 
 
 def test_chunk_consistency_tells_a_steady_long_video_from_one_that_changes(classifier):
