@@ -14,13 +14,16 @@ never depends on how many chunks came before, and `keep_last_chunks=K` forgets c
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 from diffusers import ModelMixin, SanaVideoTransformer3DModel
+from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
 from diffusers.models.cache_utils import CacheMixin
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.transformers.transformer_sana_video import SanaVideoTransformerBlock
 from torch.nn import functional as F
 
 from accel.attention.linear import EPS, _output, _project
@@ -29,7 +32,7 @@ from accel.kernels.linear_attention.inputs import LinearAttentionState
 
 # diffusers' pipeline loader checks a saved component against the base classes it finds in the component's own
 # module: ModelMixin must be importable from here for a saved pipeline holding this transformer to load again.
-__all__ = ["CausalSanaVideoTransformer3DModel", "LongVideoMemory", "ModelMixin"]
+__all__ = ["CausalSanaVideoTransformer3DModel", "CausalSanaVideoTransformerBlock", "LongVideoMemory", "ModelMixin"]
 
 
 @dataclass
@@ -95,9 +98,53 @@ def _feed_forward(ff, x: torch.Tensor, memory: LongVideoMemory | None, layer: La
     return out + x if ff.residual_connection else out
 
 
+def _causal_attention(attn, x, rotary, memory: LongVideoMemory | None, layer: LayerMemory | None, write: bool):
+    """Self-attention of a chunk: bidirectional inside it, plus the earlier chunks' sums (block-causal kernel)."""
+    # Under autocast the q/k norms return float32 beside bf16 values: the kernels take one dtype.
+    query, key, value = (t.to(x.dtype) for t in _project(attn, x, None))
+    tables = RotaryTables.from_diffusers(*rotary, key.shape[2], key.shape[3])
+    prior = layer.attention if layer is not None else None
+    out, after = block_causal_linear_attention(query, key, value, prior, eps=EPS, rotary=tables)
+    if write:
+        memory.remember(layer, prior, LinearAttentionState(memory.keep(after.kv), memory.keep(after.k_sum)))
+    return _output(attn, out, x.dtype)
+
+
+class CausalSanaVideoTransformerBlock(SanaVideoTransformerBlock):
+    """diffusers' SANA-Video block for one chunk: the same parameters and call, plus the chunk's memory.
+
+    The model calls its blocks as modules, so block hooks (accel's and diffusers' caches) see every block.
+    """
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                encoder_hidden_states: torch.Tensor | None = None, encoder_attention_mask: torch.Tensor | None = None,
+                timestep: torch.Tensor | None = None, frames: int = None, height: int = None, width: int = None,
+                rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None, memory: LongVideoMemory | None = None,
+                layer_memory: LayerMemory | None = None, write_memory: bool = False) -> torch.Tensor:
+        x = hidden_states
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            self.scale_shift_table[None, None] + timestep.reshape(x.shape[0], timestep.shape[1], 6, -1)
+        ).unbind(dim=2)
+        normed = (self.norm1(x) * (1 + scale_msa) + shift_msa).to(x.dtype)
+        x = x + gate_msa * _causal_attention(self.attn1, normed, rotary_emb, memory, layer_memory, write_memory)
+        if self.attn2 is not None:
+            x = x + self.attn2(x, encoder_hidden_states=encoder_hidden_states, attention_mask=encoder_attention_mask)
+        normed = (self.norm2(x) * (1 + scale_mlp) + shift_mlp).unflatten(1, (frames, height, width))
+        return x + gate_mlp * _feed_forward(self.ff, normed, memory, layer_memory, write_memory).flatten(1, 3)
+
+
+TransformerBlockRegistry.register(CausalSanaVideoTransformerBlock, TransformerBlockMetadata(return_hidden_states_index=0))
+
+
 class CausalSanaVideoTransformer3DModel(SanaVideoTransformer3DModel, CacheMixin):
     """diffusers' SANA-Video transformer, run one chunk at a time against a `LongVideoMemory` (with diffusers'
     `cache_context`, so accel's and diffusers' caches apply)."""
+
+    @functools.wraps(SanaVideoTransformer3DModel.__init__)  # the same config arguments, so configs load as they are
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for block in self.transformer_blocks:  # same parameters: only the forward changes
+            block.__class__ = CausalSanaVideoTransformerBlock
 
     def new_memory(self, keep_last_chunks: int | None = None, track_gradients: bool = False) -> LongVideoMemory:
         return LongVideoMemory(len(self.transformer_blocks), keep_last_chunks, track_gradients)
@@ -123,28 +170,6 @@ class CausalSanaVideoTransformer3DModel(SanaVideoTransformer3DModel, CacheMixin)
             return grid.reshape(1, frames * rows * cols, 1, -1)
 
         return table(self.rope.freqs_cos), table(self.rope.freqs_sin)
-
-    def _attention(self, attn, x, rotary, memory: LongVideoMemory | None, layer: LayerMemory | None, write: bool):
-        # Under autocast the q/k norms return float32 beside bf16 values: the kernels take one dtype.
-        query, key, value = (t.to(x.dtype) for t in _project(attn, x, None))
-        tables = RotaryTables.from_diffusers(*rotary, key.shape[2], key.shape[3])
-        prior = layer.attention if layer is not None else None
-        out, after = block_causal_linear_attention(query, key, value, prior, eps=EPS, rotary=tables)
-        if write:
-            memory.remember(layer, prior, LinearAttentionState(memory.keep(after.kv), memory.keep(after.k_sum)))
-        return _output(attn, out, x.dtype)
-
-    def _block(self, block, x, text, text_mask, temb, grid, rotary, memory, index, write):
-        layer = memory.layers[index] if memory is not None else None
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-            block.scale_shift_table[None, None] + temb.reshape(x.shape[0], temb.shape[1], 6, -1)
-        ).unbind(dim=2)
-        normed = (block.norm1(x) * (1 + scale_msa) + shift_msa).to(x.dtype)
-        x = x + gate_msa * self._attention(block.attn1, normed, rotary, memory, layer, write)
-        if block.attn2 is not None:
-            x = x + block.attn2(x, encoder_hidden_states=text, attention_mask=text_mask)
-        normed = (block.norm2(x) * (1 + scale_mlp) + shift_mlp).unflatten(1, grid)
-        return x + gate_mlp * _feed_forward(block.ff, normed, memory, layer, write).flatten(1, 3)
 
     def forward(
         self,
@@ -173,7 +198,9 @@ class CausalSanaVideoTransformer3DModel(SanaVideoTransformer3DModel, CacheMixin)
         temb, embedded = temb.view(b, -1, temb.size(-1)), embedded.view(b, -1, embedded.size(-1))
         text = self.caption_norm(self.caption_projection(encoder_hidden_states).view(b, -1, x.shape[-1]))
         for index, block in enumerate(self.transformer_blocks):
-            x = self._block(block, x, text, encoder_attention_mask, temb, grid, rotary, memory, index, write_memory)
+            layer = memory.layers[index] if memory is not None else None
+            x = block(x, None, text, encoder_attention_mask, temb, *grid, rotary, memory=memory, layer_memory=layer,
+                      write_memory=write_memory)
         if write_memory:
             memory.frames += grid[0]
 

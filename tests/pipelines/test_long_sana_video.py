@@ -50,7 +50,7 @@ def _whole_sequence_block_causal(model, video, text, t, chunk_frames):
     tokens_per_frame = (video.shape[3] // 2) * (video.shape[4] // 2)
     sizes = [tokens_per_frame * min(chunk_frames, video.shape[2] - s) for s in range(0, video.shape[2], chunk_frames)]
 
-    def attention(self, attn, x, rotary, memory, layer, write):
+    def attention(attn, x, rotary, memory, layer, write):
         q, k, v = _project(attn, x, None)
         tables = RotaryTables.from_diffusers(*rotary, k.shape[2], k.shape[3])
         out = naive.block_causal_quadratic(q, k, v, sizes, eps=EPS, rotary=tables, dtype=torch.float64)
@@ -64,7 +64,7 @@ def _whole_sequence_block_causal(model, video, text, t, chunk_frames):
         return full
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(CausalSanaVideoTransformer3DModel, "_attention", attention)
+        mp.setattr(causal_module, "_causal_attention", attention)
         mp.setattr(causal_module, "causal_temporal_conv", conv)
         with torch.no_grad():
             return model(video, text, t, return_dict=False)[0]

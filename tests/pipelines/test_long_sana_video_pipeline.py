@@ -65,11 +65,31 @@ def test_num_frames_is_rounded_to_whole_chunks_with_a_warning(pipe, caplog):
         _run(pipe, num_chunks=2, num_frames=9)
 
 
+SIX_STEPS = (1000.0, 950.0, 900.0, 850.0, 800.0, 750.0)
+
+
 def test_composes_with_cg_taylor(pipe):
-    with accel.patch(pipe, method="cg_taylor", threshold=0.0) as handle:
+    plain = _run(pipe, num_chunks=2).frames
+    with accel.patch(pipe, method="cg_taylor", threshold=0.0) as handle:  # skips nothing: changes nothing
         out = _run(pipe, num_chunks=2)
-        assert handle.stats()["steps"] > 0
-    np.testing.assert_allclose(out.frames, _run(pipe, num_chunks=2).frames, atol=1e-6)
+        assert handle.stats()["steps"] > 0 and handle.stats()["computed"] == handle.stats()["steps"]
+    np.testing.assert_allclose(out.frames, plain, atol=1e-6)
+    with accel.patch(pipe, method="cg_taylor", threshold=1e9, warmup_steps=1) as handle:  # skips what it may
+        skipped = _run(pipe, num_chunks=2, timesteps=SIX_STEPS)
+        stats = handle.stats()
+    six = _run(pipe, num_chunks=2, timesteps=SIX_STEPS).frames
+    assert stats["computed"] < stats["steps"] and not np.allclose(skipped.frames, six, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["first_block_cache", "taylorseer"])
+def test_diffusers_caches_reach_the_causal_blocks(pipe, method):
+    plain = _run(pipe, num_chunks=2, timesteps=SIX_STEPS).frames
+    options = {"first_block_cache": {"threshold": 1e9},
+               "taylorseer": {"cache_interval": 2, "disable_cache_before_step": 1}}[method]
+    with accel.patch(pipe, method=method, **options) as handle:
+        cached = _run(pipe, num_chunks=2, timesteps=SIX_STEPS)
+        stats = handle.stats()
+    assert stats["computed"] < stats["steps"] and not np.allclose(cached.frames, plain, atol=1e-4)
 
 
 def test_interrupted_generation_leaves_no_video_file(pipe, tmp_path):
