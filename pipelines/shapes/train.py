@@ -195,19 +195,35 @@ def _save_atomic(tensors: dict, meta: dict, folder: str) -> None:
     os.replace(tmp, folder)
 
 
-def _checkpoint(folder, model, ema, opt, step, losses, elapsed):
+# What a resumed run may change: how long it goes on. Anything else would silently train another run's model.
+_RESUMABLE_CHANGES = ("steps", "max_minutes", "compile")
+
+
+def _run_identity(cfg: TrainConfig) -> dict:
+    return {k: v for k, v in asdict(cfg).items() if k not in _RESUMABLE_CHANGES}
+
+
+def _checkpoint(folder, cfg, model, ema, opt, step, losses, elapsed):
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
     opt_state = opt.state_dict()
     for i, s in opt_state["state"].items():
         tensors.update({f"opt.{i}.{k}": v for k, v in s.items() if isinstance(v, torch.Tensor)})
     tensors = {k: v.detach().cpu().clone() for k, v in tensors.items()}  # clone: tied weights share storage
-    _save_atomic(tensors, {"step": step, "losses": losses, "elapsed_s": elapsed, "param_groups": opt_state["param_groups"]}, folder)
+    meta = {"step": step, "losses": losses, "elapsed_s": elapsed, "param_groups": opt_state["param_groups"],
+            "config": _run_identity(cfg)}
+    _save_atomic(tensors, meta, folder)
 
 
-def _resume(folder, model, ema, opt, device):
-    tensors = load_file(os.path.join(folder, "state.safetensors"), device=str(device))
+def _resume(folder, cfg, model, ema, opt, device):
     meta = json.load(open(os.path.join(folder, "state.json")))
+    if meta.get("config") != _run_identity(cfg):
+        raise ValueError(
+            f"{folder} holds a run with another configuration ({meta.get('config')}); this one is "
+            f"{_run_identity(cfg)}. A resumed run may change only {_RESUMABLE_CHANGES}: pick another --out, or "
+            "--no-resume to start over"
+        )
+    tensors = load_file(os.path.join(folder, "state.safetensors"), device=str(device))
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
     state = {}
@@ -262,11 +278,12 @@ def train(cfg: TrainConfig, out: str, device: str = "cpu", resume: bool = True) 
     ckpt = os.path.join(out, "checkpoint")
     step, losses, elapsed = 0, [], 0.0
     if resume and os.path.exists(os.path.join(ckpt, "state.json")):
-        step, losses, elapsed = _resume(ckpt, model, ema, opt, device)
+        step, losses, elapsed = _resume(ckpt, cfg, model, ema, opt, device)
     start, window = time.perf_counter() - elapsed, []
     params, ema_params = list(model.parameters()), list(ema.parameters())
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda"))
-    deadline = start + 60 * cfg.max_minutes if cfg.max_minutes is not None else float("inf")
+    # The budget is this invocation's: a resumed run gets max_minutes more.
+    deadline = time.perf_counter() + 60 * cfg.max_minutes if cfg.max_minutes is not None else float("inf")
     with tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.kind}", mininterval=10) as bar:
         while step < cfg.steps and time.perf_counter() < deadline:
             with autocast:
@@ -289,10 +306,10 @@ def train(cfg: TrainConfig, out: str, device: str = "cpu", resume: bool = True) 
                 window = []
                 bar.set_postfix(loss=f"{losses[-1][1]:.4f}")
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                _checkpoint(ckpt, model, ema, opt, step, losses, time.perf_counter() - start)
+                _checkpoint(ckpt, cfg, model, ema, opt, step, losses, time.perf_counter() - start)
             bar.update()
     if step < cfg.steps:  # out of time: keep what was learned, resumable later
-        _checkpoint(ckpt, model, ema, opt, step, losses, time.perf_counter() - start)
+        _checkpoint(ckpt, cfg, model, ema, opt, step, losses, time.perf_counter() - start)
     export(cfg.kind, ema, out)
     report = {"config": asdict(cfg), "steps_done": step, "device": device, "wall_s": time.perf_counter() - start, "losses": losses,
               "torch": torch.__version__, "init_training": _init_training(cfg.init), "gpu": torch.cuda.get_device_name() if str(device).startswith("cuda") else None}

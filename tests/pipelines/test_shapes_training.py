@@ -75,3 +75,11 @@ def test_init_with_a_new_text_encoder_keeps_the_transformer_only(tmp_path):
     with pytest.raises(ValueError, match="no text encoder"):
         train(TrainConfig(kind="image", steps=0, batch_size=2, lr=1e-3, init=str(first), new_text_encoder=True),
               str(tmp_path / "image"))
+
+
+def test_a_resumed_run_gets_its_own_time_budget_and_refuses_another_configuration(tmp_path):
+    cfg = dict(kind="classifier", batch_size=4, lr=1e-3, log_every=1)
+    assert train(TrainConfig(steps=2, max_minutes=5, **cfg), str(tmp_path))["steps_done"] == 2
+    assert train(TrainConfig(steps=4, max_minutes=5, **cfg), str(tmp_path))["steps_done"] == 4  # 2 more
+    with pytest.raises(ValueError, match="another configuration"):
+        train(TrainConfig(steps=6, seed=1, **cfg), str(tmp_path))
