@@ -3,7 +3,8 @@
 Same components as diffusers' SanaVideoPipeline (it loads from a local SANA-Video folder; the transformer is
 loaded as `CausalSanaVideoTransformer3DModel`). Per chunk of latent frames: a few-step schedule (predict the
 flow, convert to x0, re-noise to the next timestep), then one pass at t=0 on the finished chunk that writes the
-memory. Each finished chunk is decoded and handed to the caller (`callback_on_chunk_end`) and to an mp4
+memory. Each finished chunk is decoded (Wan's VAE keeps its temporal cache across chunks, so the frames are those of
+the whole video decoded at once) and handed to the caller (`callback_on_chunk_end`) and to an mp4
 (`output_path`, written to a temporary file and renamed at the end), so a long video never sits in memory whole.
 """
 
@@ -21,6 +22,7 @@ from diffusers import AutoencoderKLWan, SanaVideoPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from .decoding import StreamingWanDecoder
 from .transformer import CausalSanaVideoTransformer3DModel
 
 logger = logging.getLogger("accel")
@@ -49,15 +51,19 @@ class LongSanaVideoPipeline(SanaVideoPipeline):
         kwargs.setdefault("local_files_only", True)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
-    def _decode(self, latents: torch.Tensor) -> np.ndarray:
-        """One chunk of latents -> frames (B, F, H, W, 3) in [0, 1]."""
+    def _decode(self, latents: torch.Tensor, stream: StreamingWanDecoder | None) -> np.ndarray:
+        """One chunk of latents -> frames (B, F, H, W, 3) in [0, 1]; through `stream` (Wan's VAE), the chunks
+        together are exactly the frames of the whole video decoded at once."""
         latents = latents.to(self.vae.dtype)
         if isinstance(self.vae, AutoencoderKLWan):
             mean = torch.tensor(self.vae.config.latents_mean).view(1, -1, 1, 1, 1).to(latents)
             std = torch.tensor(self.vae.config.latents_std).view(1, -1, 1, 1, 1).to(latents)
             latents = latents * std + mean
-        video = self.vae.decode(latents, return_dict=False)[0]
+        video = stream.decode(latents) if stream is not None else self.vae.decode(latents, return_dict=False)[0]
         return self.video_processor.postprocess_video(video, output_type="np")
+
+    def _stream(self) -> StreamingWanDecoder | None:
+        return StreamingWanDecoder(self.vae) if isinstance(getattr(self, "vae", None), AutoencoderKLWan) else None
 
     def _flow(self, latents, t: float, texts, masks, guidance_scale: float, memories, step: int, steps: int):
         """The guided velocity at t, each branch against its own memory, under diffusers' cache contexts."""
@@ -130,6 +136,7 @@ class LongSanaVideoPipeline(SanaVideoPipeline):
         shape = (cond.shape[0], self.transformer.config.in_channels, chunk_frames,
                  height // self.vae_scale_factor_spatial, width // self.vae_scale_factor_spatial)
         writer = _Mp4Writer(output_path, fps) if output_path else None
+        stream = self._stream()
         kept = []
         try:
             with self.progress_bar(total=chunks * (len(timesteps) + 1)) as bar:
@@ -137,7 +144,7 @@ class LongSanaVideoPipeline(SanaVideoPipeline):
                     clean = self._denoise_chunk(shape, timesteps, texts, masks, guidance_scale, memories, generator, bar)
                     self._write_memory(clean, texts, masks, memories)
                     bar.update()
-                    frames = self._decode(clean)
+                    frames = self._decode(clean, stream)
                     if writer:
                         writer.append(frames)
                     if callback_on_chunk_end is not None:
@@ -148,6 +155,8 @@ class LongSanaVideoPipeline(SanaVideoPipeline):
         finally:
             if writer:
                 writer.abort()
+            if stream:
+                stream.close()
         self.maybe_free_model_hooks()
         return LongVideoOutput(frames=np.concatenate(kept, axis=1) if kept else None, path=path, num_chunks=chunks)
 

@@ -58,7 +58,7 @@ class ShapesLongVideoPipeline(LongSanaVideoPipeline):
         uncond = torch.zeros_like(cond) if do_classifier_free_guidance else None
         return cond, None, uncond, None
 
-    def _decode(self, latents: torch.Tensor) -> np.ndarray:
+    def _decode(self, latents: torch.Tensor, stream=None) -> np.ndarray:
         return self.video_processor.postprocess_video(latents.float(), output_type="np")
 
     def _denoise_chunk(self, shape, timesteps, texts, masks, guidance_scale, memories, generator, bar) -> torch.Tensor:

@@ -44,8 +44,9 @@ def test_chunks_stream_to_callback_and_mp4_and_the_first_chunk_does_not_depend_o
     out = _run(pipe, num_chunks=3, output_path=str(tmp_path / "v.mp4"), return_frames=True,
                callback_on_chunk_end=lambda p, i, frames: seen.append((i, frames.shape)))
     assert out.num_chunks == 3 and [i for i, _ in seen] == [0, 1, 2]
-    per_chunk = seen[0][1][1]
-    assert out.frames.shape == (1, 3 * per_chunk, 64, 64, 3) and 0 <= out.frames.min() and out.frames.max() <= 1
+    per_chunk = seen[0][1][1]  # the first chunk: 1 + 4 (2 - 1) frames; the others 4 per latent frame
+    assert [shape[1] for _, shape in seen] == [per_chunk, 8, 8] and per_chunk == 5
+    assert out.frames.shape == (1, 21, 64, 64, 3) and 0 <= out.frames.min() and out.frames.max() <= 1
     assert (tmp_path / "v.mp4").stat().st_size > 0 and not list(tmp_path.glob("*.partial.mp4"))
     one = _run(pipe, num_chunks=1)
     np.testing.assert_allclose(one.frames, out.frames[:, :per_chunk], atol=1e-6)
@@ -112,3 +113,20 @@ def test_loads_from_a_local_sana_video_folder(tmp_path):
     assert isinstance(pipe.transformer, CausalSanaVideoTransformer3DModel)
     expected = tm.sana_video().state_dict()
     assert all(torch.equal(v, expected[k]) for k, v in pipe.transformer.state_dict().items())
+
+
+def test_chunks_decode_to_exactly_the_frames_of_the_whole_video(pipe):
+    """Wan's VAE is causal in time: decoded chunk by chunk through its carried cache, the frames equal decoding all
+    latents at once (1 + 4 (N - 1) frames, no seam)."""
+    from accel.pipelines.long_sana_video.decoding import StreamingWanDecoder
+
+    latents = torch.randn(1, 16, 5, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        whole = pipe.vae.decode(latents, return_dict=False)[0]
+        stream = StreamingWanDecoder(pipe.vae)
+        chunked = torch.cat([stream.decode(latents[:, :, :2]), stream.decode(latents[:, :, 2:])], dim=2)
+        stream.close()
+    assert whole.shape[2] == chunked.shape[2] == 1 + 4 * 4
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
+    frames = _run(pipe, num_chunks=2, return_frames=True).frames
+    assert frames.shape[1] == 1 + 4 * (2 * 2 - 1)
