@@ -10,6 +10,7 @@ A sample already on disk is never generated again, so an interrupted run resumes
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 import os
@@ -26,6 +27,14 @@ from accel.pipelines import reference_names, reference_pipeline
 from .spec import MethodConfig, RunSpec, SpecError
 
 
+_OWN_PIPELINES = {  # class name in a saved model_index.json -> the accel module defining it
+    "ShapesImagePipeline": "accel.pipelines.shapes.pipelines",
+    "ShapesVideoPipeline": "accel.pipelines.shapes.pipelines",
+    "ShapesLongVideoPipeline": "accel.pipelines.shapes.long_video",
+    "LongSanaVideoPipeline": "accel.pipelines",
+}
+
+
 def load_pipeline(name: str, device: str, dtype: str):
     """A shipped reference name, a local folder, or a model id already in the local HF cache. Never downloads."""
     torch_dtype = getattr(torch, dtype)
@@ -33,10 +42,9 @@ def load_pipeline(name: str, device: str, dtype: str):
     own = json.load(open(index)).get("_class_name") if os.path.isfile(index) else None
     if name in reference_names():
         pipe = reference_pipeline(name, device=device, dtype=torch_dtype)
-    elif own in ("ShapesImagePipeline", "ShapesVideoPipeline"):  # accel's own pipeline classes, saved locally
-        from accel.pipelines.shapes import pipelines
-
-        pipe = getattr(pipelines, own).from_pretrained(name, dtype=torch_dtype).to(device)
+    elif own in _OWN_PIPELINES:  # accel's own pipeline classes, saved locally
+        pipe = getattr(importlib.import_module(_OWN_PIPELINES[own]), own).from_pretrained(name, dtype=torch_dtype)
+        pipe = pipe.to(device)
     else:
         from diffusers import DiffusionPipeline
 
@@ -72,8 +80,12 @@ def _call(pipe, prompt: str, seed: int, call: dict, device: str) -> np.ndarray:
         kwargs["prompt"] = prompt
     elif "class_labels" in params:  # DiTPipeline: ImageNet label names as prompts
         kwargs["class_labels"] = pipe.get_label_ids([prompt])
+    if "num_chunks" in params and "num_frames" not in kwargs:
+        raise SpecError(f"{type(pipe).__name__} makes videos of any length: give --frames")
+    if "output_type" in params:  # long-video pipelines return numpy frames anyway
+        kwargs["output_type"] = "np"
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    out = pipe(**kwargs, generator=generator, output_type="np")
+    out = pipe(**kwargs, generator=generator)
     pixels = out.frames if hasattr(out, "frames") else out.images
     return (np.asarray(pixels)[0] * 255).round().clip(0, 255).astype(np.uint8)
 

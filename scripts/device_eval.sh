@@ -5,7 +5,7 @@
 #   bash scripts/device_eval.sh             -> $OUT/eval.tar (results.md / results.json of each run), $OUT/compare.json
 set -euo pipefail
 source scripts/device_env.sh
-runs=/tmp/evalruns && mkdir -p $runs && cd /tmp
+runs=/tmp/evalruns && rm -rf $runs && mkdir -p $runs && cd /tmp  # never resume an earlier call's samples
 python - <<'PY' >$runs/args.sh
 from accel.eval.cli import QUICKSTART_IMAGE_PROMPTS, QUICKSTART_METHODS, QUICKSTART_VIDEO_PROMPTS
 open("/tmp/evalruns/shapes-image.txt", "w").write("\n".join(QUICKSTART_IMAGE_PROMPTS) + "\n")
