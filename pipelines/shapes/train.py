@@ -184,6 +184,22 @@ def _classifier_loss(model, step: int, cfg: TrainConfig, device) -> torch.Tensor
     return model.loss(model.classify_images(images.pixels), images) + model.loss(model.classify_videos(videos.pixels), videos)
 
 
+def _replace_folder(tmp: str, folder: str) -> None:
+    """Put the complete folder `tmp` in place of `folder`. The old one moves aside first and goes only once the new
+    one is in place: a kill at any point leaves `folder` or `folder.old` whole (`_existing` finds either)."""
+    old = folder + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(folder):
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _existing(folder: str) -> str | None:
+    """The folder, or the one `_replace_folder` had moved aside when it was stopped; None when neither exists."""
+    return next((f for f in (folder, folder + ".old") if os.path.exists(os.path.join(f, "state.json"))), None)
+
+
 def _save_atomic(tensors: dict, meta: dict, folder: str) -> None:
     tmp = folder + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -191,8 +207,7 @@ def _save_atomic(tensors: dict, meta: dict, folder: str) -> None:
     save_file(tensors, os.path.join(tmp, "state.safetensors"))
     with open(os.path.join(tmp, "state.json"), "w") as f:
         json.dump(meta, f)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    _replace_folder(tmp, folder)
 
 
 # What a resumed run may change: how long it goes on. Anything else would silently train another run's model.
@@ -249,9 +264,7 @@ def export(kind: str, ema: torch.nn.Module, out: str) -> None:
         ShapesLongVideoPipeline(ema.transformer, ema.text_encoder, ema.tokenizer, scheduler).save_pretrained(tmp)
     else:
         ema.save_pretrained(tmp)
-    final = os.path.join(out, "model")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    _replace_folder(tmp, os.path.join(out, "model"))
 
 
 def compile_network(model: torch.nn.Module, kind: str) -> None:
@@ -277,8 +290,8 @@ def train(cfg: TrainConfig, out: str, device: str = "cpu", resume: bool = True) 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     ckpt = os.path.join(out, "checkpoint")
     step, losses, elapsed = 0, [], 0.0
-    if resume and os.path.exists(os.path.join(ckpt, "state.json")):
-        step, losses, elapsed = _resume(ckpt, cfg, model, ema, opt, device)
+    if resume and _existing(ckpt):
+        step, losses, elapsed = _resume(_existing(ckpt), cfg, model, ema, opt, device)
     start, window = time.perf_counter() - elapsed, []
     params, ema_params = list(model.parameters()), list(ema.parameters())
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda"))

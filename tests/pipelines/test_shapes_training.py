@@ -83,3 +83,17 @@ def test_a_resumed_run_gets_its_own_time_budget_and_refuses_another_configuratio
     assert train(TrainConfig(steps=4, max_minutes=5, **cfg), str(tmp_path))["steps_done"] == 4  # 2 more
     with pytest.raises(ValueError, match="another configuration"):
         train(TrainConfig(steps=6, seed=1, **cfg), str(tmp_path))
+
+
+def test_a_run_stopped_while_replacing_its_checkpoint_resumes_from_the_old_one(tmp_path, monkeypatch):
+    from accel.pipelines.shapes import train as train_module
+
+    cfg = dict(kind="classifier", batch_size=4, lr=1e-3, log_every=1)
+    train(TrainConfig(steps=2, **cfg), str(tmp_path))
+    (tmp_path / "checkpoint").rename(tmp_path / "checkpoint.old")  # killed between the two renames
+    steps_run = []
+    loss = train_module._classifier_loss
+    monkeypatch.setattr(train_module, "_classifier_loss", lambda *a: steps_run.append(a[1]) or loss(*a))
+    assert train(TrainConfig(steps=3, **cfg), str(tmp_path))["steps_done"] == 3
+    assert steps_run == [2]  # resumed after step 2, not restarted
+    assert (tmp_path / "checkpoint").exists() and not (tmp_path / "checkpoint.old").exists()
