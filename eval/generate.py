@@ -14,6 +14,7 @@ import importlib
 import inspect
 import json
 import os
+import platform
 import statistics
 import time
 
@@ -99,6 +100,17 @@ def sample_path(run_dir: str, config: MethodConfig, prompt_index: int, seed: int
     return os.path.join(run_dir, "samples", config.slug, f"{prompt_index:05d}-{seed}.npy")
 
 
+def environment(spec: RunSpec) -> dict:
+    """The machine and versions generating the samples (recorded with the timings they explain)."""
+    import diffusers
+
+    gpu = torch.cuda.get_device_name() if spec.device.startswith("cuda") and torch.cuda.is_available() else None
+    return {"device": spec.device, "gpu": gpu, "cpu": platform.processor() or platform.machine(),
+            "torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version(),
+            "dtype": spec.dtype, "call": spec.call, "pipeline": spec.pipeline, "prompts": len(spec.prompts),
+            "seeds": spec.seeds}
+
+
 def _time_config(pipe, spec: RunSpec, handle, path: str) -> None:
     """Warm-up, then `repeats` timed calls of the first prompt; median latency and peak memory."""
     if os.path.exists(path):
@@ -116,7 +128,8 @@ def _time_config(pipe, spec: RunSpec, handle, path: str) -> None:
         latencies.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / 1e9 if spec.device.startswith("cuda") else None
     stats = handle.stats() if handle else None
-    atomic_json(path, {"latencies_s": latencies, "median_s": statistics.median(latencies), "peak_memory_gb": peak, "stats": stats})
+    atomic_json(path, {"latencies_s": latencies, "median_s": statistics.median(latencies), "peak_memory_gb": peak,
+                       "stats": stats, "environment": environment(spec)})
 
 
 def generate(pipe, spec: RunSpec, run_dir: str, jobs: list[tuple[int, int]], time_it: bool = True) -> None:

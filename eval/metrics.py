@@ -6,6 +6,7 @@ environment variable, then the local caches, and never downloaded.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
@@ -38,7 +39,7 @@ def lpips(samples: np.ndarray, baseline: np.ndarray) -> dict[str, float]:
     hub = os.path.join(torch.hub.get_dir(), "checkpoints")
     if not (os.path.isdir(hub) and any(f.startswith("alexnet") for f in os.listdir(hub))):
         raise Unavailable(f"LPIPS needs torchvision's AlexNet weights in {hub}")
-    metric = LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True)
+    metric = LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True, sync_on_compute=False)
     return {"lpips": float(metric(to_float(samples), to_float(baseline)))}
 
 
@@ -66,9 +67,18 @@ class _ShapesFeatures(torch.nn.Module):
         return self.classifier.image_features(images.float() / 255 * 2 - 1)
 
 
+def is_shapes_pipeline(pipeline: str) -> bool:
+    """A shipped shapes model, or a shapes pipeline saved locally (its model_index.json names the class)."""
+    from accel.pipelines import reference_names
+
+    index = os.path.join(pipeline, "model_index.json")
+    saved = json.load(open(index)).get("_class_name", "") if os.path.isfile(index) else ""
+    return pipeline in reference_names() or saved.startswith("Shapes")
+
+
 def feature_extractor(pipeline_name: str, inception_path: str | None = None) -> FeatureExtractor:
-    """The shapes classifier for the shipped shapes models; else Inception from a local weights file."""
-    if pipeline_name.startswith("shapes-"):
+    """The shapes classifier for the shapes models; else Inception from a local weights file."""
+    if is_shapes_pipeline(pipeline_name):
         from accel.pipelines import reference_classifier
 
         return FeatureExtractor(_ShapesFeatures(reference_classifier()).eval(), "shapes-classifier")
@@ -89,12 +99,16 @@ def fid_kid(samples: np.ndarray, reference: np.ndarray, extractor: FeatureExtrac
 
     x, y = (torch.from_numpy(p).reshape(-1, *p.shape[-3:]).permute(0, 3, 1, 2).contiguous() for p in (samples, reference))
     subset = max(2, min(len(x), len(y), 50))
-    fid = FrechetInceptionDistance(feature=extractor.module, normalize=False)  # sums kept in float64
-    kid = KernelInceptionDistance(feature=extractor.module, subset_size=subset, subsets=20, normalize=False)
+    # Only the main process measures, on every sample: no syncing with the other processes of an accelerate run.
+    local = dict(normalize=False, sync_on_compute=False)
+    fid = FrechetInceptionDistance(feature=extractor.module, **local)  # sums kept in float64
+    kid = KernelInceptionDistance(feature=extractor.module, subset_size=subset, subsets=20, **local)
     for metric in (fid, kid):
         metric.update(y, real=True)
         metric.update(x, real=False)
-    kid_mean, _ = kid.compute()
+    with torch.random.fork_rng(devices=[]):  # KID draws random subsets: the same ones in every run and process
+        torch.manual_seed(0)
+        kid_mean, _ = kid.compute()
     return {"fid": float(fid.compute()), "kid": float(kid_mean)}
 
 

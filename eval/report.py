@@ -7,14 +7,12 @@ import io
 import json
 import math
 import os
-import platform
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from . import metrics
-from .generate import atomic_json, atomic_write, load_samples
+from .generate import atomic_json, atomic_write, environment, load_samples
 from .spec import RunSpec
 
 COLUMNS = [
@@ -26,14 +24,10 @@ COLUMNS = [
 ]
 
 
-def environment(spec: RunSpec) -> dict:
-    import diffusers
-
-    gpu = torch.cuda.get_device_name() if spec.device.startswith("cuda") and torch.cuda.is_available() else None
-    return {"device": spec.device, "gpu": gpu, "cpu": platform.processor() or platform.machine(),
-            "torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version(),
-            "dtype": spec.dtype, "call": spec.call, "pipeline": spec.pipeline, "prompts": len(spec.prompts),
-            "seeds": spec.seeds}
+def _recorded_environment(run_dir: str, spec: RunSpec) -> dict:
+    """Where the samples were generated (a report rebuilt elsewhere keeps it); older runs: this machine, marked."""
+    timing = json.load(open(os.path.join(run_dir, "timing", f"{spec.configs[0].slug}.json")))
+    return timing.get("environment") or {**environment(spec), "recorded": "when the report was written"}
 
 
 def _try(fn, *args) -> tuple[dict, dict]:
@@ -70,7 +64,7 @@ def evaluate(run_dir: str, spec: RunSpec) -> dict:
             parts.append(_try(metrics.fid_kid, samples, baseline, extractor) if extractor else ({}, {"fid_kid": extractor_reason}))
         if "clip" in wanted:
             parts.append(_try(metrics.clip_score, samples, prompts))
-        if "agreement" in wanted and spec.pipeline.startswith("shapes-"):
+        if "agreement" in wanted and metrics.is_shapes_pipeline(spec.pipeline):
             parts.append(_try(metrics.caption_agreement, samples, prompts))
         if "flicker" in wanted and samples.ndim == 5:
             parts.append(_try(metrics.temporal_flicker, samples))
@@ -81,7 +75,7 @@ def evaluate(run_dir: str, spec: RunSpec) -> dict:
     base_latency = rows[0]["latency_s"]
     for row in rows:
         row["speedup"] = base_latency / row["latency_s"]
-    return {"environment": environment(spec), "spec": spec.to_json(), "rows": rows, "unavailable": unavailable,
+    return {"environment": _recorded_environment(run_dir, spec), "spec": spec.to_json(), "rows": rows, "unavailable": unavailable,
             "fid_reference": "the baseline's own samples"}
 
 

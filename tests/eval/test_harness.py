@@ -48,7 +48,12 @@ def test_run_writes_table_csv_json_plot_and_grid(setup):
     env = json.load(open(out / "results.json"))["environment"]
     assert env["torch"] == torch.__version__ and env["call"] == {"num_inference_steps": 4}
     table = (out / "results.md").read_text()
-    assert "| baseline |" in table and "1.00x" in table and "inf" in table and "unavailable" in table  # FID: no Inception
+    assert "| baseline |" in table and "1.00x" in table and "inf" in table and "unavailable" in table  # LPIPS, CLIP
+    assert "agreement" in rows[0] and "fid" in rows[0]  # a saved shapes pipeline: the shapes classifier measures
+    (out / "timing" / "baseline.json").write_text(
+        json.dumps({**json.load(open(out / "timing" / "baseline.json")), "environment": {"gpu": "elsewhere"}}))
+    assert main(["report", str(out)]) == 0  # a rebuilt report keeps where the samples were made
+    assert json.load(open(out / "results.json"))["environment"] == {"gpu": "elsewhere"}
 
 
 def test_interrupted_run_resumes_without_recomputing(setup):
