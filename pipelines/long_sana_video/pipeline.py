@@ -88,6 +88,8 @@ class LongSanaVideoPipeline(SanaVideoPipeline):
             if num_chunks < 1:
                 raise ValueError(f"num_chunks must be >= 1, got {num_chunks}")
             return num_chunks
+        if num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1, got {num_frames}")
         latent_frames = (num_frames - 1) // self.vae_scale_factor_temporal + 1
         chunks = max(1, math.ceil(latent_frames / chunk_frames))
         if chunks * chunk_frames != latent_frames:

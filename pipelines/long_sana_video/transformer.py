@@ -180,12 +180,18 @@ class CausalSanaVideoTransformer3DModel(SanaVideoTransformer3DModel, CacheMixin)
         write_memory: bool = False,
         encoder_attention_mask: torch.Tensor | None = None,
         return_dict: bool = True,
-        **unused,
+        guidance: torch.Tensor | None = None,
+        attention_kwargs: dict | None = None,
     ):
         """One chunk (B, C, T, H, W) of latent frames following the chunks in `memory` (None: the first chunk, or a
         bidirectional clip). With write_memory, the chunk is added to the memory."""
         if write_memory and memory is None:
             raise ValueError("write_memory needs a memory: model.new_memory()")
+        if guidance is not None or self.config.guidance_embeds or attention_kwargs:
+            raise NotImplementedError(
+                "CausalSanaVideoTransformer3DModel runs SANA-Video without guidance embeddings or attention_kwargs "
+                "(e.g. a LoRA scale: fuse the LoRA into the weights first)"
+            )
         if encoder_attention_mask is not None and encoder_attention_mask.ndim == 2:
             encoder_attention_mask = ((1 - encoder_attention_mask.to(hidden_states.dtype)) * -10000.0).unsqueeze(1)
         b, _, t, h, w = hidden_states.shape

@@ -145,6 +145,8 @@ def test_bad_use_is_refused():
         causal(video, text, torch.zeros(1), memory=memory)
     with pytest.raises(ValueError, match="keep_last_chunks"):
         causal.new_memory(0)
+    with pytest.raises(NotImplementedError, match="attention_kwargs"):
+        causal(video, text, torch.zeros(1), attention_kwargs={"scale": 0.5})
 
 
 def test_rope_tables_of_a_chunk_are_diffusers_rows_for_its_frames():

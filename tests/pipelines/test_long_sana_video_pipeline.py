@@ -64,6 +64,8 @@ def test_num_frames_is_rounded_to_whole_chunks_with_a_warning(pipe, caplog):
     assert out.num_chunks == 2 and "rounded" in caplog.text
     with pytest.raises(ValueError, match="exactly one"):
         _run(pipe, num_chunks=2, num_frames=9)
+    with pytest.raises(ValueError, match=">= 1"):
+        _run(pipe, num_frames=0)
 
 
 SIX_STEPS = (1000.0, 950.0, 900.0, 850.0, 800.0, 750.0)
