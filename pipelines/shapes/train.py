@@ -321,6 +321,8 @@ def train(cfg: TrainConfig, out: str, device: str = "cpu", resume: bool = True) 
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 _checkpoint(ckpt, cfg, model, ema, opt, step, losses, time.perf_counter() - start)
             bar.update()
+    if window:  # stopped between two logged steps: the last steps' loss still counts
+        losses.append([step, float(torch.stack(window).mean())])
     if step < cfg.steps:  # out of time: keep what was learned, resumable later
         _checkpoint(ckpt, cfg, model, ema, opt, step, losses, time.perf_counter() - start)
     export(cfg.kind, ema, out)
