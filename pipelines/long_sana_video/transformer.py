@@ -61,6 +61,18 @@ class LongVideoMemory:
         tensors = [t for m in self.layers for t in (*(m.attention or ()), m.conv_frame, *[x for c in m.chunks for x in c])]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
+    def reindex(self, rows: torch.Tensor) -> None:
+        """Keep these batch rows of everything remembered, in this order (rows may repeat: one row's memory can serve
+        several rows of the next call)."""
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.index_select(0, rows)
+
+        for layer in self.layers:
+            if layer.attention is not None:
+                layer.attention = LinearAttentionState(*map(pick, layer.attention))
+            layer.chunks = deque(LinearAttentionState(*map(pick, own)) for own in layer.chunks)
+            layer.conv_frame = pick(layer.conv_frame)
+
     def remember(self, layer: LayerMemory, before: LinearAttentionState | None, after: LinearAttentionState) -> None:
         if self.keep_last_chunks is None:
             layer.attention = after

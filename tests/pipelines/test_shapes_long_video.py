@@ -85,3 +85,39 @@ def test_the_eval_harness_runs_a_saved_long_video_pipeline(pipe, tmp_path, capsy
     assert main([*argv, "--frames", str(2 * CHUNK_FRAMES), "--out", str(tmp_path / "run")]) == 0
     rows = {r["config"]: r for r in json.load(open(tmp_path / "run" / "results.json"))["rows"]}
     assert rows["cg_taylor(threshold=0)"]["psnr"] == float("inf")  # skips nothing: changes nothing
+
+
+def _long_video_loss_call_by_call(model, step, cfg):
+    """The long-video loss as the pipeline runs: a separate call per noisy pass and per memory write."""
+    from accel.pipelines.shapes import train as t
+
+    rng = torch.Generator().manual_seed(t._step_seed(cfg, step, stream=1))
+    start = 0 if torch.rand(1, generator=rng) < 0.5 else int(torch.randint(CHUNK_FRAMES, 12 * CHUNK_FRAMES, (1,), generator=rng))
+    batch = t.video_batch(cfg.seed, step, cfg.batch_size, frames=t.LONG_CHUNKS * CHUNK_FRAMES, start=start)
+    g = torch.Generator().manual_seed(t._step_seed(cfg, step))
+    text = model.embed(batch.captions, torch.rand(cfg.batch_size, generator=g) < 0.1, "cpu")
+    memory = model.transformer.new_memory(track_gradients=True)
+    memory.frames = int(torch.randint(0, 256, (1,), generator=rng))
+    zero, losses = torch.zeros(cfg.batch_size), []
+    for i, chunk in enumerate(batch.pixels.split(CHUNK_FRAMES, dim=2)):
+        if i > 0 or start == 0:
+            xt, time, target = t._noised(chunk, g)
+            pred = model.transformer(xt, text, time * 1000, memory=memory, return_dict=False)[0]
+            losses.append(torch.nn.functional.mse_loss(pred, target))
+        if i + 1 < t.LONG_CHUNKS:
+            model.transformer(chunk, text, zero, memory=memory, write_memory=True)
+    return torch.stack(losses).mean(), start
+
+
+def test_the_long_video_loss_batches_each_chunks_two_passes_without_changing_the_loss(pipe):
+    from accel.pipelines.shapes import train as t
+
+    model = t._VideoModel(lambda _: pipe.transformer)
+    model.text_encoder = pipe.text_encoder
+    cfg = TrainConfig(kind="long-video", steps=1, batch_size=2, lr=1e-4)
+    starts = set()
+    for step in range(4):
+        expected, start = _long_video_loss_call_by_call(model, step, cfg)
+        starts.add(start > 0)
+        torch.testing.assert_close(t._long_video_loss(model, step, cfg, "cpu"), expected, rtol=1e-5, atol=1e-6)
+    assert starts == {True, False}  # clips from the start of a path and from later (a context-only first chunk)
