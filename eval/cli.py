@@ -15,6 +15,8 @@ import json
 import os
 import sys
 
+import torch
+
 import accel
 
 from .spec import RunSpec, SpecError, load_prompts, parse_method
@@ -75,6 +77,8 @@ def execute(spec: RunSpec, run_dir: str) -> str | None:
     from .generate import atomic_json, generate, load_pipeline
     from .report import evaluate, sample_grids, write_report
 
+    if spec.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SpecError(f"--device {spec.device}: this machine has no CUDA device (torch {torch.__version__})")
     state = PartialState(cpu=spec.device == "cpu")
     spec_path = os.path.join(run_dir, "spec.json")
     if os.path.exists(spec_path) and json.load(open(spec_path)) != json.loads(json.dumps(spec.to_json())):

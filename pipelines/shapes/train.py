@@ -93,8 +93,6 @@ def _initialise(model: torch.nn.Module, kind: str, folder: str, new_text_encoder
     }.get(kind, {"transformer": ("transformer", "diffusion_pytorch_model.safetensors"),
                  "text_encoder": ("text_encoder", "model.safetensors")})
     if new_text_encoder:
-        if "text_encoder" not in parts:
-            raise ValueError(f"new_text_encoder is for the video models: a {kind} model has no text encoder")
         logger.info("initialising from %s: the transformer only, the text encoder starts afresh", folder)
         del parts["text_encoder"]
     for attr, (sub, file) in parts.items():
@@ -292,11 +290,13 @@ def compile_network(model: torch.nn.Module, kind: str) -> None:
 
 
 def train(cfg: TrainConfig, out: str, device: str = "cpu", resume: bool = True) -> dict:
+    if cfg.new_text_encoder and not cfg.init:
+        raise ValueError("new_text_encoder replaces the text encoder of an --init model: give --init too")
+    if cfg.new_text_encoder and cfg.kind not in ("video", "long-video"):
+        raise ValueError(f"new_text_encoder is for the video models: a {cfg.kind} model has no text encoder")
     os.makedirs(out, exist_ok=True)
     torch.manual_seed(cfg.seed)
     model = build(cfg.kind).to(device).train()
-    if cfg.new_text_encoder and not cfg.init:
-        raise ValueError("new_text_encoder replaces the text encoder of an --init model: give --init too")
     if cfg.init:
         _initialise(model, cfg.kind, cfg.init, cfg.new_text_encoder)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -370,7 +370,10 @@ def main(argv=None) -> None:
                       new_text_encoder=args.new_text_encoder, compile=args.compile, **{**DEFAULTS[args.kind], **overrides})
     if args.device.startswith("cuda"):
         torch.set_num_threads(2)  # the CPU only draws batch parameters; many threads per process just contend
-    report = train(cfg, args.out, args.device, resume=not args.no_resume)
+    try:
+        report = train(cfg, args.out, args.device, resume=not args.no_resume)
+    except ValueError as err:  # bad options or a folder of another run: a message, not a traceback
+        p.exit(2, f"{p.prog}: error: {err}\n")
     print(f"{cfg.kind}: {report['steps_done']} of {cfg.steps} steps in {report['wall_s']:.0f} s, final loss {report['losses'][-1][1] if report['losses'] else float('nan'):.4f} -> {args.out}/model")
 
 

@@ -80,6 +80,8 @@ def test_interrupted_run_resumes_without_recomputing(setup):
         (["run", "--pipeline", "PIPE", "--prompts", "PROMPTS", "--method", "cg_taylor:tresh=1", "--out", "o"], "unknown cg_taylor option"),
         (["run", "--pipeline", "/no/such/pipeline", "--prompts", "PROMPTS", "--out", "o"], "cannot load pipeline"),
         (["report", "/no/such/run"], "not a run folder"),
+        pytest.param(["quickstart", "--device", "cuda", "--out", "o"], "no CUDA device",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
     ],
 )
 def test_bad_input_exits_2_with_a_message(setup, tmp_path, capsys, argv, message):
@@ -87,6 +89,7 @@ def test_bad_input_exits_2_with_a_message(setup, tmp_path, capsys, argv, message
             str(tmp_path / "o") if a == "o" else a for a in argv]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # nothing written for a run that cannot start
 
 
 def test_malformed_prompts_file_and_foreign_run_folder(setup, tmp_path, capsys):
