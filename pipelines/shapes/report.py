@@ -22,7 +22,7 @@ import torch
 from .data import image_batch, video_batch
 from .models import ShapesClassifier
 from .pipelines import ShapesImagePipeline, ShapesVideoPipeline
-from .text import IMAGE_CAPTIONS, VIDEO_CAPTIONS
+from .text import IMAGE_CAPTIONS, VIDEO_CAPTIONS, embed_captions
 
 HELD_OUT_SEED = 1000
 
@@ -166,13 +166,32 @@ def _loss_curve(training: dict, path: str) -> None:
     plt.close(fig)
 
 
+def direction_word_gaps(pipe) -> dict[str, float]:
+    """How far apart the text encoder puts captions differing only in their direction word: |e(a) - e(b)| / |e(a)|
+    of the padded embeddings. Words the training data never told apart end up merged (near 0)."""
+    pairs = {"left_right": ("left", "right"), "up_down": ("up", "down"), "left_up": ("left", "up")}
+    words = sorted({w for pair in pairs.values() for w in pair})
+    e = dict(zip(words, embed_captions(pipe.tokenizer, pipe.text_encoder, [f"a red circle moving {w}" for w in words], "cpu")))
+    return {name: float((e[a] - e[b]).norm() / e[a].norm()) for name, (a, b) in pairs.items()}
+
+
+def _write_json_atomic(path: str, obj) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--weights", default=os.path.join(os.path.dirname(__file__), "..", "weights"))
     p.add_argument("--samples", type=int, default=96)
+    p.add_argument("--text-gaps", action="store_true", help="only print the video text encoder's direction_word_gaps")
     args = p.parse_args(argv)
     torch.set_grad_enabled(False)
     folder = lambda name: os.path.join(args.weights, name)  # noqa: E731
+    if args.text_gaps:
+        print(json.dumps(direction_word_gaps(ShapesVideoPipeline.from_pretrained(folder("shapes-video"))), indent=1))
+        return
     classifier = ShapesClassifier.from_pretrained(folder("shapes-classifier"), dtype=torch.float32).eval()
     results = {"classifier_held_out_accuracy": classifier_accuracy(classifier)}
 
@@ -188,6 +207,7 @@ def main(argv=None) -> None:
     results["image_caption_agreement"], results["video_caption_agreement"] = image_shares.pop("all"), video_shares.pop("all")
     results["image_agreement_by_part"], results["video_agreement_by_part"] = image_shares, video_shares
     results["video_motion_by_centroid"] = motion_by_centroid(videos, video_caps)
+    results["video_text_direction_gaps"] = direction_word_gaps(video)
     torch.set_num_threads(2)
     results["cpu_seconds_image"] = cpu_seconds(image, image_caps[0])
     results["cpu_seconds_video_17_frames"] = cpu_seconds(video, video_caps[0])
@@ -210,8 +230,7 @@ def main(argv=None) -> None:
     for name in names:
         training = json.load(open(os.path.join(folder(name), "training.json")))
         _loss_curve(training, os.path.join(folder(name), "loss.png"))
-        with open(os.path.join(folder(name), "evaluation.json"), "w") as f:
-            json.dump(results, f, indent=1)
+        _write_json_atomic(os.path.join(folder(name), "evaluation.json"), results)
 
 
 if __name__ == "__main__":

@@ -97,3 +97,20 @@ def test_accel_and_diffusers_caches_work_on_both(image_pipe, video_pipe):
         assert not torch.equal(_run(pipe, prompt, output_type="pt")[0], base)
         pipe.transformer.disable_cache()
         assert torch.equal(_run(pipe, prompt, output_type="pt")[0], base)
+
+
+def test_direction_word_gaps_see_words_a_text_encoder_has_merged(video_pipe):
+    from accel.pipelines.shapes.report import direction_word_gaps
+    from accel.pipelines.shapes.text import VOCABULARY
+
+    with torch.no_grad():
+        fresh = direction_word_gaps(video_pipe)
+        assert min(fresh.values()) > 0.05  # a random encoder keeps every word apart
+        embeddings = video_pipe.text_encoder.get_input_embeddings().weight
+        saved = embeddings.clone()
+        embeddings[VOCABULARY.index("right")] = embeddings[VOCABULARY.index("left")]
+        try:
+            merged = direction_word_gaps(video_pipe)
+        finally:
+            embeddings.copy_(saved)
+    assert merged["left_right"] < 1e-6 and merged["up_down"] == fresh["up_down"]
