@@ -9,7 +9,7 @@ from diffusers.models.cache_utils import CacheMixin
 from torch import nn
 from torch.nn import functional as F
 
-from .data import COLOURS, DIRECTIONS, SHAPES
+from .data import CLIP_FRAMES, COLOURS, DIRECTIONS, SHAPES
 
 NUM_CLASSES = len(SHAPES) * len(COLOURS)  # image classes: shape-major (class = shape * 6 + colour)
 
@@ -27,12 +27,33 @@ def image_transformer() -> ShapesDiTTransformer:
 
 
 def video_transformer(text_dim: int) -> WanTransformer3DModel:
-    """Pixel-space Wan: 17 frames of 32x32x3 in patches of 1x4x4 (1,088 tokens), 6 blocks of width 192."""
+    """Pixel-space Wan: 17 frames of 32x32x3 in patches of 1x4x4 (1,088 tokens), 6 blocks of width 192. It takes one
+    input channel more than it returns: each frame's position (`with_frame_position`)."""
     return WanTransformer3DModel(
-        patch_size=(1, 4, 4), num_attention_heads=3, attention_head_dim=64, in_channels=3, out_channels=3,
+        patch_size=(1, 4, 4), num_attention_heads=3, attention_head_dim=64, in_channels=4, out_channels=3,
         text_dim=text_dim, freq_dim=256, ffn_dim=768, num_layers=6, cross_attn_norm=True,
         qk_norm="rms_norm_across_heads", rope_max_seq_len=64,
     )
+
+
+def with_frame_position(transformer: WanTransformer3DModel, latents: torch.Tensor) -> torch.Tensor:
+    """What the video model reads: the latents (B, C, F, H, W), and, if the transformer takes one channel more than
+    it returns, each frame's position in the clip (-1 at the first frame, +1 at frame 16), as Wan's image-to-video
+    models read their conditioning channels beside the latents.
+
+    Wan's RoPE gives relative positions only. A model that sees the latents alone cannot tell a clip's first frame
+    from its last, so from noise it cannot tell "moving left" from "moving right" (each clip is the other's time
+    reversal): it learns the axis of motion but not its sense. (The shapes-video weights trained before this channel
+    existed take the latents alone.)"""
+    extra = transformer.config.in_channels - transformer.config.out_channels
+    if extra == 0:
+        return latents
+    if extra != 1:
+        raise ValueError(f"a shapes video transformer takes its latents and at most one frame-position channel; this "
+                         f"one takes {transformer.config.in_channels} channels and returns {transformer.config.out_channels}")
+    b, _, f, h, w = latents.shape
+    position = torch.arange(f, device=latents.device, dtype=latents.dtype) * (2 / (CLIP_FRAMES - 1)) - 1
+    return torch.cat([latents, position.view(1, 1, f, 1, 1).expand(b, 1, f, h, w)], dim=1)
 
 
 def _conv(cin: int, cout: int, conv=nn.Conv2d, stride=2) -> nn.Sequential:

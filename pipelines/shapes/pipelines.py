@@ -18,7 +18,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 from transformers import PreTrainedTokenizerFast, UMT5EncoderModel
 
-from .models import NUM_CLASSES, ShapesDiTTransformer
+from .models import NUM_CLASSES, ShapesDiTTransformer, with_frame_position
 from .text import IMAGE_CAPTIONS, VIDEO_CAPTIONS, check_captions, embed_captions
 
 
@@ -26,6 +26,9 @@ class _FlowMatchingPipeline(DiffusionPipeline):
     """The denoising loop both pipelines share: Euler steps on the flow, CFG with the branches in cache contexts."""
 
     _callback_tensor_inputs = ["latents"]
+
+    def _transformer_input(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents
 
     def _denoise(self, latents, cond: dict, uncond: dict, num_inference_steps: int, guidance_scale: float,
                  callback_on_step_end: Callable | None, callback_tensor_inputs: list[str]) -> torch.Tensor:
@@ -35,11 +38,12 @@ class _FlowMatchingPipeline(DiffusionPipeline):
             for i, t in enumerate(timesteps):
                 timestep = t.expand(latents.shape[0])
                 context = {"step_index": i, "num_inference_steps": len(timesteps)}
+                model_input = self._transformer_input(latents)
                 with self.transformer.cache_context("cond", **context):
-                    velocity = self.transformer(hidden_states=latents, timestep=timestep, **cond, return_dict=False)[0]
+                    velocity = self.transformer(hidden_states=model_input, timestep=timestep, **cond, return_dict=False)[0]
                 if guidance_scale > 1:
                     with self.transformer.cache_context("uncond", **context):
-                        v_uncond = self.transformer(hidden_states=latents, timestep=timestep, **uncond, return_dict=False)[0]
+                        v_uncond = self.transformer(hidden_states=model_input, timestep=timestep, **uncond, return_dict=False)[0]
                     velocity = v_uncond + guidance_scale * (velocity - v_uncond)
                 latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
                 if callback_on_step_end is not None:
@@ -93,6 +97,9 @@ class ShapesVideoPipeline(_FlowMatchingPipeline):
     def encode_prompt(self, captions: list[str], device) -> torch.Tensor:
         return embed_captions(self.tokenizer, self.text_encoder, captions, device)
 
+    def _transformer_input(self, latents: torch.Tensor) -> torch.Tensor:
+        return with_frame_position(self.transformer, latents)
+
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], num_inference_steps: int = 20, guidance_scale: float = 4.0,
                  num_frames: int = 17, num_videos_per_prompt: int = 1,
@@ -104,7 +111,7 @@ class ShapesVideoPipeline(_FlowMatchingPipeline):
         cond = self.encode_prompt(captions, device).to(dtype).repeat_interleave(num_videos_per_prompt, dim=0)
         uncond = torch.zeros_like(cond)
         size = 32
-        shape = (cond.shape[0], self.transformer.config.in_channels, num_frames, size, size)
+        shape = (cond.shape[0], self.transformer.config.out_channels, num_frames, size, size)
         latents = latents if latents is not None else randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         video = self._denoise(latents, {"encoder_hidden_states": cond}, {"encoder_hidden_states": uncond},
                               num_inference_steps, guidance_scale, callback_on_step_end,

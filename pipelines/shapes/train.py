@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .data import image_batch, video_batch
 from .long_video import CHUNK_FRAMES, ShapesLongVideoPipeline, long_video_transformer
-from .models import ShapesClassifier, image_transformer, video_transformer
+from .models import ShapesClassifier, image_transformer, video_transformer, with_frame_position
 from .pipelines import ShapesImagePipeline, ShapesVideoPipeline
 from .text import build_text_encoder, build_tokenizer, embed_captions
 
@@ -100,13 +100,26 @@ def _initialise(model: torch.nn.Module, kind: str, folder: str, new_text_encoder
         path = os.path.join(folder, sub, file)
         if not os.path.isfile(path):
             raise ValueError(f"{folder} does not fit a {kind} model: it has no {os.path.join(sub, file)}")
-        weights = load_file(path)
+        weights = _widen_patch_embedding(load_file(path), module.state_dict())
         result = module.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False)
         state = module.state_dict()
         loaded = {state[k].data_ptr() for k in weights if k in state}
         untied = [k for k in result.missing_keys if state[k].data_ptr() not in loaded]  # tied copies are loaded
         if untied or result.unexpected_keys:
             raise ValueError(f"{folder}/{sub} does not fit a {kind} model: missing {untied}, unexpected {result.unexpected_keys}")
+
+
+def _widen_patch_embedding(weights: dict, state: dict) -> dict:
+    """An export whose patch embedding reads fewer input channels than the model's (a video model from before the
+    frame-position channel): the new channels start at zero weight, so the model starts out as the export."""
+    key = "patch_embedding.weight"
+    if key not in weights or key not in state or weights[key].shape[1] >= state[key].shape[1]:
+        return weights
+    old = weights[key]
+    logger.info("%s reads %d input channels, the model %d: the new ones start at zero", key, old.shape[1], state[key].shape[1])
+    wide = torch.zeros(state[key].shape, dtype=old.dtype)
+    wide[:, : old.shape[1]] = old
+    return {**weights, key: wide}
 
 
 def _init_training(folder: str | None) -> dict | None:
@@ -147,7 +160,8 @@ def _flow_matching_loss(model, kind: str, step: int, cfg: TrainConfig, device) -
     else:
         drop = torch.rand(xt.shape[0], generator=g, device=device) < 0.1
         text = model.embed(batch.captions, drop, device)
-        pred = model.transformer(xt, timestep=t * 1000, encoder_hidden_states=text, return_dict=False)[0]
+        pred = model.transformer(with_frame_position(model.transformer, xt), timestep=t * 1000,
+                                 encoder_hidden_states=text, return_dict=False)[0]
     return torch.nn.functional.mse_loss(pred, target)
 
 

@@ -114,3 +114,34 @@ def test_direction_word_gaps_see_words_a_text_encoder_has_merged(video_pipe):
         finally:
             embeddings.copy_(saved)
     assert merged["left_right"] < 1e-6 and merged["up_down"] == fresh["up_down"]
+
+
+def _inputs_seen(pipe) -> list[torch.Tensor]:
+    seen = []
+    pipe.transformer.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["hidden_states"]),
+                                               with_kwargs=True)
+    _run(pipe, "a red circle moving left", guidance_scale=1.0)
+    return seen
+
+
+def test_the_video_transformer_reads_each_frames_position_beside_the_latents(video_pipe):
+    pipe = ShapesVideoPipeline(**video_pipe.components)  # its own transformer hooks, not the shared fixture's
+    pipe.set_progress_bar_config(disable=True)
+    for hidden in _inputs_seen(pipe):
+        assert hidden.shape == (1, 4, 17, 32, 32)
+        expected = torch.linspace(-1, 1, 17).view(1, 1, 17, 1, 1).expand(1, 1, 17, 32, 32)
+        torch.testing.assert_close(hidden[:, 3:], expected)
+
+
+def test_a_video_transformer_without_the_position_channel_reads_the_latents_alone(video_pipe):
+    from diffusers import WanTransformer3DModel
+
+    for in_channels, error in ((3, None), (5, "at most one frame-position channel")):
+        transformer = WanTransformer3DModel.from_config({**video_pipe.transformer.config, "in_channels": in_channels})
+        pipe = ShapesVideoPipeline(**{**video_pipe.components, "transformer": transformer.eval()})
+        pipe.set_progress_bar_config(disable=True)
+        if error:
+            with pytest.raises(ValueError, match=error):
+                _inputs_seen(pipe)
+        else:
+            assert all(hidden.shape == (1, 3, 17, 32, 32) for hidden in _inputs_seen(pipe))

@@ -97,3 +97,24 @@ def test_a_run_stopped_while_replacing_its_checkpoint_resumes_from_the_old_one(t
     assert train(TrainConfig(steps=3, **cfg), str(tmp_path))["steps_done"] == 3
     assert steps_run == [2]  # resumed after step 2, not restarted
     assert (tmp_path / "checkpoint").exists() and not (tmp_path / "checkpoint.old").exists()
+
+
+def test_init_from_a_video_model_without_the_position_channel_starts_out_as_that_model(tmp_path):
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+
+    from accel.pipelines.shapes.models import video_transformer, with_frame_position
+    from accel.pipelines.shapes.pipelines import ShapesVideoPipeline
+    from accel.pipelines.shapes.text import build_text_encoder, build_tokenizer
+
+    torch.manual_seed(0)
+    encoder = build_text_encoder()
+    old = WanTransformer3DModel.from_config({**video_transformer(encoder.config.d_model).config, "in_channels": 3})
+    ShapesVideoPipeline(old, encoder, build_tokenizer(), FlowMatchEulerDiscreteScheduler()).save_pretrained(tmp_path / "old")
+    train(TrainConfig(kind="video", steps=0, batch_size=2, lr=1e-3, init=str(tmp_path / "old")), str(tmp_path / "new"))
+    new = WanTransformer3DModel.from_pretrained(tmp_path / "new" / "model" / "transformer").float()
+    assert new.config.in_channels == 4
+    x, text = torch.randn(2, 3, 17, 32, 32), torch.randn(2, 8, encoder.config.d_model)
+    with torch.no_grad():
+        expected = old.half().float()(x, timestep=torch.tensor([500.0, 900.0]), encoder_hidden_states=text).sample
+        actual = new(with_frame_position(new, x), timestep=torch.tensor([500.0, 900.0]), encoder_hidden_states=text).sample
+    torch.testing.assert_close(actual, expected)
