@@ -35,6 +35,10 @@ from .text import build_text_encoder, build_tokenizer, embed_captions
 
 logger = logging.getLogger("accel")
 LONG_CHUNKS = 4  # chunks per long-video training clip (16 frames)
+# Long-video clips: the share cut from the start of a path, and in those the share of the loss on the first chunk.
+# That chunk is denoised with no memory: it alone must follow the caption (later chunks can copy their memory), so
+# at an even weighting, 1/8 of the loss, the model barely learnt the caption's colour and shape.
+FROM_PATH_START, FIRST_CHUNK_SHARE = 0.75, 0.5
 
 
 @dataclass
@@ -168,14 +172,15 @@ def _flow_matching_loss(model, kind: str, step: int, cfg: TrainConfig, device) -
 def _long_video_loss(model, step: int, cfg: TrainConfig, device) -> torch.Tensor:
     """As the long pipeline generates: each chunk denoised against the memory of the clean chunks before it
     (written by a t=0 pass), with gradients through the memory. RoPE positions start at a random frame, since long
-    videos run far past the training clips' length. Half the clips are cut from later in the path (where shapes
-    bounce): their first chunk is context only, since the caption says how a path starts, not how it goes on.
+    videos run far past the training clips' length. A quarter of the clips are cut from later in the path (where
+    shapes bounce): their first chunk is context only, since the caption says how a path starts, not how it goes on.
+    In the others, the first chunk (no memory: the caption alone) weighs FIRST_CHUNK_SHARE of the loss.
 
     A chunk's noisy pass and the clean pass that writes it to memory read the same memory, so they run as one call
     on a doubled batch (noisy rows, then clean rows), of which the memory keeps the clean rows: fewer, larger calls
     for a step whose time is mostly the host's launching kernels."""
     rng = torch.Generator().manual_seed(_step_seed(cfg, step, stream=1))
-    start = 0 if torch.rand(1, generator=rng) < 0.5 else int(torch.randint(CHUNK_FRAMES, 12 * CHUNK_FRAMES, (1,), generator=rng))
+    start = 0 if torch.rand(1, generator=rng) < FROM_PATH_START else int(torch.randint(CHUNK_FRAMES, 12 * CHUNK_FRAMES, (1,), generator=rng))
     batch = video_batch(cfg.seed, step, cfg.batch_size, frames=LONG_CHUNKS * CHUNK_FRAMES, start=start, device=device)
     g = torch.Generator(device=device).manual_seed(_step_seed(cfg, step))
     drop = torch.rand(cfg.batch_size, generator=g, device=device) < 0.1
@@ -202,7 +207,13 @@ def _long_video_loss(model, step: int, cfg: TrainConfig, device) -> torch.Tensor
             memory.reindex(torch.cat([rows, rows]))
         if denoise:
             losses.append(torch.nn.functional.mse_loss(pred, target))
-    return torch.stack(losses).mean()
+    return _weigh_chunk_losses(losses, start)
+
+
+def _weigh_chunk_losses(losses: list[torch.Tensor], start: int) -> torch.Tensor:
+    if start > 0:  # no chunk without memory
+        return torch.stack(losses).mean()
+    return FIRST_CHUNK_SHARE * losses[0] + (1 - FIRST_CHUNK_SHARE) * torch.stack(losses[1:]).mean()
 
 
 def _classifier_loss(model, step: int, cfg: TrainConfig, device) -> torch.Tensor:

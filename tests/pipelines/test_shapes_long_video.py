@@ -92,7 +92,7 @@ def _long_video_loss_call_by_call(model, step, cfg):
     from accel.pipelines.shapes import train as t
 
     rng = torch.Generator().manual_seed(t._step_seed(cfg, step, stream=1))
-    start = 0 if torch.rand(1, generator=rng) < 0.5 else int(torch.randint(CHUNK_FRAMES, 12 * CHUNK_FRAMES, (1,), generator=rng))
+    start = 0 if torch.rand(1, generator=rng) < t.FROM_PATH_START else int(torch.randint(CHUNK_FRAMES, 12 * CHUNK_FRAMES, (1,), generator=rng))
     batch = t.video_batch(cfg.seed, step, cfg.batch_size, frames=t.LONG_CHUNKS * CHUNK_FRAMES, start=start)
     g = torch.Generator().manual_seed(t._step_seed(cfg, step))
     text = model.embed(batch.captions, torch.rand(cfg.batch_size, generator=g) < 0.1, "cpu")
@@ -106,7 +106,7 @@ def _long_video_loss_call_by_call(model, step, cfg):
             losses.append(torch.nn.functional.mse_loss(pred, target))
         if i + 1 < t.LONG_CHUNKS:
             model.transformer(chunk, text, zero, memory=memory, write_memory=True)
-    return torch.stack(losses).mean(), start
+    return t._weigh_chunk_losses(losses, start), start
 
 
 def test_the_long_video_loss_batches_each_chunks_two_passes_without_changing_the_loss(pipe):

@@ -118,3 +118,12 @@ def test_init_from_a_video_model_without_the_position_channel_starts_out_as_that
         expected = old.half().float()(x, timestep=torch.tensor([500.0, 900.0]), encoder_hidden_states=text).sample
         actual = new(with_frame_position(new, x), timestep=torch.tensor([500.0, 900.0]), encoder_hidden_states=text).sample
     torch.testing.assert_close(actual, expected)
+
+
+def test_the_long_video_loss_weighs_the_chunk_without_memory_as_all_the_others():
+    from accel.pipelines.shapes.train import FIRST_CHUNK_SHARE, _weigh_chunk_losses
+
+    losses = [torch.tensor(x) for x in (4.0, 1.0, 2.0, 3.0)]
+    assert FIRST_CHUNK_SHARE == 0.5
+    assert _weigh_chunk_losses(losses, start=0).item() == 3.0  # (4 + mean(1, 2, 3)) / 2
+    assert _weigh_chunk_losses(losses[1:], start=8).item() == 2.0  # a context-only first chunk: plain mean
