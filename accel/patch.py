@@ -13,7 +13,7 @@ from diffusers.hooks import HookRegistry
 from .cg_taylor import CG_TAYLOR_HOOK, apply_cg_taylor, config_for
 from .diffusers_caches import DIFFUSERS_METHODS, DiffusersCache, remove_diffusers_cache
 from .models import COND_LAST_PIPELINES, blocks_of, spec_for
-from .steps import STEP_HOOK, ComputeCounter, Schedule, StepClock, StepHook
+from .steps import STEP_HOOK, ComputeCounter, Schedule, StepClock, StepHook, StepTotals
 
 logger = logging.getLogger("accel")
 
@@ -59,7 +59,7 @@ def _cond_half_reader(model: torch.nn.Module, pipeline: DiffusionPipeline | None
 
 
 class PatchHandle:
-    """What `accel.patch` returns: `.stats()`, `.reset()`, `.remove()`; also a context manager."""
+    """What `accel.patch` returns: `.stats()`, `.totals()`, `.reset()`, `.remove()`; also a context manager."""
 
     def __init__(self, method: str, models: list[torch.nn.Module], configs: list[Any], clocks: list[StepClock]):
         self.method, self.models, self.configs, self.clocks = method, models, configs, clocks
@@ -82,10 +82,25 @@ class PatchHandle:
         out["config"] = [dataclasses.asdict(c) if dataclasses.is_dataclass(c) else repr(c) for c in self.configs]
         return out
 
+    def totals(self) -> dict[str, Any]:
+        """Steps, `computed` and `predicted` over every generation since the last `reset()` (or the patch). A long
+        video is one generation per chunk, for which `stats()` tells the last chunk only."""
+        if not self.clocks:
+            return {"method": self.method, "config": self.configs}
+        per_model = [clock.totals.as_dict() for clock in self.clocks]
+        out = dict(per_model[0])
+        for extra in per_model[1:]:  # Wan 2.2: two experts share the steps of one generation
+            for key in ("steps", "computed", "predicted"):
+                out[key] += extra[key]
+        out["method"] = self.method
+        return out
+
     def reset(self) -> None:
-        """Forget all cached state (a new generation would do this by itself)."""
+        """Forget all cached state (a new generation would do this by itself) and the totals."""
         for model in self.models:
             HookRegistry.check_if_exists_or_initialize(model).reset_stateful_hooks(recurse=True)
+        for clock in self.clocks:
+            clock.totals = StepTotals()
 
     def remove(self) -> None:
         """Back to the exact original behaviour. Safe to call twice."""

@@ -9,7 +9,8 @@ cache context, as DiT, PixArt and SANA pipelines don't). The hook
   reached, or, for a bare transformer with nothing else to go by, the timestep rising) and then resets every
   stateful hook under the model, including diffusers' own caches, so a second call with another step count,
   resolution or batch size never reuses stale state;
-- keeps the statistics of the last generation for `handle.stats()`.
+- keeps the statistics of the last generation for `handle.stats()`, and step counts over every generation since the
+  handle's last reset for `handle.totals()` (a long video is one generation per chunk).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class RunStats:
     predicted_steps: dict[str, list[int]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        main = next((c for c in self.steps if c not in FOLLOWER_CONTEXTS), next(iter(self.steps), None))
+        main = _main_context(self.steps)
         if main is None:
             return {"steps": 0, "computed": 0, "predicted": 0, "gate_errors": [], "predicted_steps": []}
         steps, computed = self.steps[main], self.computed.get(main, 0)
@@ -68,6 +69,27 @@ class RunStats:
             "predicted_steps": list(self.predicted_steps.get(main, [])),
             "per_context": {c: {"steps": n, "computed": self.computed.get(c, 0)} for c, n in self.steps.items()},
         }
+
+
+@dataclass
+class StepTotals:
+    """Step counts over every generation since the last reset, per branch."""
+
+    generations: int = 0
+    steps: dict[str, int] = field(default_factory=dict)
+    computed: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        main = _main_context(self.steps)
+        steps, computed = self.steps.get(main, 0), self.computed.get(main, 0)
+        return {"context": main, "generations": self.generations, "steps": steps, "computed": computed,
+                "predicted": steps - computed,
+                "per_context": {c: {"steps": n, "computed": self.computed.get(c, 0)} for c, n in self.steps.items()}}
+
+
+def _main_context(steps: dict[str, int]) -> str | None:
+    """The branch whose counts speak for a run: the first that makes its own decisions."""
+    return next((c for c in steps if c not in FOLLOWER_CONTEXTS), next(iter(steps), None))
 
 
 class Schedule:
@@ -100,19 +122,23 @@ class StepClock:
         self.schedule = schedule
         self.current: Step | None = None
         self.stats = RunStats()
+        self.totals = StepTotals()
         self.in_generation = False
 
     def start_generation(self) -> None:
         self.stats = RunStats()
+        self.totals.generations += 1
         self.in_generation = True
 
     def record_step(self) -> None:
         c = self.current.context
-        self.stats.steps[c] = self.stats.steps.get(c, 0) + 1
+        for counts in (self.stats.steps, self.totals.steps):
+            counts[c] = counts.get(c, 0) + 1
 
     def record_computed(self) -> None:
         c = self.current.context
-        self.stats.computed[c] = self.stats.computed.get(c, 0) + 1
+        for counts in (self.stats.computed, self.totals.computed):
+            counts[c] = counts.get(c, 0) + 1
 
     def record_gate(self, error: float | None, predicted: bool) -> None:
         c, i = self.current.context, self.current.index

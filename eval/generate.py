@@ -117,6 +117,8 @@ def _time_config(pipe, spec: RunSpec, handle, path: str) -> None:
         return
     prompt = spec.prompts[0]
     _call(pipe, prompt, 0, spec.call, spec.device)  # warm-up: allocations, kernels, caches
+    if handle:
+        handle.reset()
     if spec.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     latencies = []
@@ -127,7 +129,7 @@ def _time_config(pipe, spec: RunSpec, handle, path: str) -> None:
         _sync(spec.device)
         latencies.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / 1e9 if spec.device.startswith("cuda") else None
-    stats = handle.stats() if handle else None
+    stats = handle.totals() if handle else None  # over the timed calls
     atomic_json(path, {"latencies_s": latencies, "median_s": statistics.median(latencies), "peak_memory_gb": peak,
                        "stats": stats, "environment": environment(spec)})
 
@@ -143,8 +145,10 @@ def generate(pipe, spec: RunSpec, run_dir: str, jobs: list[tuple[int, int]], tim
                 path = sample_path(run_dir, config, prompt_index, seed)
                 if os.path.exists(path):
                     continue
+                if handle:
+                    handle.reset()  # the totals then count this sample's generations (a long video: one per chunk)
                 pixels = _call(pipe, spec.prompts[prompt_index], seed, spec.call, spec.device)
-                atomic_json(path[:-4] + ".json", handle.stats() if handle else {})
+                atomic_json(path[:-4] + ".json", handle.totals() if handle else {})
                 atomic_write(path, lambda f: np.save(f, pixels))  # last: its presence marks the sample done
                 bar.update()
             if time_it:

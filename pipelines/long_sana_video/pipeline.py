@@ -77,8 +77,10 @@ class LongSanaVideoPipeline(SanaVideoPipeline):
 
     def _write_memory(self, clean, texts, masks, memories) -> None:
         timestep = torch.zeros(clean.shape[0], device=clean.device)
-        for text, mask, memory in zip(texts, masks, memories):
-            with self.transformer.cache_context("memory", step_index=0, num_inference_steps=1):
+        # A one-step run in a context of its own per branch: caches compute it whole (step 0), and the chunk's
+        # denoising and memory passes stay one generation for them (a second "memory" pass would start another).
+        for name, text, mask, memory in zip(("cond", "uncond"), texts, masks, memories):
+            with self.transformer.cache_context(f"{name}_memory", step_index=0, num_inference_steps=1):
                 self.transformer(clean, text, timestep, memory=memory, write_memory=True, encoder_attention_mask=mask)
 
     def _chunk_count(self, num_chunks: int | None, num_frames: int | None, chunk_frames: int) -> int:

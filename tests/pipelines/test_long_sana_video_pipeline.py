@@ -84,6 +84,19 @@ def test_composes_with_cg_taylor(pipe):
     assert stats["computed"] < stats["steps"] and not np.allclose(skipped.frames, six, atol=1e-4)
 
 
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
+def test_totals_count_every_chunk_and_stats_the_last(pipe, guidance_scale):
+    with accel.patch(pipe, method="cg_taylor", threshold=1e9, warmup_steps=1) as handle:
+        _run(pipe, num_chunks=3, timesteps=SIX_STEPS, guidance_scale=guidance_scale)
+        last, totals = handle.stats(), handle.totals()
+        assert totals["generations"] == 3 and totals["context"] == "cond"  # a chunk's memory passes join its run
+        assert last["steps"] == 6 and totals["steps"] == 18 and 0 < totals["computed"] < 18
+        assert totals["per_context"]["cond_memory"] == {"steps": 3, "computed": 3}  # the memory is always computed
+        assert ("uncond_memory" in totals["per_context"]) == (guidance_scale > 1)
+        handle.reset()
+        assert handle.totals()["steps"] == 0 and handle.totals()["generations"] == 0
+
+
 @pytest.mark.parametrize("method", ["first_block_cache", "taylorseer"])
 def test_diffusers_caches_reach_the_causal_blocks(pipe, method):
     plain = _run(pipe, num_chunks=2, timesteps=SIX_STEPS).frames

@@ -85,6 +85,9 @@ def test_the_eval_harness_runs_a_saved_long_video_pipeline(pipe, tmp_path, capsy
     assert main([*argv, "--frames", str(2 * CHUNK_FRAMES), "--out", str(tmp_path / "run")]) == 0
     rows = {r["config"]: r for r in json.load(open(tmp_path / "run" / "results.json"))["rows"]}
     assert rows["cg_taylor(threshold=0)"]["psnr"] == float("inf")  # skips nothing: changes nothing
+    assert rows["cg_taylor(threshold=0)"]["computed_share"] == 1.0
+    sample = json.load(open(next((tmp_path / "run" / "samples").glob("cg_taylor*/*.json"))))
+    assert (sample["generations"], sample["steps"]) == (2, 4)  # both chunks' steps, not the last chunk's
 
 
 def _long_video_loss_call_by_call(model, step, cfg):
