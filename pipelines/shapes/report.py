@@ -80,9 +80,9 @@ def motion_by_centroid(frames: np.ndarray, captions: list[str], frames_apart: in
     return {"axis": axis / len(captions), "axis_and_sense": sense / len(captions)}
 
 
-def chunk_consistency(classifier, frames: np.ndarray, captions: list[str], chunk_frames: int) -> list[bool]:
-    """Per long video: does every chunk show the caption's shape and colour (the classifier's mean over the chunk's
-    frames)? Frames (B, F, H, W, 3) in [0, 1]."""
+def chunk_agreement(classifier, frames: np.ndarray, captions: list[str], chunk_frames: int) -> np.ndarray:
+    """Per long video and chunk: does the chunk show the caption's shape and colour (the classifier's mean over the
+    chunk's frames)? Frames (B, F, H, W, 3) in [0, 1]; returns (B, chunks) booleans."""
     from .data import COLOUR_NAMES, SHAPES
 
     pixels = _to_unit(frames)
@@ -90,11 +90,16 @@ def chunk_consistency(classifier, frames: np.ndarray, captions: list[str], chunk
     with torch.no_grad():
         logits = classifier.classify_images(pixels.transpose(1, 2).reshape(b * f, c, h, w))
     words = [caption.split() for caption in captions]  # "a <colour> <shape> moving <direction>"
-    ok = torch.ones(b, dtype=torch.bool)
+    ok = torch.ones(b, f // chunk_frames, dtype=torch.bool)
     for head, names, position in (("shape", SHAPES, 2), ("colour", COLOUR_NAMES, 1)):
         per_chunk = logits[head].softmax(-1).reshape(b, f // chunk_frames, chunk_frames, -1).mean(2).argmax(-1)
-        ok &= (per_chunk == torch.tensor([names.index(w[position]) for w in words])[:, None]).all(1)
-    return ok.tolist()
+        ok &= per_chunk == torch.tensor([names.index(w[position]) for w in words])[:, None]
+    return ok.numpy()
+
+
+def chunk_consistency(classifier, frames: np.ndarray, captions: list[str], chunk_frames: int) -> list[bool]:
+    """Per long video: does every chunk show the caption's shape and colour?"""
+    return chunk_agreement(classifier, frames, captions, chunk_frames).all(1).tolist()
 
 
 def _to_unit(pixels: np.ndarray) -> torch.Tensor:
@@ -127,8 +132,10 @@ def long_video_report(folder: str, classifier, seeds: int, chunks: int = 8) -> t
     captions = [VIDEO_CAPTIONS[(i * 7) % len(VIDEO_CAPTIONS)] for i in range(seeds)]
     generators = [torch.Generator().manual_seed(HELD_OUT_SEED + i) for i in range(seeds)]
     frames = pipe(captions, num_chunks=chunks, generator=generators).frames
-    ok = chunk_consistency(classifier, frames, captions, CHUNK_FRAMES)
-    return {f"long_video_keeps_shape_and_colour_over_{chunks}_chunks": float(np.mean(ok)), "long_video_seeds": seeds}, frames
+    ok = chunk_agreement(classifier, frames, captions, CHUNK_FRAMES)
+    return {f"long_video_keeps_shape_and_colour_over_{chunks}_chunks": float(ok.all(1).mean()),
+            "long_video_chunks_showing_shape_and_colour": ok.mean(0).round(3).tolist(),  # by chunk: where it fails
+            "long_video_seeds": seeds}, frames
 
 
 def cpu_seconds(pipe, caption: str) -> float:
