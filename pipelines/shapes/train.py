@@ -226,8 +226,8 @@ def _replace_folder(tmp: str, folder: str) -> None:
     """Put the complete folder `tmp` in place of `folder`. The old one moves aside first and goes only once the new
     one is in place: a kill at any point leaves `folder` or `folder.old` whole (`_existing` finds either)."""
     old = folder + ".old"
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.exists(folder):
+    if os.path.exists(folder):  # else `old` may be the only whole copy left by an earlier stop: keep it until replaced
+        shutil.rmtree(old, ignore_errors=True)
         os.replace(folder, old)
     os.replace(tmp, folder)
     shutil.rmtree(old, ignore_errors=True)
@@ -339,6 +339,9 @@ def train(cfg: TrainConfig, out: str, device: str = "cpu", resume: bool = True) 
     deadline = time.perf_counter() + 60 * cfg.max_minutes if cfg.max_minutes is not None else float("inf")
     with tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.kind}", mininterval=10) as bar:
         while step < cfg.steps and time.perf_counter() < deadline:
+            # What draws from the global generator (dropout in the text encoder, DiT's label dropout) is a function
+            # of the step too, so a resumed run goes on exactly as an uninterrupted one.
+            torch.manual_seed(_step_seed(cfg, step, stream=2))
             with autocast:
                 if cfg.kind == "classifier":
                     loss = _classifier_loss(model, step, cfg, device)
