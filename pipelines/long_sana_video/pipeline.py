@@ -18,7 +18,8 @@ from typing import Callable
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKLWan, SanaVideoPipeline
+from diffusers import AutoencoderKLLTX2Video, AutoencoderKLWan, SanaVideoPipeline
+from diffusers.hooks import HookRegistry
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -42,23 +43,28 @@ class LongSanaVideoPipeline(SanaVideoPipeline):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        kwargs.setdefault("local_files_only", True)
         if "transformer" not in kwargs:
             dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+            if isinstance(dtype, dict):  # per component, as diffusers takes it
+                dtype = dtype.get("transformer", dtype.get("default"))
+            loading = {k: kwargs[k] for k in ("local_files_only", "variant", "revision", "cache_dir", "use_safetensors")
+                       if k in kwargs}
             kwargs["transformer"] = CausalSanaVideoTransformer3DModel.from_pretrained(
-                pretrained_model_name_or_path, subfolder="transformer", dtype=dtype,
-                local_files_only=kwargs.get("local_files_only", True),
-            )
-        kwargs.setdefault("local_files_only", True)
+                pretrained_model_name_or_path, subfolder="transformer", dtype=dtype, **loading)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def _decode(self, latents: torch.Tensor, stream: StreamingWanDecoder | None) -> np.ndarray:
         """One chunk of latents -> frames (B, F, H, W, 3) in [0, 1]; through `stream` (Wan's VAE), the chunks
         together are exactly the frames of the whole video decoded at once."""
         latents = latents.to(self.vae.dtype)
-        if isinstance(self.vae, AutoencoderKLWan):
-            mean = torch.tensor(self.vae.config.latents_mean).view(1, -1, 1, 1, 1).to(latents)
-            std = torch.tensor(self.vae.config.latents_std).view(1, -1, 1, 1, 1).to(latents)
-            latents = latents * std + mean
+        if isinstance(self.vae, AutoencoderKLWan):  # the latents' normalisation, undone as SanaVideoPipeline does
+            mean, std = torch.tensor(self.vae.config.latents_mean), torch.tensor(self.vae.config.latents_std)
+        elif isinstance(self.vae, AutoencoderKLLTX2Video):
+            mean, std = self.vae.latents_mean, self.vae.latents_std
+        else:
+            mean, std = torch.zeros(latents.shape[1]), torch.ones(latents.shape[1])
+        latents = latents * std.view(1, -1, 1, 1, 1).to(latents) + mean.view(1, -1, 1, 1, 1).to(latents)
         video = stream.decode(latents) if stream is not None else self.vae.decode(latents, return_dict=False)[0]
         return self.video_processor.postprocess_video(video, output_type="np")
 
@@ -126,6 +132,10 @@ class LongSanaVideoPipeline(SanaVideoPipeline):
         if not isinstance(self.transformer, CausalSanaVideoTransformer3DModel):
             raise TypeError("LongSanaVideoPipeline needs a CausalSanaVideoTransformer3DModel (from_pretrained loads one)")
         chunks = self._chunk_count(num_chunks, num_frames, chunk_frames)
+        unit = self.vae_scale_factor_spatial * self.transformer.config.patch_size[1]
+        if height % unit or width % unit:
+            raise ValueError(f"height and width must be multiples of {unit} (the VAE's factor times the patch size), "
+                             f"got {height} x {width}")
         return_frames = output_path is None if return_frames is None else return_frames
         device = self._execution_device
         cfg = guidance_scale > 1
@@ -135,7 +145,8 @@ class LongSanaVideoPipeline(SanaVideoPipeline):
             negative_prompt_attention_mask=negative_prompt_attention_mask, max_sequence_length=max_sequence_length,
             complex_human_instruction=None,
         )
-        texts, masks = ([cond, uncond], [cond_mask, uncond_mask]) if cfg else ([cond], [cond_mask])
+        texts = [t.to(self.transformer.dtype) for t in ((cond, uncond) if cfg else (cond,))]
+        masks = [cond_mask, uncond_mask] if cfg else [cond_mask]
         memories = [self.transformer.new_memory(keep_last_chunks) for _ in texts]
         shape = (cond.shape[0], self.transformer.config.in_channels, chunk_frames,
                  height // self.vae_scale_factor_spatial, width // self.vae_scale_factor_spatial)
@@ -145,6 +156,9 @@ class LongSanaVideoPipeline(SanaVideoPipeline):
         try:
             with self.progress_bar(total=chunks * (len(timesteps) + 1)) as bar:
                 for chunk in range(chunks):
+                    # Each chunk is a denoising run of its own for caches: diffusers' (enable_cache) keep their
+                    # state until reset, and would otherwise skip blocks of a memory pass like an earlier one's.
+                    HookRegistry.check_if_exists_or_initialize(self.transformer).reset_stateful_hooks(recurse=True)
                     clean = self._denoise_chunk(shape, timesteps, texts, masks, guidance_scale, memories, generator, bar)
                     self._write_memory(clean, texts, masks, memories)
                     bar.update()

@@ -128,6 +128,42 @@ def test_loads_from_a_local_sana_video_folder(tmp_path):
     assert isinstance(pipe.transformer, CausalSanaVideoTransformer3DModel)
     expected = tm.sana_video().state_dict()
     assert all(torch.equal(v, expected[k]) for k, v in pipe.transformer.state_dict().items())
+    per_component = LongSanaVideoPipeline.from_pretrained(
+        tmp_path, tokenizer=None, text_encoder=None, dtype={"transformer": torch.bfloat16, "default": torch.float32})
+    assert (per_component.transformer.dtype, per_component.vae.dtype) == (torch.bfloat16, torch.float32)
+
+
+def test_prompt_embeddings_take_the_transformers_dtype(pipe):
+    import copy
+
+    half = copy.deepcopy(pipe)
+    half.transformer.to(torch.bfloat16)
+    frames = _run(half, num_chunks=1).frames  # float32 prompt_embeds, as a user hands them
+    assert np.isfinite(frames).all()
+
+
+def test_sizes_the_patches_do_not_divide_are_refused(pipe):
+    with pytest.raises(ValueError, match="multiples of 16"):
+        pipe(**{**_embeds(), "height": 72}, num_chunks=1)
+
+
+def test_diffusers_own_cache_never_skips_a_memory_pass(pipe):
+    from diffusers import FirstBlockCacheConfig
+
+    last = pipe.transformer.transformer_blocks[-1]
+    call, runs = {}, []  # whether each time the last block really ran, it was writing the memory
+    hooks = [last.register_forward_pre_hook(lambda m, args, kwargs: call.update(write=kwargs["write_memory"]),
+                                            with_kwargs=True),
+             last.ff.conv_inverted.register_forward_hook(lambda *_: runs.append(call["write"]))]
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=1e9))  # would skip every block it may
+    try:
+        _run(pipe, num_chunks=3, timesteps=SIX_STEPS)
+    finally:
+        pipe.transformer.disable_cache()
+        for hook in hooks:
+            hook.remove()
+    assert runs.count(True) == 3  # every chunk written to memory by the last block too
+    assert runs.count(False) < 3 * len(SIX_STEPS)  # while denoising steps were skipped
 
 
 def test_chunks_decode_to_exactly_the_frames_of_the_whole_video(pipe):
