@@ -21,10 +21,12 @@ from diffusers.hooks import (
     apply_mag_cache,
     apply_taylorseer_cache,
 )
-from diffusers.hooks._common import _ATTENTION_CLASSES, _FEEDFORWARD_CLASSES
+from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS, _ATTENTION_CLASSES, _FEEDFORWARD_CLASSES
 from diffusers.hooks.first_block_cache import _FBC_BLOCK_HOOK, _FBC_LEADER_BLOCK_HOOK
 from diffusers.hooks.mag_cache import _MAG_CACHE_BLOCK_HOOK, _MAG_CACHE_LEADER_BLOCK_HOOK, FLUX_MAG_RATIOS
 from diffusers.hooks.taylorseer_cache import _BLOCK_IDENTIFIERS, _PROJ_OUT_IDENTIFIERS, _TAYLORSEER_CACHE_HOOK
+from diffusers.models.transformers.sana_transformer import GLUMBConv
+from diffusers.models.transformers.transformer_sana_video import GLUMBTempConv
 
 from .models import blocks_of, spec_for
 
@@ -47,12 +49,30 @@ def _build_config(cls: type, defaults: dict, options: dict):
         raise TypeError(f"bad option for {cls.__name__}: {err}; valid: {fields}") from None
 
 
+# SANA's feed-forwards are convolutions, which diffusers' list of feed-forward classes leaves out.
+_FEEDFORWARDS = _FEEDFORWARD_CLASSES + (GLUMBConv, GLUMBTempConv)
+
+
+def _check_diffusers_finds_the_blocks(model: torch.nn.Module, method: str) -> None:
+    """diffusers' block caches look for blocks under fixed attribute names: a model whose blocks live elsewhere
+    (`accel.register_model`) would be left uncached (mag_cache) or crash (first_block_cache)."""
+    elsewhere = [name for name in spec_for(model).block_lists if name not in _ALL_TRANSFORMER_BLOCK_IDENTIFIERS]
+    if elsewhere:
+        raise ValueError(
+            f"{method}: diffusers finds transformer blocks only in attributes named "
+            f"{sorted(_ALL_TRANSFORMER_BLOCK_IDENTIFIERS)}, and {type(model).__name__} keeps them in {elsewhere}; "
+            "method='cg_taylor' takes the block lists given to accel.register_model"
+        )
+
+
 def _first_block_cache(model: torch.nn.Module, options: dict, steps: int | None) -> DiffusersCache:
+    _check_diffusers_finds_the_blocks(model, "first_block_cache")
     config = _build_config(FirstBlockCacheConfig, {}, options)
     return DiffusersCache(config, apply_first_block_cache, (_FBC_LEADER_BLOCK_HOOK, _FBC_BLOCK_HOOK), blocks_of(model)[-1].module)
 
 
 def _mag_cache(model: torch.nn.Module, options: dict, steps: int | None) -> DiffusersCache:
+    _check_diffusers_finds_the_blocks(model, "mag_cache")
     defaults = {"mag_ratios": FLUX_MAG_RATIOS} if spec_for(model).family == "flux" else {}
     if "mag_ratios" not in {**defaults, **options} and not options.get("calibrate"):
         raise ValueError(
@@ -70,7 +90,7 @@ def _taylorseer_targets(model: torch.nn.Module) -> list[str]:
     names = []
     for block in blocks_of(model):
         for child_name, child in block.module.named_children():
-            if isinstance(child, _ATTENTION_CLASSES + _FEEDFORWARD_CLASSES):
+            if isinstance(child, _ATTENTION_CLASSES + _FEEDFORWARDS):
                 names.append(re.escape(f"{block.name}.{child_name}"))
     return names
 

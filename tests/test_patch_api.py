@@ -67,6 +67,24 @@ def test_register_model_teaches_a_new_class():
     assert accel.models.spec_for(Renamed()).block_lists == ("blocks",)
 
 
+def test_diffusers_block_caches_refuse_blocks_they_cannot_find():
+    from diffusers import ModelMixin
+    from diffusers.models.attention import BasicTransformerBlock
+
+    class Staged(ModelMixin):
+        def __init__(self):
+            super().__init__()
+            self.stages = torch.nn.ModuleList([BasicTransformerBlock(8, 1, 8) for _ in range(3)])
+
+    accel.register_model(Staged, block_lists=("stages",))
+    model = Staged()
+    for method, options in (("first_block_cache", {}), ("mag_cache", {"mag_ratios": [1.0] * 4})):
+        with pytest.raises(ValueError, match=f"{method}: diffusers finds transformer blocks only in"):
+            accel.patch(model, method=method, num_inference_steps=4, **options)
+        assert _hooks(model) == []
+    accel.patch(model, method="cg_taylor").remove()  # which follows the registered lists
+
+
 def test_patching_twice_raises_and_remove_is_idempotent():
     model = tm.wan()
     handle = accel.patch(model)

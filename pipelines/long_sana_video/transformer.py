@@ -23,7 +23,8 @@ from diffusers import ModelMixin, SanaVideoTransformer3DModel
 from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
 from diffusers.models.cache_utils import CacheMixin
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
-from diffusers.models.transformers.transformer_sana_video import SanaVideoTransformerBlock
+from diffusers.models.attention_processor import Attention
+from diffusers.models.transformers.transformer_sana_video import GLUMBTempConv, SanaVideoTransformerBlock
 from torch.nn import functional as F
 
 from accel.attention.linear import EPS, _output, _project
@@ -122,10 +123,28 @@ def _causal_attention(attn, x, rotary, memory: LongVideoMemory | None, layer: La
     return _output(attn, out, x.dtype)
 
 
+class CausalLinearAttention(Attention):
+    """A causal block's self-attention (diffusers' Attention, same parameters), run on a chunk and its memory."""
+
+    def forward(self, hidden_states: torch.Tensor, rotary_emb: tuple[torch.Tensor, torch.Tensor],
+                memory: LongVideoMemory | None = None, layer_memory: LayerMemory | None = None,
+                write_memory: bool = False) -> torch.Tensor:
+        return _causal_attention(self, hidden_states, rotary_emb, memory, layer_memory, write_memory)
+
+
+class CausalGLUMBTempConv(GLUMBTempConv):
+    """A causal block's Mix-FFN (same parameters), its temporal conv fed by the memory's last frame."""
+
+    def forward(self, hidden_states: torch.Tensor, memory: LongVideoMemory | None = None,
+                layer_memory: LayerMemory | None = None, write_memory: bool = False) -> torch.Tensor:
+        return _feed_forward(self, hidden_states, memory, layer_memory, write_memory)
+
+
 class CausalSanaVideoTransformerBlock(SanaVideoTransformerBlock):
     """diffusers' SANA-Video block for one chunk: the same parameters and call, plus the chunk's memory.
 
-    The model calls its blocks as modules, so block hooks (accel's and diffusers' caches) see every block.
+    The model calls its blocks, and the blocks their attention and feed-forward, as modules, so hooks on either
+    (accel's and diffusers' caches: TaylorSeer caches attn1, attn2 and ff) see every call.
     """
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -138,11 +157,13 @@ class CausalSanaVideoTransformerBlock(SanaVideoTransformerBlock):
             self.scale_shift_table[None, None] + timestep.reshape(x.shape[0], timestep.shape[1], 6, -1)
         ).unbind(dim=2)
         normed = (self.norm1(x) * (1 + scale_msa) + shift_msa).to(x.dtype)
-        x = x + gate_msa * _causal_attention(self.attn1, normed, rotary_emb, memory, layer_memory, write_memory)
+        x = x + gate_msa * self.attn1(normed, rotary_emb, memory=memory, layer_memory=layer_memory,
+                                      write_memory=write_memory)
         if self.attn2 is not None:
             x = x + self.attn2(x, encoder_hidden_states=encoder_hidden_states, attention_mask=encoder_attention_mask)
         normed = (self.norm2(x) * (1 + scale_mlp) + shift_mlp).unflatten(1, (frames, height, width))
-        return x + gate_mlp * _feed_forward(self.ff, normed, memory, layer_memory, write_memory).flatten(1, 3)
+        ff = self.ff(normed, memory=memory, layer_memory=layer_memory, write_memory=write_memory)
+        return x + gate_mlp * ff.flatten(1, 3)
 
 
 TransformerBlockRegistry.register(CausalSanaVideoTransformerBlock, TransformerBlockMetadata(return_hidden_states_index=0))
@@ -155,8 +176,10 @@ class CausalSanaVideoTransformer3DModel(SanaVideoTransformer3DModel, CacheMixin)
     @functools.wraps(SanaVideoTransformer3DModel.__init__)  # the same config arguments, so configs load as they are
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        for block in self.transformer_blocks:  # same parameters: only the forward changes
+        for block in self.transformer_blocks:  # same parameters: only the forwards change
             block.__class__ = CausalSanaVideoTransformerBlock
+            block.attn1.__class__ = CausalLinearAttention
+            block.ff.__class__ = CausalGLUMBTempConv
 
     def new_memory(self, keep_last_chunks: int | None = None, track_gradients: bool = False) -> LongVideoMemory:
         return LongVideoMemory(len(self.transformer_blocks), keep_last_chunks, track_gradients)

@@ -102,10 +102,18 @@ def test_diffusers_caches_reach_the_causal_blocks(pipe, method):
     plain = _run(pipe, num_chunks=2, timesteps=SIX_STEPS).frames
     options = {"first_block_cache": {"threshold": 1e9},
                "taylorseer": {"cache_interval": 2, "disable_cache_before_step": 1}}[method]
+    last = pipe.transformer.transformer_blocks[-1]
+    runs = {"attn1": 0, "ff": 0}  # real runs of the last block's self-attention and feed-forward
+    hooks = [last.attn1.to_q.register_forward_hook(lambda *_: runs.update(attn1=runs["attn1"] + 1)),
+             last.ff.conv_inverted.register_forward_hook(lambda *_: runs.update(ff=runs["ff"] + 1))]
     with accel.patch(pipe, method=method, **options) as handle:
         cached = _run(pipe, num_chunks=2, timesteps=SIX_STEPS)
         stats = handle.stats()
+    for hook in hooks:
+        hook.remove()
     assert stats["computed"] < stats["steps"] and not np.allclose(cached.frames, plain, atol=1e-4)
+    calls = 2 * (len(SIX_STEPS) + 1)  # per chunk: its steps and its memory pass
+    assert runs["attn1"] < calls and runs["ff"] < calls  # the skipped steps skip them
 
 
 def test_interrupted_generation_leaves_no_video_file(pipe, tmp_path):
