@@ -17,8 +17,6 @@ import sys
 
 import torch
 
-import accel
-
 from .spec import RunSpec, SpecError, load_prompts, parse_method
 
 QUICKSTART_METHODS = ["cg_taylor", "cg_taylor:threshold=0.1", "first_block_cache:threshold=0.05",
@@ -63,9 +61,11 @@ def _spec_from_args(args) -> RunSpec:
 
 def _check_configs(pipe, spec: RunSpec) -> None:
     """Patch and unpatch once per configuration, so a bad option fails before any sample is made."""
+    from .generate import patch_config
+
     for config in spec.configs[1:]:
         try:
-            accel.patch(pipe, method=config.method, **dict(config.options)).remove()
+            patch_config(pipe, config, spec).remove()
         except (TypeError, ValueError, NotImplementedError) as err:
             raise SpecError(f"{config.label}: {err}") from None
 

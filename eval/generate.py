@@ -134,12 +134,20 @@ def _time_config(pipe, spec: RunSpec, handle, path: str) -> None:
                        "stats": stats, "environment": environment(spec)})
 
 
+def patch_config(pipe, config: MethodConfig, spec: RunSpec):
+    """accel.patch with the configuration's options; mag_cache lays its ratios out over the run's --steps."""
+    options = dict(config.options)
+    if config.method == "mag_cache" and "num_inference_steps" in spec.call:
+        options.setdefault("num_inference_steps", spec.call["num_inference_steps"])
+    return accel.patch(pipe, method=config.method, **options)
+
+
 def generate(pipe, spec: RunSpec, run_dir: str, jobs: list[tuple[int, int]], time_it: bool = True) -> None:
     """All samples of `jobs` for every configuration (skipping those on disk), and each configuration's timing."""
     todo = [(c, j) for c in spec.configs for j in jobs if not os.path.exists(sample_path(run_dir, c, *j))]
     bar = tqdm(total=len(todo), desc="samples", disable=not todo)
     for config in spec.configs:
-        handle = accel.patch(pipe, method=config.method, **dict(config.options)) if config.method else None
+        handle = patch_config(pipe, config, spec) if config.method else None
         try:
             for prompt_index, seed in jobs:
                 path = sample_path(run_dir, config, prompt_index, seed)

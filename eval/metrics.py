@@ -26,11 +26,12 @@ def to_float(pixels: np.ndarray) -> torch.Tensor:
 
 
 def fidelity(samples: np.ndarray, baseline: np.ndarray) -> dict[str, float]:
-    """PSNR (inf when identical) and SSIM against the unaccelerated outputs."""
+    """PSNR and SSIM against the unaccelerated outputs. PSNR of the squared error pooled over every sample: inf only
+    when all are identical (a mean of per-sample PSNRs is inf as soon as one is)."""
     x, y = to_float(samples), to_float(baseline)
-    psnr = [float(peak_signal_noise_ratio(a[None], b[None], data_range=1.0)) for a, b in zip(x, y)]
+    psnr = float(peak_signal_noise_ratio(x, y, data_range=1.0))
     ssim = float(structural_similarity_index_measure(x, y, data_range=1.0))
-    return {"psnr": float(np.mean(psnr)), "ssim": ssim}
+    return {"psnr": psnr, "ssim": ssim}
 
 
 def lpips(samples: np.ndarray, baseline: np.ndarray) -> dict[str, float]:
@@ -98,7 +99,9 @@ def fid_kid(samples: np.ndarray, reference: np.ndarray, extractor: FeatureExtrac
     from torchmetrics.image.kid import KernelInceptionDistance
 
     x, y = (torch.from_numpy(p).reshape(-1, *p.shape[-3:]).permute(0, 3, 1, 2).contiguous() for p in (samples, reference))
-    subset = max(2, min(len(x), len(y), 50))
+    if min(len(x), len(y)) < 2:
+        raise Unavailable(f"FID/KID need at least 2 images (frames) a side; this run has {min(len(x), len(y))}")
+    subset = min(len(x), len(y), 50)
     # Only the main process measures, on every sample: no syncing with the other processes of an accelerate run.
     local = dict(normalize=False, sync_on_compute=False)
     fid = FrechetInceptionDistance(feature=extractor.module, **local)  # sums kept in float64

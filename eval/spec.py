@@ -41,6 +41,24 @@ def _value(text: str):
         return text
 
 
+def _split_options(text: str) -> list[str]:
+    """At the commas outside brackets and quotes: "mag_ratios=[1.0,0.9],threshold=0.1" is two options."""
+    items, depth, quote, start = [], 0, None, 0
+    for i, char in enumerate(text):
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "\"'":
+            quote = char
+        elif char in "[{(":
+            depth += 1
+        elif char in "]})":
+            depth -= 1
+        elif char == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    return [*items, text[start:]]
+
+
 def parse_method(text: str) -> MethodConfig:
     """"baseline", "cg_taylor", or "cg_taylor:threshold=0.1,warmup_steps=4"."""
     name, _, opts = text.strip().partition(":")
@@ -51,7 +69,7 @@ def parse_method(text: str) -> MethodConfig:
     if name not in METHODS:
         raise SpecError(f"unknown method {name!r}; available: baseline, {', '.join(METHODS)}")
     options = []
-    for item in filter(None, opts.split(",")):
+    for item in filter(None, _split_options(opts)):
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
             raise SpecError(f"malformed option {item!r} in {text!r}: expected key=value")

@@ -111,3 +111,14 @@ def test_two_processes_give_the_same_numbers_as_one(setup):
     if not (setup / "run" / "results.json").exists():
         assert _run(setup, setup / "run") == 0
     assert _quality(out) == _quality(setup / "run")
+
+
+def test_mag_cache_takes_its_ratios_and_the_runs_steps_from_the_command_line(setup):
+    from accel.eval.cli import _check_configs
+    from accel.eval.generate import load_pipeline
+    from accel.eval.spec import RunSpec, parse_method
+
+    config = parse_method("mag_cache:mag_ratios=[1.0,0.95,0.9,0.9],threshold=0.1")
+    assert dict(config.options) == {"mag_ratios": [1.0, 0.95, 0.9, 0.9], "threshold": 0.1}
+    spec = RunSpec(str(setup / "pipe"), [config], ["a red circle"], call={"num_inference_steps": 4})
+    _check_configs(load_pipeline(spec.pipeline, "cpu", "float32"), spec)  # raises a SpecError if it cannot patch

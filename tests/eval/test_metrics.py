@@ -35,6 +35,17 @@ def test_psnr_is_inf_for_identical_images_and_finite_otherwise():
     assert 15 < f["psnr"] < 40 and f["ssim"] < 1
 
 
+def test_psnr_pools_the_error_so_one_identical_sample_does_not_make_it_inf():
+    x, other = _images(2), _images(2, seed=3)
+    mixed = np.stack([x[0], other[1]])  # the first identical to the baseline, the second not
+    assert metrics.fidelity(mixed, x)["psnr"] == pytest.approx(metrics.fidelity(other[1:], x[1:])["psnr"] + 10 * np.log10(2))
+
+
+def test_fid_and_kid_of_a_single_image_are_unavailable_not_a_crash():
+    with pytest.raises(metrics.Unavailable, match="at least 2"):
+        metrics.fid_kid(_images(1), _images(4), _extractor())
+
+
 def test_fid_of_a_set_with_itself_is_zero_and_grows_with_noise():
     x = np.concatenate([_images(32, s) for s in range(4)])
     extractor = _extractor()
