@@ -29,7 +29,8 @@ CG_TAYLOR_HOOK = "accel_cg_taylor"
 @dataclass(frozen=True)
 class CGTaylorConfig:
     """threshold: gate on the relative error of block 0's forecast (0 never predicts).
-    warmup_steps: steps always computed at the start (the first step always is).
+    warmup_steps: steps always computed at the start of each model's run (the first step always is; Wan 2.2's second
+        expert warms up on its own first steps).
     first_block_order / last_block_order: Taylor orders of the block-0 and last-block series.
     max_consecutive_predicted: cap on predicted steps in a row.
     """
@@ -76,11 +77,12 @@ class _BranchSeries(BaseState):
         self.last = TaylorSeries(last_order)
         self.skipping = False
         self.consecutive = 0
+        self.start: int | None = None  # the first step this model ran in the generation (Wan 2.2's second expert)
 
     def reset(self) -> None:
         self.first.reset()
         self.last.reset()
-        self.skipping, self.consecutive = False, 0
+        self.skipping, self.consecutive, self.start = False, 0, None
 
 
 def _hidden(block: Block, output):
@@ -147,8 +149,9 @@ class CGTaylorHeadHook(ModelHook):
         cfg = self.shared.config
         if not step.decides:
             return self.shared.decisions.get(step.index, False) and state.last.ready
+        state.start = step.index if state.start is None else state.start
         eligible = (
-            step.index >= max(1, cfg.warmup_steps)
+            step.index - state.start >= max(1, cfg.warmup_steps)  # each expert warms up on its own first steps
             and not step.is_last
             and state.consecutive < cfg.max_consecutive_predicted
             and state.first.ready

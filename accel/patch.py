@@ -132,6 +132,7 @@ def _install_cg_taylor(handle: PatchHandle, model: torch.nn.Module, config, cloc
 def _install_diffusers(handle: PatchHandle, model: torch.nn.Module, cache: DiffusersCache, clock: StepClock) -> None:
     # The counter sits inside the cache's hook, so it sees only the steps the cache lets run.
     HookRegistry.check_if_exists_or_initialize(cache.observed).register_hook(ComputeCounter(clock), COUNTER_HOOK)
+    clock.derives_predictions = True
     handle._removers.append(lambda: HookRegistry.check_if_exists_or_initialize(model).remove_hook(COUNTER_HOOK))
     if hasattr(model, "enable_cache"):  # CacheMixin: diffusers then knows a cache is on and refuses a second one
         model.enable_cache(cache.config)

@@ -124,6 +124,9 @@ class StepClock:
         self.stats = RunStats()
         self.totals = StepTotals()
         self.in_generation = False
+        # diffusers' caches report nothing: a step in which the observed module did not run was predicted.
+        self.derives_predictions = False
+        self._ran = False
 
     def start_generation(self) -> None:
         self.stats = RunStats()
@@ -134,11 +137,17 @@ class StepClock:
         c = self.current.context
         for counts in (self.stats.steps, self.totals.steps):
             counts[c] = counts.get(c, 0) + 1
+        self._ran = False
 
     def record_computed(self) -> None:
         c = self.current.context
         for counts in (self.stats.computed, self.totals.computed):
             counts[c] = counts.get(c, 0) + 1
+        self._ran = True
+
+    def end_step(self) -> None:
+        if self.derives_predictions and not self._ran:
+            self.stats.predicted_steps.setdefault(self.current.context, []).append(self.current.index)
 
     def record_gate(self, error: float | None, predicted: bool) -> None:
         c, i = self.current.context, self.current.index
@@ -180,17 +189,28 @@ class StepHook(ModelHook):
         self.clock = clock
         self.cond_half = cond_half
         self.records = StateManager(_BranchRecord)
+        self._last_uncontexted = None  # (timestep, input's storage) of the last call without a cache context
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         try:
             self.records.context
         except ValueError:  # the pipeline set no cache context
-            _set_cache_context(module, CacheContext("default"))
+            _set_cache_context(module, CacheContext(self._branch_without_context(args, kwargs)))
             try:
                 return self._step(module, args, kwargs)
             finally:
                 _set_cache_context(module, None)
         return self._step(module, args, kwargs)
+
+    def _branch_without_context(self, args: tuple, kwargs: dict) -> str:
+        """A pipeline without cache contexts that runs guidance as two calls a step (WanVideoToVideoPipeline; FLUX
+        img2img with true_cfg_scale) hands both the same latents at the same timestep: the second call is the
+        unconditional branch, which follows the first's decisions, not a step of its own."""
+        call = (_timestep_of(args, kwargs), _hidden_of(args, kwargs).untyped_storage().data_ptr())
+        if call[0] is not None and call == self._last_uncontexted:
+            return "uncond"
+        self._last_uncontexted = call
+        return "default"
 
     def _step(self, module: torch.nn.Module, args: tuple, kwargs: dict):
         context = self.records.context
@@ -211,7 +231,9 @@ class StepHook(ModelHook):
         self.clock.current = Step(context.name, index, total, self.cond_half(args, kwargs))
         self.clock.record_step()
         try:
-            return self.fn_ref.original_forward(*args, **kwargs)
+            output = self.fn_ref.original_forward(*args, **kwargs)
+            self.clock.end_step()
+            return output
         finally:
             self.clock.current = None
 

@@ -55,6 +55,18 @@ def test_skip_rules_warmup_first_last_and_cap():
     assert [i for i, e in enumerate(stats["gate_errors"]) if e is not None] == [3, 4, 6, 7, 9, 10]
 
 
+def test_a_model_joining_a_run_late_warms_up_on_its_own_first_steps():
+    """Wan 2.2's low-noise expert sees steps 15..19 of 20: steps 15..17 are its warm-up."""
+    model = tm.wan()
+    x = tm.inputs(model)
+    with accel.patch(model, threshold=1e9, warmup_steps=3) as handle, torch.no_grad():
+        for i in range(15, 20):
+            with model.cache_context("cond", step_index=i, num_inference_steps=20):
+                model(**x, timestep=tm.timestep(model, 999 - i * 45, 1), return_dict=False)
+        stats = handle.stats()
+    assert stats["predicted_steps"] == [18]  # 19 is the run's last step: computed
+
+
 def test_predicted_step_uses_the_last_block_forecast():
     # With order 0 the forecast is the last full step's output: a predicted step returns exactly that output
     # whenever the head's output-independent parts (norm_out / proj_out inputs) match, i.e. same timestep.

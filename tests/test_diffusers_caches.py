@@ -25,7 +25,7 @@ def test_engages_on_every_family_and_counts_steps(build, method, options):
         out = denoise(model, x)
         stats = handle.stats()
     assert stats["steps"] == STEPS and 0 < stats["computed"] < STEPS
-    assert stats["predicted"] == STEPS - stats["computed"]
+    assert stats["predicted"] == STEPS - stats["computed"] == len(stats["predicted_steps"])
     assert torch.isfinite(out).all() and not torch.equal(out, base)
     assert torch.equal(denoise(model, x), base)
 
@@ -52,3 +52,24 @@ def test_taylorseer_hooks_wan_attention_and_ffn():
 def test_taylorseer_patterns_that_match_nothing_are_an_error():
     with pytest.raises(ValueError, match="match no module"):
         accel.patch(tm.wan(), method="taylorseer", cache_identifiers=[r"^blocks.*attn"])
+
+
+def test_guidance_as_two_calls_without_cache_context_is_one_step_of_two_branches():
+    model = tm.wan()
+    x, text = tm.inputs(model)["hidden_states"], tm.inputs(model)["encoder_hidden_states"]
+
+    def guided(latents, steps=6):  # as WanVideoToVideoPipeline: cond, then uncond, on the same latents, no context
+        for t in torch.linspace(999, 100, steps):
+            timestep = t.expand(1)
+            cond = model(hidden_states=latents, timestep=timestep, encoder_hidden_states=text).sample
+            uncond = model(hidden_states=latents, timestep=timestep, encoder_hidden_states=torch.zeros_like(text)).sample
+            latents = latents - 0.1 * (uncond + 3 * (cond - uncond))
+        return latents
+
+    base = guided(x)
+    with accel.patch(model, method="cg_taylor", threshold=0.0) as handle:
+        assert torch.equal(guided(x), base)  # skips nothing: changes nothing
+        guided(x)
+        totals = handle.totals()
+    assert (totals["generations"], totals["context"], totals["steps"]) == (2, "default", 12)
+    assert totals["per_context"]["uncond"] == {"steps": 12, "computed": 12}
