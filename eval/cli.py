@@ -60,9 +60,11 @@ def _spec_from_args(args) -> RunSpec:
 
 
 def _check_configs(pipe, spec: RunSpec) -> None:
-    """Patch and unpatch once per configuration, so a bad option fails before any sample is made."""
-    from .generate import patch_config
+    """The call's arguments, and each configuration patched and unpatched once: bad input fails before any file is
+    written."""
+    from .generate import check_call_arguments, patch_config
 
+    check_call_arguments(pipe, spec.call)
     for config in spec.configs[1:]:
         try:
             patch_config(pipe, config, spec).remove()

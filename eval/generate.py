@@ -73,16 +73,31 @@ def atomic_json(path: str, obj) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1, default=str).encode()))
 
 
+_FLAGS = {"num_inference_steps": "--steps", "height": "--height", "width": "--width", "num_frames": "--frames",
+          "guidance_scale": "--guidance"}  # the command-line flag behind each pipeline argument
+
+
+def check_call_arguments(pipe, call: dict) -> dict:
+    """The pipeline call's arguments from the run's options; a SpecError for those the pipeline cannot take."""
+    params = inspect.signature(pipe.__call__).parameters
+    kwargs = {k: v for k, v in call.items() if v is not None}
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        unknown = [_FLAGS.get(k, k) for k in kwargs if k not in params]
+        if unknown:
+            raise SpecError(f"{type(pipe).__name__} takes no {', '.join(unknown)}")
+    if "num_chunks" in params and "num_frames" not in kwargs:
+        raise SpecError(f"{type(pipe).__name__} makes videos of any length: give --frames")
+    return kwargs
+
+
 def _call(pipe, prompt: str, seed: int, call: dict, device: str) -> np.ndarray:
     """One sample as uint8, channels last; frames first for videos."""
     params = inspect.signature(pipe.__call__).parameters
-    kwargs = {k: v for k, v in call.items() if v is not None}
+    kwargs = check_call_arguments(pipe, call)
     if "prompt" in params:
         kwargs["prompt"] = prompt
     elif "class_labels" in params:  # DiTPipeline: ImageNet label names as prompts
         kwargs["class_labels"] = pipe.get_label_ids([prompt])
-    if "num_chunks" in params and "num_frames" not in kwargs:
-        raise SpecError(f"{type(pipe).__name__} makes videos of any length: give --frames")
     if "output_type" in params:  # long-video pipelines return numpy frames anyway
         kwargs["output_type"] = "np"
     generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -93,7 +108,7 @@ def _call(pipe, prompt: str, seed: int, call: dict, device: str) -> np.ndarray:
 
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(torch.device(device))
 
 
 def sample_path(run_dir: str, config: MethodConfig, prompt_index: int, seed: int) -> str:
@@ -120,7 +135,7 @@ def _time_config(pipe, spec: RunSpec, handle, path: str) -> None:
     if handle:
         handle.reset()
     if spec.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(torch.device(spec.device))
     latencies = []
     for _ in range(spec.repeats):
         _sync(spec.device)
@@ -128,7 +143,7 @@ def _time_config(pipe, spec: RunSpec, handle, path: str) -> None:
         _call(pipe, prompt, 0, spec.call, spec.device)
         _sync(spec.device)
         latencies.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 1e9 if spec.device.startswith("cuda") else None
+    peak = torch.cuda.max_memory_allocated(torch.device(spec.device)) / 1e9 if spec.device.startswith("cuda") else None
     stats = handle.totals() if handle else None  # over the timed calls
     atomic_json(path, {"latencies_s": latencies, "median_s": statistics.median(latencies), "peak_memory_gb": peak,
                        "stats": stats, "environment": environment(spec)})

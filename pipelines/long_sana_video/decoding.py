@@ -29,6 +29,8 @@ class StreamingWanDecoder:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.vae
+        if hasattr(vae, "_hf_hook") and hasattr(vae._hf_hook, "pre_forward"):  # model CPU offload, as `vae.decode` does
+            vae._hf_hook.pre_forward(vae)
         x = vae.post_quant_conv(latents)  # kernel 1 in time: per frame
         frames = []
         for i in range(x.shape[2]):

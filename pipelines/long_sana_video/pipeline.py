@@ -10,6 +10,7 @@ the whole video decoded at once) and handed to the caller (`callback_on_chunk_en
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
@@ -29,6 +30,8 @@ from .transformer import CausalSanaVideoTransformer3DModel
 logger = logging.getLogger("accel")
 
 LONG_SANA_TIMESTEPS = (1000.0, 960.0, 889.0, 727.0)  # the released few-step schedule per chunk
+# The instruction SanaVideoPipeline puts before a prompt by default: prompts are encoded as it encodes them.
+SANA_VIDEO_INSTRUCTION = inspect.signature(SanaVideoPipeline.__call__).parameters["complex_human_instruction"].default
 
 
 @dataclass
@@ -128,6 +131,7 @@ class LongSanaVideoPipeline(SanaVideoPipeline):
         return_frames: bool | None = None,
         callback_on_chunk_end: Callable[["LongSanaVideoPipeline", int, np.ndarray], None] | None = None,
         max_sequence_length: int = 300,
+        complex_human_instruction: list[str] | None = SANA_VIDEO_INSTRUCTION,
     ) -> LongVideoOutput:
         if not isinstance(self.transformer, CausalSanaVideoTransformer3DModel):
             raise TypeError("LongSanaVideoPipeline needs a CausalSanaVideoTransformer3DModel (from_pretrained loads one)")
@@ -143,7 +147,7 @@ class LongSanaVideoPipeline(SanaVideoPipeline):
             prompt, cfg, negative_prompt=negative_prompt, device=device, prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds, prompt_attention_mask=prompt_attention_mask,
             negative_prompt_attention_mask=negative_prompt_attention_mask, max_sequence_length=max_sequence_length,
-            complex_human_instruction=None,
+            complex_human_instruction=complex_human_instruction,
         )
         texts = [t.to(self.transformer.dtype) for t in ((cond, uncond) if cfg else (cond,))]
         masks = [cond_mask, uncond_mask] if cfg else [cond_mask]

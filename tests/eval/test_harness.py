@@ -80,6 +80,8 @@ def test_interrupted_run_resumes_without_recomputing(setup):
         (["run", "--pipeline", "PIPE", "--prompts", "PROMPTS", "--method", "cg_taylor:tresh=1", "--out", "o"], "unknown cg_taylor option"),
         (["run", "--pipeline", "/no/such/pipeline", "--prompts", "PROMPTS", "--out", "o"], "cannot load pipeline"),
         (["report", "/no/such/run"], "not a run folder"),
+        (["run", "--pipeline", "PIPE", "--prompts", "PROMPTS", "--frames", "17", "--out", "o"],
+         "ShapesImagePipeline takes no --frames"),
         pytest.param(["quickstart", "--device", "cuda", "--out", "o"], "no CUDA device",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
     ],

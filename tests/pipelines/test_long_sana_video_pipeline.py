@@ -189,3 +189,18 @@ def test_chunks_decode_to_exactly_the_frames_of_the_whole_video(pipe):
     torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
     frames = _run(pipe, num_chunks=2, return_frames=True).frames
     assert frames.shape[1] == 1 + 4 * (2 * 2 - 1)
+
+
+def test_streamed_decoding_moves_an_offloaded_vae_as_its_own_decode_would(pipe):
+    class OffloadHook:  # what enable_model_cpu_offload attaches: pre_forward puts the module on the GPU
+        calls = 0
+
+        def pre_forward(self, module):
+            OffloadHook.calls += 1
+
+    pipe.vae._hf_hook = OffloadHook()
+    try:
+        _run(pipe, num_chunks=2)
+    finally:
+        del pipe.vae._hf_hook
+    assert OffloadHook.calls >= 2  # before each chunk's decoding
