@@ -58,6 +58,15 @@ def _cond_half_reader(model: torch.nn.Module, pipeline: DiffusionPipeline | None
     return lambda args, kwargs: None
 
 
+def _merge_models(per_model: list[dict], lists: tuple[str, ...] = ()) -> dict:
+    """One report for the models that share a generation's steps (Wan 2.2's two experts)."""
+    out = dict(per_model[0])
+    for extra in per_model[1:]:
+        for key in ("steps", "computed", "predicted", *lists):
+            out[key] = out[key] + extra[key]
+    return out
+
+
 class PatchHandle:
     """What `accel.patch` returns: `.stats()`, `.totals()`, `.reset()`, `.remove()`; also a context manager."""
 
@@ -71,13 +80,7 @@ class PatchHandle:
         """For the last generation: steps, `computed`, `predicted`, gate error per step, predicted step indices."""
         if not self.clocks:  # an attention method: nothing is skipped
             return {"method": self.method, "config": self.configs}
-        per_model = [clock.stats.as_dict() for clock in self.clocks]
-        out = dict(per_model[0])
-        for extra in per_model[1:]:  # Wan 2.2: two experts share the steps of one generation
-            for key in ("steps", "computed", "predicted"):
-                out[key] += extra[key]
-            out["gate_errors"] += extra["gate_errors"]
-            out["predicted_steps"] += extra["predicted_steps"]
+        out = _merge_models([clock.stats.as_dict() for clock in self.clocks], ("gate_errors", "predicted_steps"))
         out["method"] = self.method
         out["config"] = [dataclasses.asdict(c) if dataclasses.is_dataclass(c) else repr(c) for c in self.configs]
         return out
@@ -87,11 +90,7 @@ class PatchHandle:
         video is one generation per chunk, for which `stats()` tells the last chunk only."""
         if not self.clocks:
             return {"method": self.method, "config": self.configs}
-        per_model = [clock.totals.as_dict() for clock in self.clocks]
-        out = dict(per_model[0])
-        for extra in per_model[1:]:  # Wan 2.2: two experts share the steps of one generation
-            for key in ("steps", "computed", "predicted"):
-                out[key] += extra[key]
+        out = _merge_models([clock.totals.as_dict() for clock in self.clocks])
         out["method"] = self.method
         return out
 

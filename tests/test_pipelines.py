@@ -46,6 +46,26 @@ def test_wan_pipeline_sequential_cfg_uncond_follows_cond():
     assert set(per) == {"cond", "uncond"} and per["cond"] == per["uncond"]
 
 
+def test_wan_2_2_experts_report_one_run_and_each_warms_up_on_its_own_steps():
+    from diffusers import WanPipeline
+
+    from accel.pipelines.tiny import tiny_wan_transformer
+
+    pipe, kwargs = tp.wan()
+    pipe = WanPipeline(**{**pipe.components, "transformer_2": tiny_wan_transformer()}, boundary_ratio=0.5)
+    pipe.set_progress_bar_config(disable=True)
+    calls = []
+    pipe.transformer.register_forward_pre_hook(lambda *_: calls.append(1))
+    with accel.patch(pipe, threshold=1e9, warmup_steps=2) as handle:
+        _output(pipe, kwargs, 12)
+        stats, totals = handle.stats(), handle.totals()
+    first_of_expert_2 = len(calls) // 2  # expert 1's steps, two calls (cond, uncond) each
+    assert 0 < first_of_expert_2 < 12
+    assert stats["steps"] == totals["steps"] == 12  # the experts' steps add up to the run's
+    assert stats["predicted"] == len(stats["predicted_steps"]) > 0
+    assert not {0, 1, first_of_expert_2, first_of_expert_2 + 1} & set(stats["predicted_steps"])
+
+
 def test_first_block_cache_through_accel_equals_diffusers_enable_cache():
     from diffusers.hooks import FirstBlockCacheConfig
 
