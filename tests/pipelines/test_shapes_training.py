@@ -49,3 +49,108 @@ def test_a_stop_while_the_old_checkpoint_is_aside_keeps_it(tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         _replace_folder(str(tmp_path / "checkpoint.tmp"), str(tmp_path / "checkpoint"))
     assert _existing(str(tmp_path / "checkpoint")) == str(tmp_path / "checkpoint.old")
+
+
+def test_flow_matching_models_train_a_step(tmp_path):
+    for kind in ("image", "video"):
+        report = train(TrainConfig(kind=kind, steps=1, batch_size=2, lr=1e-4, log_every=1), str(tmp_path / kind))
+        assert torch.isfinite(torch.tensor(report["losses"][0][1]))
+        assert (tmp_path / kind / "model" / "model_index.json").exists()
+
+
+def test_time_budget_stops_early_with_a_resumable_checkpoint(tmp_path):
+    cfg = dict(kind="classifier", steps=50, batch_size=4, lr=1e-3, log_every=1)
+    report = train(TrainConfig(max_minutes=0.0, **cfg), str(tmp_path))
+    assert report["steps_done"] == 0 and (tmp_path / "checkpoint" / "state.json").exists()
+    assert (tmp_path / "model" / "config.json").exists()
+
+
+def test_init_continues_from_an_exported_model_and_records_its_history(tmp_path):
+    for kind in ("classifier", "video"):
+        cfg = dict(kind=kind, batch_size=4, lr=1e-3, log_every=1)
+        train(TrainConfig(steps=2, **cfg), str(tmp_path / kind / "first"))
+        first = tmp_path / kind / "first" / "model"
+        report = train(TrainConfig(steps=0, init=str(first), **cfg), str(tmp_path / kind / "second"))  # exports the init
+        assert report["init_training"]["steps_done"] == 2
+        second = tmp_path / kind / "second" / "model"
+        for file in first.rglob("*.safetensors"):
+            a, b = load_file(str(file)), load_file(str(second / file.relative_to(first)))
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_init_refuses_weights_of_another_model(tmp_path):
+    train(TrainConfig(kind="classifier", steps=1, batch_size=4, lr=1e-3), str(tmp_path / "classifier"))
+    with pytest.raises(ValueError, match="does not fit"):
+        train(TrainConfig(kind="image", steps=1, batch_size=2, lr=1e-3, init=str(tmp_path / "classifier" / "model")),
+              str(tmp_path / "image"))
+
+
+def test_init_with_a_new_text_encoder_keeps_the_transformer_only(tmp_path):
+    cfg = dict(kind="video", batch_size=4, lr=1e-3, log_every=1)
+    train(TrainConfig(steps=2, seed=1, **cfg), str(tmp_path / "first"))
+    train(TrainConfig(steps=0, **cfg), str(tmp_path / "fresh"))  # seed 0's untrained weights
+    first = tmp_path / "first" / "model"
+    report = train(TrainConfig(steps=0, init=str(first), new_text_encoder=True, **cfg), str(tmp_path / "second"))
+    assert report["config"]["new_text_encoder"]
+    second = tmp_path / "second" / "model"
+    for sub, expected in (("transformer", first), ("text_encoder", tmp_path / "fresh" / "model")):
+        for file in (second / sub).glob("*.safetensors"):
+            a, b = load_file(str(file)), load_file(str(expected / sub / file.name))
+            assert all(torch.equal(a[k], b[k]) for k in a), sub
+    with pytest.raises(ValueError, match="give --init"):
+        train(TrainConfig(steps=0, new_text_encoder=True, **cfg), str(tmp_path / "third"))
+    with pytest.raises(ValueError, match="no text encoder"):
+        train(TrainConfig(kind="image", steps=0, batch_size=2, lr=1e-3, init=str(first), new_text_encoder=True),
+              str(tmp_path / "image"))
+
+
+def test_a_resumed_run_gets_its_own_time_budget_and_refuses_another_configuration(tmp_path):
+    cfg = dict(kind="classifier", batch_size=4, lr=1e-3, log_every=1)
+    assert train(TrainConfig(steps=2, max_minutes=5, **cfg), str(tmp_path))["steps_done"] == 2
+    assert train(TrainConfig(steps=4, max_minutes=5, **cfg), str(tmp_path))["steps_done"] == 4  # 2 more
+    with pytest.raises(ValueError, match="another configuration"):
+        train(TrainConfig(steps=6, seed=1, **cfg), str(tmp_path))
+
+
+def test_a_run_stopped_while_replacing_its_checkpoint_resumes_from_the_old_one(tmp_path, monkeypatch):
+    from accel.pipelines.shapes import train as train_module
+
+    cfg = dict(kind="classifier", batch_size=4, lr=1e-3, log_every=1)
+    train(TrainConfig(steps=2, **cfg), str(tmp_path))
+    (tmp_path / "checkpoint").rename(tmp_path / "checkpoint.old")  # killed between the two renames
+    steps_run = []
+    loss = train_module._classifier_loss
+    monkeypatch.setattr(train_module, "_classifier_loss", lambda *a: steps_run.append(a[1]) or loss(*a))
+    assert train(TrainConfig(steps=3, **cfg), str(tmp_path))["steps_done"] == 3
+    assert steps_run == [2]  # resumed after step 2, not restarted
+    assert (tmp_path / "checkpoint").exists() and not (tmp_path / "checkpoint.old").exists()
+
+
+def test_init_from_a_video_model_without_the_position_channel_starts_out_as_that_model(tmp_path):
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+
+    from accel.pipelines.shapes.models import video_transformer, with_frame_position
+    from accel.pipelines.shapes.pipelines import ShapesVideoPipeline
+    from accel.pipelines.shapes.text import build_text_encoder, build_tokenizer
+
+    torch.manual_seed(0)
+    encoder = build_text_encoder()
+    old = WanTransformer3DModel.from_config({**video_transformer(encoder.config.d_model).config, "in_channels": 3})
+    ShapesVideoPipeline(old, encoder, build_tokenizer(), FlowMatchEulerDiscreteScheduler()).save_pretrained(tmp_path / "old")
+    train(TrainConfig(kind="video", steps=0, batch_size=2, lr=1e-3, init=str(tmp_path / "old")), str(tmp_path / "new"))
+    new = WanTransformer3DModel.from_pretrained(tmp_path / "new" / "model" / "transformer").float()
+    assert new.config.in_channels == 4
+    x, text = torch.randn(2, 3, 17, 32, 32), torch.randn(2, 8, encoder.config.d_model)
+    with torch.no_grad():
+        expected = old.half().float()(x, timestep=torch.tensor([500.0, 900.0]), encoder_hidden_states=text).sample
+        actual = new(with_frame_position(new, x), timestep=torch.tensor([500.0, 900.0]), encoder_hidden_states=text).sample
+    torch.testing.assert_close(actual, expected)
+
+
+def test_the_long_video_loss_weighs_the_chunk_without_memory_as_all_the_others():
+    from accel.pipelines.shapes.train import FIRST_CHUNK_SHARE, _weigh_chunk_losses
+
+    losses = [torch.tensor(x) for x in (4.0, 1.0, 2.0, 3.0)]
+    assert FIRST_CHUNK_SHARE == 0.5
+    assert _weigh_chunk_losses(losses, start=0).item() == 3.0  # (4 + mean(1, 2, 3)) / 2
+    assert _weigh_chunk_losses(losses[1:], start=8).item() == 2.0  # a context-only first chunk: plain mean
