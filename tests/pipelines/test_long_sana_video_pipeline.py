@@ -147,7 +147,7 @@ def test_prompt_embeddings_take_the_transformers_dtype(pipe):
     half = copy.deepcopy(pipe)
     half.transformer.to(torch.bfloat16)
     frames = _run(half, num_chunks=1).frames  # float32 prompt_embeds, as a user hands them
-    assert np.isfinite(frames).all()
+    np.testing.assert_allclose(frames, _run(pipe, num_chunks=1).frames, atol=0.05)  # bf16 of the same video
 
 
 def test_sizes_the_patches_do_not_divide_are_refused(pipe):

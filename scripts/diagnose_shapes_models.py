@@ -1,0 +1,104 @@
+"""Why a shapes video model misses its caption: the figures the shapes-video card and the session notes cite.
+
+    python scripts/diagnose_shapes_models.py --video FOLDER [--video-samples 48] [--long FOLDER] [--long-seeds 8]
+                                             [--out benchmarks/results/shapes_diagnosis.json]
+
+For a video model folder (save_pretrained layout):
+- caption agreement by part and the colour centroid's motion on `--video-samples` held-out videos;
+- how far apart its text encoder puts "left" / "right" / "up" captions;
+- the model's predicted clean video from pure noise at t = 0.98 and 0.7 for "a red circle moving left / right":
+  where the red is, frame by frame (a model that cannot tell a clip's start from its end predicts the same for both).
+For a long-video model folder: the share of seeds showing the caption's shape and colour chunk by chunk over 8 chunks,
+and which colours its first-chunk prediction from noise at t = 0.98 holds for "a red / blue / green circle".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+import torch
+
+from accel.pipelines.shapes.data import COLOURS
+from accel.pipelines.shapes.long_video import ShapesLongVideoPipeline
+from accel.pipelines.shapes.models import ShapesClassifier, with_frame_position
+from accel.pipelines.shapes.pipelines import ShapesVideoPipeline
+from accel.pipelines.shapes.report import (
+    VIDEO_CAPTIONS, direction_word_gaps, generate_and_score, long_video_report, motion_by_centroid,
+)
+
+WEIGHTS = os.path.join(os.path.dirname(__file__), "..", "pipelines", "weights")
+
+
+def _predicted_clean(transformer, model_input, text, t: float) -> np.ndarray:
+    """x0 = x_t - t v from pure noise x_t (the flow the shapes models learn), as (B, F, H, W, 3) in [0, 1]."""
+    noise = model_input[:, :3]
+    n = noise.shape[0]
+    v = transformer(model_input, encoder_hidden_states=text, timestep=torch.full((n,), t * 1000), return_dict=False)[0]
+    return (((noise - t * v).clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1).numpy()
+
+
+def _colour_weight(frames: np.ndarray, colour: str) -> np.ndarray:
+    return np.exp(-((frames - np.array(COLOURS[colour])) ** 2).sum(-1) / 0.05)
+
+
+def red_centroid_by_frame(pipe: ShapesVideoPipeline, n: int = 16) -> dict:
+    noise = torch.randn(n, 3, 17, 32, 32, generator=torch.Generator().manual_seed(0))
+    ys, xs = np.mgrid[:32, :32]
+    out = {}
+    for t in (0.98, 0.7):
+        for direction in ("left", "right"):
+            text = pipe.encode_prompt([f"a red circle moving {direction}"] * n, "cpu")
+            w = _colour_weight(_predicted_clean(pipe.transformer, with_frame_position(pipe.transformer, noise), text, t), "red")
+            x = ((w * xs).sum((2, 3)) / w.sum((2, 3))).mean(0)
+            out[f"t={t} {direction}: red centroid x at frames 0/8/16"] = [round(float(x[i]), 3) for i in (0, 8, 16)]
+    return out
+
+
+def video_diagnosis(folder: str, classifier, samples: int) -> dict:
+    pipe = ShapesVideoPipeline.from_pretrained(folder, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    captions = [VIDEO_CAPTIONS[(i * 7) % len(VIDEO_CAPTIONS)] for i in range(samples)]
+    shares, videos = generate_and_score(pipe, classifier, captions, video=True, batch=8)
+    return {"folder": folder, "samples": samples, "caption_agreement": shares,
+            "motion_by_centroid": motion_by_centroid(videos, captions),
+            "text_direction_gaps": direction_word_gaps(pipe), "predicted_clean_from_noise": red_centroid_by_frame(pipe)}
+
+
+def long_diagnosis(folder: str, classifier, seeds: int) -> dict:
+    result = long_video_report(folder, classifier, seeds=seeds)[0]
+    pipe = ShapesLongVideoPipeline.from_pretrained(folder, dtype=torch.float32)
+    noise = torch.randn(16, 3, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    colours = {}
+    for colour in ("red", "blue", "green"):
+        text = pipe.encode_prompt([f"a {colour} circle moving left"] * 16, False)[0]
+        clean = _predicted_clean(pipe.transformer, noise, text, 0.98)
+        mass = {name: float(_colour_weight(clean, name).mean()) for name in COLOURS}
+        colours[f"a {colour} circle: top colours at t=0.98"] = sorted(mass, key=mass.get, reverse=True)[:3]
+    return {"folder": folder, **result, "first_chunk_prediction_from_noise": colours}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--video", default=os.path.join(WEIGHTS, "shapes-video"))
+    p.add_argument("--video-samples", type=int, default=48)
+    p.add_argument("--long", help="a shapes long-video model folder")
+    p.add_argument("--long-seeds", type=int, default=8)
+    p.add_argument("--out", default="benchmarks/results/shapes_diagnosis.json")
+    args = p.parse_args()
+    torch.set_grad_enabled(False)
+    classifier = ShapesClassifier.from_pretrained(os.path.join(WEIGHTS, "shapes-classifier"), dtype=torch.float32).eval()
+    results = {"video": video_diagnosis(args.video, classifier, args.video_samples)}
+    if args.long:
+        results["long_video"] = long_diagnosis(args.long, classifier, args.long_seeds)
+    print(json.dumps(results, indent=1))
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(tmp, args.out)
+
+
+if __name__ == "__main__":
+    main()
