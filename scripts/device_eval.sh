@@ -2,8 +2,10 @@
 # The eval harness on the lent GPU(s): the quickstart itself, then its methods on both shipped pipelines (more
 # seeds) on one GPU and, when the machine has two, sharded over two processes with `accelerate launch`; then the
 # two runs' metrics side by side (everything but timings must agree). Run from the repo root with ".whl" carried:
-#   bash scripts/device_eval.sh             -> $OUT/eval.tar (results.md / results.json of each run), $OUT/compare.json
+#   bash scripts/device_eval.sh [--no-quickstart]  -> $OUT/eval.tar (results.md / results.json of each run), $OUT/compare.json
+# eval.tar is rewritten after each run, so a call cut short by its time limit still brings back the runs it finished.
 set -euo pipefail
+quickstart=1; [ "${1:-}" = --no-quickstart ] && quickstart=0
 source scripts/device_env.sh
 runs=/tmp/evalruns && rm -rf $runs && mkdir -p $runs && cd /tmp  # never resume an earlier call's samples
 python - <<'PY' >$runs/args.sh
@@ -13,14 +15,15 @@ open("/tmp/evalruns/shapes-video.txt", "w").write("\n".join(QUICKSTART_VIDEO_PRO
 print("methods=(--method baseline " + " ".join(f"--method '{m}'" for m in QUICKSTART_METHODS) + ")")
 PY
 source $runs/args.sh
+pack() { tar -C $runs -cf "$OUT/eval.tar" $(cd $runs && ls -d */results.md */results.json */pareto.png quickstart/*/results.md quickstart/*/results.json 2>/dev/null); }
 gpus=$(nvidia-smi -L | wc -l)
-python -m accel.eval quickstart --device cuda --out $runs/quickstart
+if [ $quickstart = 1 ]; then python -m accel.eval quickstart --device cuda --out $runs/quickstart; pack; fi
 for pipe in shapes-image shapes-video; do
   common=(--pipeline $pipe --prompts $runs/$pipe.txt --seeds 4 --device cuda "${methods[@]}")
-  python -m accel.eval run "${common[@]}" --out $runs/$pipe-1gpu
+  python -m accel.eval run "${common[@]}" --out $runs/$pipe-1gpu; pack
   if [ "$gpus" -ge 2 ]; then
     accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \
-      -m accel.eval run "${common[@]}" --out $runs/$pipe-2gpu
+      -m accel.eval run "${common[@]}" --out $runs/$pipe-2gpu; pack
   fi
 done
 python - <<'PY' >"$OUT/compare.json"
@@ -35,4 +38,3 @@ for one in sorted(glob.glob("/tmp/evalruns/*-1gpu")):
         out[os.path.basename(one)]["two_gpus_same_quality"] = rows(one) == rows(two)
 print(json.dumps(out, indent=1))
 PY
-tar -C $runs -cf "$OUT/eval.tar" $(cd $runs && ls -d */results.md */results.json */pareto.png quickstart/*/results.md quickstart/*/results.json 2>/dev/null)
