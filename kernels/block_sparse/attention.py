@@ -30,6 +30,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
@@ -277,6 +278,20 @@ def _fallback_warning() -> None:
         _fallback_warning.done = True
 
 
+def _dense_dispatch_note() -> None:
+    if not getattr(_dense_dispatch_note, "done", False):
+        logger.info(
+            "block_sparse_attention: the mask allows every (query, key) pair, so dense SDPA computes it (faster than "
+            "this kernel on a dense pattern); pass config= to run the Triton kernel anyway."
+        )
+        _dense_dispatch_note.done = True
+
+
+def runs_dense_sdpa(q: torch.Tensor, mask: BlockSparseMask, config: KernelConfig | None) -> bool:
+    """On CUDA a pattern that skips nothing goes to SDPA (cuDNN / FlashAttention), unless a kernel config is given."""
+    return q.device.type == "cuda" and config is None and mask.allows_all_pairs
+
+
 def _as_mask(block_mask, q: torch.Tensor, k: torch.Tensor, block_size: int) -> BlockSparseMask:
     if isinstance(block_mask, BlockSparseMask):
         if block_mask.device != q.device:
@@ -367,14 +382,20 @@ def block_sparse_attention(
     block_mask: a `BlockSparseMask` (see the builders), or a bool block table (B or 1, H or 1,
         ceil(N_q / block_size), ceil(N_k / block_size)) whose listed block pairs are fully allowed.
     scale: defaults to 1 / sqrt(D). A query that may see no key gets zeros.
-    out: optional output buffer like q (any strides); by default a new tensor shaped and strided like q.
+    out: optional output buffer like q (any strides); by default a new tensor.
     config: kernel tiles / warps / stages (default: `default_config`).
     On CUDA, and on CPU under TRITON_INTERPRET=1, runs the Triton kernel; on CPU otherwise the PyTorch reference.
+    A mask that allows every pair is dense attention: on CUDA it runs through SDPA (logged once), unless `config`
+    is given.
     """
     _check_tensors(q, k, v, out)
     mask = _as_mask(block_mask, q, k, block_size)
     _check_mask(mask, q, k)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if runs_dense_sdpa(q, mask, config):
+        _dense_dispatch_note()
+        dense = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        return dense if out is None else out.copy_(dense)
     out = torch.empty_like(q) if out is None else out
     if q.device.type == "cpu" and not INTERPRETED:
         _fallback_warning()

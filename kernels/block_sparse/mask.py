@@ -17,6 +17,8 @@ Semantics: query i sees key j iff (i's block, j's block) is listed and the rule 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -67,6 +69,7 @@ class BlockSparseMask:
                 raise ValueError(f"{name} must be int32 on {self.device} with leading shape {lead} (indices: one more dim)")
         self._check_lists()
         self._check_aux()
+        self.allows_all_pairs  # noqa: B018  (computed here, where the checks sync anyway: never inside a compiled call)
 
     def _check_lists(self) -> None:
         # The kernel trusts the lists: indices in range, and full blocks never past the sequence end.
@@ -113,9 +116,19 @@ class BlockSparseMask:
         """(B', H'): 1 where the pattern is shared."""
         return tuple(self.full_counts.shape[:2])
 
+    @functools.cached_property
+    def allows_all_pairs(self) -> bool:
+        """Every query sees every key: the pattern is dense attention (computed once, with one host sync).
+
+        Only rule "none" is checked: a token rule could allow everything too, but telling needs N^2 work."""
+        if self.rule != "none":
+            return False
+        full, partial = self.block_tables()
+        return bool((full | partial).all())
+
     def to(self, device) -> "BlockSparseMask":
-        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
-        return BlockSparseMask(**moved)
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # not the cached properties
+        return BlockSparseMask(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in fields.items()})
 
     def block_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(full, partial) boolean tables (B', H', Mq, Mk): O(N^2 / block^2), for tests and FlexAttention."""

@@ -5,6 +5,7 @@ Small blocks (16 / 32) and short sequences keep the interpreter fast; every case
 poisons the output buffer with NaN first, so an element the kernel does not write fails the comparison.
 """
 
+import dataclasses
 import logging
 import math
 
@@ -84,6 +85,26 @@ def test_all_true_table_is_dense_attention():
     block_sparse_attention(q, k, v, torch.ones(1, 1, 5, 5, dtype=torch.bool), block_size=16, out=out)
     dense = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
     assert ((out.double() - dense).norm() / dense.norm()).item() < TOL[torch.float16]
+
+
+def test_masks_know_when_they_allow_every_pair():
+    ragged = table_mask(torch.ones(1, 1, 5, 6, dtype=torch.bool), 70, 90, 16)  # last key block partial
+    assert ragged.allows_all_pairs and ragged.to("cpu").allows_all_pairs
+    holed = torch.ones(1, 2, 5, 6, dtype=torch.bool)
+    holed[0, 1, 3, 2] = False
+    assert not table_mask(holed, 70, 90, 16).allows_all_pairs
+    # A token rule is never taken as dense, even where it allows everything (telling would cost N^2).
+    assert not interval_mask(torch.zeros(40, dtype=torch.long), torch.full((40,), 40), 40, 16).allows_all_pairs
+
+
+def test_dense_masks_go_to_sdpa_on_cuda_unless_a_config_is_given():
+    dense, sparse = (table_mask(t, 64, block_size=16) for t in (torch.ones(1, 1, 4, 4, dtype=torch.bool),
+                                                                torch.eye(4, dtype=torch.bool)[None, None]))
+    on_cuda = type("Q", (), {"device": torch.device("cuda")})()
+    assert attention_module.runs_dense_sdpa(on_cuda, dense, None)
+    assert not attention_module.runs_dense_sdpa(on_cuda, dense, KernelConfig(16, 16, 4, 2))
+    assert not attention_module.runs_dense_sdpa(on_cuda, sparse, None)
+    assert not attention_module.runs_dense_sdpa(torch.zeros(1), dense, None)  # the CPU runs the kernel (CI tests it)
 
 
 def test_all_false_table_gives_zeros():
@@ -246,7 +267,7 @@ def test_bad_inputs_raise_clear_errors():
 
 def test_hand_built_masks_are_validated():
     good = table_mask(torch.ones(1, 1, 3, 3, dtype=torch.bool), 40, block_size=16)  # last key block ragged
-    fields = dict(vars(good))
+    fields = {f.name: getattr(good, f.name) for f in dataclasses.fields(good)}
     with pytest.raises(ValueError, match="ragged last key block"):
         last = torch.full((1, 1, 3, 1), 2, dtype=torch.int32)  # the ragged block 2 listed as full
         BlockSparseMask(**{**fields, "full_indices": last, "full_counts": torch.ones(1, 1, 3, dtype=torch.int32)})
