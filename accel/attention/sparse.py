@@ -38,7 +38,8 @@ def strided_shards(num_shards: int = 4, local_blocks: int = 1, block_size: int =
 
 
 def dense(block_size: int = 128) -> Pattern:
-    """Every block: exact dense attention through the kernel (for checks and baselines)."""
+    """Every block: exact dense attention, for checks and baselines (on CUDA block_sparse_attention hands a mask
+    that allows every pair to SDPA; the interpreter runs the kernel)."""
 
     def build(grid: Grid, heads: int, device: torch.device) -> BlockSparseMask:
         m = num_blocks(math.prod(grid), block_size)
