@@ -269,22 +269,23 @@ def _tma_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int, block_d: in
     return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, block_d]) for t in (k, v))
 
 
-def _fallback_warning() -> None:
-    if not getattr(_fallback_warning, "done", False):
-        logger.warning(
-            "block_sparse_attention on CPU without TRITON_INTERPRET=1: using the PyTorch reference (dense masked "
-            "softmax in row chunks). Set TRITON_INTERPRET=1 before importing triton to run the Triton kernel."
-        )
-        _fallback_warning.done = True
+_LOGGED: set[str] = set()
 
 
-def _dense_dispatch_note() -> None:
-    if not getattr(_dense_dispatch_note, "done", False):
-        logger.info(
-            "block_sparse_attention: the mask allows every (query, key) pair, so dense SDPA computes it (faster than "
-            "this kernel on a dense pattern); pass config= to run the Triton kernel anyway."
-        )
-        _dense_dispatch_note.done = True
+def _log_once(level: int, message: str) -> None:
+    if message not in _LOGGED:
+        _LOGGED.add(message)
+        logger.log(level, message)
+
+
+FALLBACK_MESSAGE = (
+    "block_sparse_attention on CPU without TRITON_INTERPRET=1: using the PyTorch reference (dense masked softmax in "
+    "row chunks). Set TRITON_INTERPRET=1 before importing triton to run the Triton kernel."
+)
+DENSE_MESSAGE = (
+    "block_sparse_attention: the mask allows every (query, key) pair, so dense SDPA computes it (faster than this "
+    "kernel on a dense pattern); pass config= to run the Triton kernel anyway."
+)
 
 
 def runs_dense_sdpa(q: torch.Tensor, mask: BlockSparseMask, config: KernelConfig | None) -> bool:
@@ -393,12 +394,12 @@ def block_sparse_attention(
     _check_mask(mask, q, k)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if runs_dense_sdpa(q, mask, config):
-        _dense_dispatch_note()
+        _log_once(logging.INFO, DENSE_MESSAGE)
         dense = F.scaled_dot_product_attention(q, k, v, scale=scale)
         return dense if out is None else out.copy_(dense)
     out = torch.empty_like(q) if out is None else out
     if q.device.type == "cpu" and not INTERPRETED:
-        _fallback_warning()
+        _log_once(logging.WARNING, FALLBACK_MESSAGE)
         return out.copy_(block_sparse_attention_reference(q, k, v, mask, scale))
     _launch(q, k, v, out, mask, scale, config or default_config(q, mask.block_size))
     return out

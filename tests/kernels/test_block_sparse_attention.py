@@ -281,7 +281,7 @@ def test_hand_built_masks_are_validated():
 
 def test_cpu_without_interpreter_falls_back_to_reference_and_logs(monkeypatch, caplog):
     monkeypatch.setattr(attention_module, "INTERPRETED", False)
-    monkeypatch.setattr(attention_module._fallback_warning, "done", False, raising=False)
+    monkeypatch.setattr(attention_module, "_LOGGED", set())
     mask = block_causal_mask([3, 9, 20], 16)
     q, k, v = _qkv(1, 2, 32, 32, 64, torch.bfloat16, torch.Generator().manual_seed(5))
     with caplog.at_level(logging.WARNING, logger="accel"):
