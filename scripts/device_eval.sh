@@ -5,7 +5,11 @@
 #   bash scripts/device_eval.sh [--no-quickstart]  -> $OUT/eval.tar (results.md / results.json of each run), $OUT/compare.json
 # eval.tar is rewritten after each run, so a call cut short by its time limit still brings back the runs it finished.
 set -euo pipefail
-quickstart=1; [ "${1:-}" = --no-quickstart ] && quickstart=0
+case "${1:-}" in
+  "") quickstart=1 ;;
+  --no-quickstart) quickstart=0 ;;
+  *) echo "usage: bash scripts/device_eval.sh [--no-quickstart]" >&2; exit 2 ;;
+esac
 source scripts/device_env.sh
 runs=/tmp/evalruns && rm -rf $runs && mkdir -p $runs && cd /tmp  # never resume an earlier call's samples
 python - <<'PY' >$runs/args.sh
@@ -15,7 +19,12 @@ open("/tmp/evalruns/shapes-video.txt", "w").write("\n".join(QUICKSTART_VIDEO_PRO
 print("methods=(--method baseline " + " ".join(f"--method '{m}'" for m in QUICKSTART_METHODS) + ")")
 PY
 source $runs/args.sh
-pack() { tar -C $runs -cf "$OUT/eval.tar" $(cd $runs && ls -d */results.md */results.json */pareto.png quickstart/*/results.md quickstart/*/results.json 2>/dev/null); }
+pack() {  # a new archive beside the old, then renamed over it: a kill mid-write keeps the previous one whole
+  local files
+  files=$(cd $runs && ls -d */results.md */results.json */pareto.png quickstart/*/results.md quickstart/*/results.json 2>/dev/null || true)
+  [ -n "$files" ] || return 0
+  tar -C $runs -cf "$OUT/eval.tar.tmp" $files && mv "$OUT/eval.tar.tmp" "$OUT/eval.tar"
+}
 gpus=$(nvidia-smi -L | wc -l)
 if [ $quickstart = 1 ]; then python -m accel.eval quickstart --device cuda --out $runs/quickstart; pack; fi
 for pipe in shapes-image shapes-video; do

@@ -118,7 +118,7 @@ class WanSparseAttnProcessor:
         if rotary_emb is not None:
             query, key = _rotate(query, *rotary_emb), _rotate(key, *rotary_emb)
         mask = self.state.mask(query.shape[1], attn.heads, query.device)
-        # (B, N, H, D) -> (B, H, N, D) views; the output keeps q's strides, so flattening heads back is a view.
+        # (B, N, H, D) -> (B, H, N, D) views; the kernel's output keeps q's strides, so flattening heads back is a view.
         out = block_sparse_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), mask)
         out = out.transpose(1, 2).flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))

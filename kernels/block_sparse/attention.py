@@ -288,9 +288,14 @@ DENSE_MESSAGE = (
 )
 
 
-def runs_dense_sdpa(q: torch.Tensor, mask: BlockSparseMask, config: KernelConfig | None) -> bool:
-    """On CUDA a pattern that skips nothing goes to SDPA (cuDNN / FlashAttention), unless a kernel config is given."""
-    return q.device.type == "cuda" and config is None and mask.allows_all_pairs
+def runs_dense_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockSparseMask,
+                    config: KernelConfig | None) -> bool:
+    """On CUDA a pattern that skips nothing goes to SDPA (cuDNN / FlashAttention), unless a kernel config is given.
+
+    Only inputs SDPA's fused kernels take (head dim a multiple of 8, unit stride along it): for others SDPA would fall
+    back to its math backend and build the N x N scores, where this kernel stays in O(N) memory."""
+    fused = q.shape[-1] % 8 == 0 and all(t.stride(-1) == 1 for t in (q, k, v))
+    return q.device.type == "cuda" and config is None and fused and mask.allows_all_pairs
 
 
 def _as_mask(block_mask, q: torch.Tensor, k: torch.Tensor, block_size: int) -> BlockSparseMask:
@@ -387,13 +392,13 @@ def block_sparse_attention(
     config: kernel tiles / warps / stages (default: `default_config`).
     On CUDA, and on CPU under TRITON_INTERPRET=1, runs the Triton kernel; on CPU otherwise the PyTorch reference.
     A mask that allows every pair is dense attention: on CUDA it runs through SDPA (logged once), unless `config`
-    is given.
+    is given. Forward only: the kernel has no backward (SDPA's autograd then applies to dense masks alone).
     """
     _check_tensors(q, k, v, out)
     mask = _as_mask(block_mask, q, k, block_size)
     _check_mask(mask, q, k)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if runs_dense_sdpa(q, mask, config):
+    if runs_dense_sdpa(q, k, v, mask, config):
         _log_once(logging.INFO, DENSE_MESSAGE)
         dense = F.scaled_dot_product_attention(q, k, v, scale=scale)
         return dense if out is None else out.copy_(dense)

@@ -121,8 +121,8 @@ class BlockSparseMask:
         """Every query sees every key: the pattern is dense attention (computed once, with one host sync).
 
         Only rule "none" is checked: a token rule could allow everything too, but telling needs N^2 work."""
-        if self.rule != "none":
-            return False
+        if self.rule != "none" or not bool((self.full_counts + self.partial_counts >= self.num_kv_blocks).all()):
+            return False  # most masks stop here, before the (B', H', Mq, Mk) tables are built
         full, partial = self.block_tables()
         return bool((full | partial).all())
 

@@ -133,7 +133,6 @@ def long_video_report(folder: str, classifier, seeds: int, chunks: int = 8) -> t
     generators = [torch.Generator().manual_seed(HELD_OUT_SEED + i) for i in range(seeds)]
     frames = pipe(captions, num_chunks=chunks, generator=generators).frames
     ok = chunk_agreement(classifier, frames, captions, CHUNK_FRAMES)
-    torch.set_num_threads(2)
     return {f"long_video_keeps_shape_and_colour_over_{chunks}_chunks": float(ok.all(1).mean()),
             "long_video_chunks_showing_shape_and_colour": ok.mean(0).round(3).tolist(),  # by chunk: where it fails
             "long_video_seeds": seeds,

@@ -100,11 +100,18 @@ def test_masks_know_when_they_allow_every_pair():
 def test_dense_masks_go_to_sdpa_on_cuda_unless_a_config_is_given():
     dense, sparse = (table_mask(t, 64, block_size=16) for t in (torch.ones(1, 1, 4, 4, dtype=torch.bool),
                                                                 torch.eye(4, dtype=torch.bool)[None, None]))
-    on_cuda = type("Q", (), {"device": torch.device("cuda")})()
-    assert attention_module.runs_dense_sdpa(on_cuda, dense, None)
-    assert not attention_module.runs_dense_sdpa(on_cuda, dense, KernelConfig(16, 16, 4, 2))
-    assert not attention_module.runs_dense_sdpa(on_cuda, sparse, None)
-    assert not attention_module.runs_dense_sdpa(torch.zeros(1), dense, None)  # the CPU runs the kernel (CI tests it)
+    def on_cuda(dim=64, stride=1):
+        return type("T", (), {"device": torch.device("cuda"), "shape": (1, 1, 64, dim), "stride": lambda self, i: stride})()
+
+    q = on_cuda()
+    assert attention_module.runs_dense_sdpa(q, q, q, dense, None)
+    assert not attention_module.runs_dense_sdpa(q, q, q, dense, KernelConfig(16, 16, 4, 2))
+    assert not attention_module.runs_dense_sdpa(q, q, q, sparse, None)
+    # Inputs SDPA would send to its N x N math backend stay in the kernel.
+    assert not attention_module.runs_dense_sdpa(on_cuda(dim=60), on_cuda(dim=60), on_cuda(dim=60), dense, None)
+    assert not attention_module.runs_dense_sdpa(q, on_cuda(stride=2), q, dense, None)
+    cpu = torch.zeros(1, 1, 64, 64)
+    assert not attention_module.runs_dense_sdpa(cpu, cpu, cpu, dense, None)  # the CPU runs the kernel (CI tests it)
 
 
 def test_all_false_table_gives_zeros():
