@@ -4,8 +4,9 @@
 
 Measures, on held-out data (seed 1000, never used in training): the classifier's accuracy; for samples
 generated at the pipelines' default steps and guidance, how often the classifier agrees with the caption;
-the CPU time of one image, one 17-frame video and one 8-chunk long video. Writes `evaluation.json`, a sample grid (PNG), a short
-video (GIF) and the loss curve (PNG) into each model's folder, beside the card (README.md) that cites them.
+the CPU time of one image, one 17-frame video and one 8-chunk long video. Writes `evaluation.json`, a sample grid
+(PNG), a short video (GIF) and the loss curve (PNG) into each model's folder, beside the card (README.md) that cites
+them.
 """
 
 from __future__ import annotations

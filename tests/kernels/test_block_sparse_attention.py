@@ -100,7 +100,8 @@ def test_masks_know_when_they_allow_every_pair():
 def test_dense_masks_go_to_sdpa_on_cuda_unless_a_config_is_given():
     dense, sparse = (table_mask(t, 64, block_size=16) for t in (torch.ones(1, 1, 4, 4, dtype=torch.bool),
                                                                 torch.eye(4, dtype=torch.bool)[None, None]))
-    def on_cuda(dim=64, stride=1):
+
+    def on_cuda(dim=64, stride=1):  # stands in for a CUDA tensor: the rule reads device, shape and strides only
         return type("T", (), {"device": torch.device("cuda"), "shape": (1, 1, 64, dim), "stride": lambda self, i: stride})()
 
     q = on_cuda()

@@ -9,10 +9,10 @@ import torch
 
 import accel
 from accel.kernels.linear_attention import ops as linear_attention_ops
+from accel.pipelines import reference as reference_module
 from accel.pipelines import reference_classifier, reference_names, reference_pipeline
 from accel.pipelines.reference import weights_dir
 from accel.pipelines.shapes.data import image_batch, video_batch, video_caption
-from accel.pipelines import reference as reference_module
 from accel.pipelines.shapes.report import (
     HELD_OUT_SEED, agreement_by_part, caption_agreement, chunk_agreement, chunk_consistency, classifier_accuracy,
     motion_by_centroid,
@@ -38,7 +38,9 @@ def _card_figures(name: str) -> dict:
 
 
 def test_shipped_names_load_offline_and_generate_the_right_shapes_and_ranges(monkeypatch):
-    monkeypatch.setattr(linear_attention_ops, "backend", lambda device: "torch")  # the long model: see below
+    # The long model's linear attention through the PyTorch reference: the Triton interpreter would take minutes
+    # here, and tests/kernels holds the kernels against that reference.
+    monkeypatch.setattr(linear_attention_ops, "backend", lambda device: "torch")
     assert set(SHIPPED) <= set(reference_names())
     image = reference_pipeline("shapes-image")
     image.set_progress_bar_config(disable=True)
