@@ -7,7 +7,9 @@ For a video model folder (save_pretrained layout):
 - caption agreement by part and the colour centroid's motion on `--video-samples` held-out videos;
 - how far apart its text encoder puts "left" / "right" / "up" captions;
 - the model's predicted clean video from pure noise at t = 0.98 and 0.7 for "a red circle moving left / right":
-  where the red is, frame by frame (a model that cannot tell a clip's start from its end predicts the same for both).
+  where the red is, frame by frame (a model that cannot tell a clip's start from its end predicts the same for both);
+- its loss on held-out clips at fixed noise levels with each clip's caption and with the direction word reversed;
+- how close it is to time-reversal equivariant, and (from the data alone) what the direction word's sense can earn.
 For a long-video model folder: the share of seeds showing the caption's shape and colour chunk by chunk over 8 chunks,
 and which colours its first-chunk prediction from noise at t = 0.98 holds for "a red / blue / green circle".
 """
@@ -21,7 +23,7 @@ import os
 import numpy as np
 import torch
 
-from accel.pipelines.shapes.data import COLOURS
+from accel.pipelines.shapes.data import COLOURS, video_batch
 from accel.pipelines.shapes.long_video import ShapesLongVideoPipeline
 from accel.pipelines.shapes.models import ShapesClassifier, with_frame_position
 from accel.pipelines.shapes.pipelines import ShapesVideoPipeline
@@ -57,6 +59,64 @@ def red_centroid_by_frame(pipe: ShapesVideoPipeline, n: int = 16) -> dict:
     return out
 
 
+REVERSED = {"left": "right", "right": "left", "up": "down", "down": "up"}
+
+
+@torch.no_grad()
+def loss_with_reversed_direction(pipe: ShapesVideoPipeline, n: int = 64) -> dict:
+    """The training loss (velocity MSE) on held-out clips at fixed noise levels, with each clip's own caption and with
+    its direction word reversed. Where the two are equal, the model does not use the word's sense at that noise level."""
+    clips = video_batch(1000, 0, n)
+    noise = torch.randn(clips.pixels.shape, generator=torch.Generator().manual_seed(0))
+    reversed_captions = [" ".join(c.split()[:-1] + [REVERSED[c.split()[-1]]]) for c in clips.captions]
+    out = {}
+    for t in (0.5, 0.8, 0.9, 0.95, 0.98):
+        xt = with_frame_position(pipe.transformer, (1 - t) * clips.pixels + t * noise)
+        losses = []
+        for captions in (clips.captions, reversed_captions):
+            text = pipe.encode_prompt(captions, "cpu")
+            v = pipe.transformer(xt, encoder_hidden_states=text, timestep=torch.full((n,), t * 1000), return_dict=False)[0]
+            losses.append(round(float(((v - (noise - clips.pixels)) ** 2).mean()), 5))
+        out[f"t={t}"] = {"own caption": losses[0], "direction reversed": losses[1]}
+    return out
+
+
+@torch.no_grad()
+def time_reversal_equivariance(pipe: ShapesVideoPipeline, n: int = 8) -> dict:
+    """|f(x) - reverse(f(reverse(x)))| / |f(x)| on noised held-out clips: near 0, the model cannot tell a clip's
+    start from its end (then "left" and "right", each the other played backwards, look alike to it)."""
+    clips = video_batch(1000, 0, n)
+    noise = torch.randn(clips.pixels.shape, generator=torch.Generator().manual_seed(0))
+    text = pipe.encode_prompt(clips.captions, "cpu")
+    out = {}
+    for t in (0.5, 0.9):
+        xt = (1 - t) * clips.pixels + t * noise
+        run = lambda x: pipe.transformer(with_frame_position(pipe.transformer, x), encoder_hidden_states=text,  # noqa: E731
+                                         timestep=torch.full((n,), t * 1000), return_dict=False)[0]
+        v = run(xt)
+        out[f"t={t}"] = round(float((v - run(xt.flip(2)).flip(2)).norm() / v.norm()), 5)
+    return out
+
+
+def optimal_loss_with_and_without_sense(n: int = 4096) -> dict:
+    """From the data alone: the loss of the best prediction from pure noise (each caption's mean clip, estimated on
+    one set of clips and scored on another) when the caption says the direction, and when it says only the axis.
+    Their difference is all the direction word's sense can earn at the highest noise."""
+    fit, test = video_batch(5, 0, n), video_batch(6, 0, n)
+    losses = {}
+    for name, with_sense in (("with sense", True), ("axis only", False)):
+        means = {int(k): fit.pixels[_caption_key(fit, with_sense) == k].mean(0) for k in _caption_key(fit, with_sense).unique()}
+        prediction = torch.stack([means[int(k)] for k in _caption_key(test, with_sense)])
+        losses[name] = round(float(((test.pixels - prediction) ** 2).mean()), 5)
+    return losses
+
+
+def _caption_key(clips, with_sense: bool) -> torch.Tensor:
+    """One integer per clip for its shape, colour and direction (or only its axis: DIRECTIONS pairs left/right and
+    up/down)."""
+    return (clips.shape * 6 + clips.colour) * 4 + (clips.direction if with_sense else clips.direction // 2)
+
+
 def video_diagnosis(folder: str, classifier, samples: int) -> dict:
     pipe = ShapesVideoPipeline.from_pretrained(folder, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
@@ -64,7 +124,9 @@ def video_diagnosis(folder: str, classifier, samples: int) -> dict:
     shares, videos = generate_and_score(pipe, classifier, captions, video=True, batch=8)
     return {"folder": folder, "samples": samples, "caption_agreement": shares,
             "motion_by_centroid": motion_by_centroid(videos, captions),
-            "text_direction_gaps": direction_word_gaps(pipe), "predicted_clean_from_noise": red_centroid_by_frame(pipe)}
+            "text_direction_gaps": direction_word_gaps(pipe), "predicted_clean_from_noise": red_centroid_by_frame(pipe),
+            "loss_with_reversed_direction": loss_with_reversed_direction(pipe),
+            "time_reversal_equivariance": time_reversal_equivariance(pipe)}
 
 
 def long_diagnosis(folder: str, classifier, seeds: int) -> dict:
@@ -90,7 +152,8 @@ def main() -> None:
     args = p.parse_args()
     torch.set_grad_enabled(False)
     classifier = ShapesClassifier.from_pretrained(os.path.join(WEIGHTS, "shapes-classifier"), dtype=torch.float32).eval()
-    results = {"video": video_diagnosis(args.video, classifier, args.video_samples)}
+    results = {"data_optimal_loss_from_noise": optimal_loss_with_and_without_sense(),
+               "video": video_diagnosis(args.video, classifier, args.video_samples)}
     if args.long:
         results["long_video"] = long_diagnosis(args.long, classifier, args.long_seeds)
     print(json.dumps(results, indent=1))

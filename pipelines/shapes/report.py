@@ -61,20 +61,31 @@ def caption_agreement(classifier, pixels: torch.Tensor, captions: list[str], vid
     return [all(ok) for ok in zip(*agreement_by_part(classifier, pixels, captions, video).values())]
 
 
+def colour_centroids(frames: np.ndarray, captions: list[str]) -> np.ndarray:
+    """Per video and frame, the (x, y) centroid of the pixels near the caption's colour; NaN where none is.
+    Frames (B, F, H, W, 3) in [0, 1]; returns (B, F, 2)."""
+    from .data import COLOURS
+
+    ys, xs = np.mgrid[: frames.shape[2], : frames.shape[3]]
+    out = np.full((*frames.shape[:2], 2), np.nan)
+    for i, (video, caption) in enumerate(zip(frames, captions)):
+        mask = np.abs(video - np.array(COLOURS[caption.split()[1]])).sum(-1) < 0.35  # (F, H, W)
+        seen = mask.any(axis=(1, 2))
+        area = mask.sum(axis=(1, 2))[seen]
+        out[i, seen] = np.stack([(mask * xs).sum(axis=(1, 2))[seen], (mask * ys).sum(axis=(1, 2))[seen]], -1) / area[:, None]
+    return out
+
+
 def motion_by_centroid(frames: np.ndarray, captions: list[str], frames_apart: int = 8) -> dict[str, float]:
     """Independent of the classifier: how the centroid of the caption's colour moves from the first frame to frame
     `frames_apart`. Shares of videos moving along the captioned axis, and along it in the captioned sense.
     Frames (B, F, H, W, 3) in [0, 1]."""
-    from .data import _DIRECTION_VECTORS, COLOURS, DIRECTIONS
+    from .data import _DIRECTION_VECTORS, DIRECTIONS
 
     axis = sense = 0
-    ys, xs = np.mgrid[: frames.shape[2], : frames.shape[3]]
-    for video, caption in zip(frames, captions):
-        words = caption.split()
-        mask = np.abs(video[[0, frames_apart]] - np.array(COLOURS[words[1]])).sum(-1) < 0.35  # (2, H, W)
-        if mask.any(axis=(1, 2)).all():  # the colour is seen in both frames (else the video counts as wrong)
-            centre = [np.array([(xs * m).sum(), (ys * m).sum()]) / m.sum() for m in mask]
-            moved, expected = centre[1] - centre[0], _DIRECTION_VECTORS[DIRECTIONS.index(words[4])].numpy()
+    for (first, last), caption in zip(colour_centroids(frames[:, [0, frames_apart]], captions), captions):
+        if not np.isnan([first, last]).any():  # the colour is seen in both frames (else the video counts as wrong)
+            moved, expected = last - first, _DIRECTION_VECTORS[DIRECTIONS.index(caption.split()[4])].numpy()
             along = int(np.argmax(np.abs(moved)))
             axis += bool(expected[along] != 0)
             sense += bool(expected[along] != 0 and np.sign(moved[along]) == expected[along])
@@ -96,6 +107,25 @@ def chunk_agreement(classifier, frames: np.ndarray, captions: list[str], chunk_f
         per_chunk = logits[head].softmax(-1).reshape(b, f // chunk_frames, chunk_frames, -1).mean(2).argmax(-1)
         ok &= per_chunk == torch.tensor([names.index(w[position]) for w in words])[:, None]
     return ok.numpy()
+
+
+def motion_across_chunks(frames: np.ndarray, captions: list[str], chunk_frames: int, min_speed: float = 0.3,
+                         max_jump: float = 2.5) -> dict:
+    """Does the shape keep moving, and without a jump where one chunk ends and the next begins? Per video: over
+    every two consecutive chunks the colour's centroid travels at least `min_speed` px a frame on average (two: where
+    a shape turns at an edge, its rasterised centroid can stand still for a chunk), and no step from a chunk's last
+    frame to the next chunk's first is longer than `max_jump` px (the data moves 0.6-0.9 px a frame). Also the median
+    step inside chunks and at their boundaries, over all videos."""
+    if frames.shape[1] % chunk_frames:
+        raise ValueError(f"{frames.shape[1]} frames are not whole chunks of {chunk_frames}")
+    steps = np.linalg.norm(np.diff(colour_centroids(frames, captions), axis=1), axis=-1)  # (B, F-1); NaN: colour lost
+    at_boundary = (np.arange(1, frames.shape[1]) % chunk_frames) == 0
+    inside = steps[:, ~at_boundary].reshape(len(frames), -1, chunk_frames - 1)
+    per_chunk = inside.mean(-1)
+    moving = ((per_chunk[:, 1:] + per_chunk[:, :-1]) / 2 >= min_speed).all(1)  # NaN (colour lost) compares False
+    smooth = (steps[:, at_boundary] <= max_jump).all(1)
+    return {"steady": float((moving & smooth).mean()),
+            "median_step_px": {"inside_chunks": float(np.nanmedian(inside)), "at_boundaries": float(np.nanmedian(steps[:, at_boundary]))}}
 
 
 def chunk_consistency(classifier, frames: np.ndarray, captions: list[str], chunk_frames: int) -> list[bool]:
@@ -125,7 +155,8 @@ def generate_and_score(pipe, classifier, captions: list[str], video: bool, batch
 
 
 def long_video_report(folder: str, classifier, seeds: int, chunks: int = 8) -> tuple[dict, np.ndarray]:
-    """How often a long video keeps its caption's shape and colour in every one of `chunks` chunks."""
+    """How often a long video keeps its caption's shape and colour in every one of `chunks` chunks, keeps moving
+    across chunk boundaries, and moves the captioned way over its first 4 chunks."""
     from .long_video import CHUNK_FRAMES, ShapesLongVideoPipeline
 
     pipe = ShapesLongVideoPipeline.from_pretrained(folder, dtype=torch.float32)
@@ -136,6 +167,8 @@ def long_video_report(folder: str, classifier, seeds: int, chunks: int = 8) -> t
     ok = chunk_agreement(classifier, frames, captions, CHUNK_FRAMES)
     return {f"long_video_keeps_shape_and_colour_over_{chunks}_chunks": float(ok.all(1).mean()),
             "long_video_chunks_showing_shape_and_colour": ok.mean(0).round(3).tolist(),  # by chunk: where it fails
+            "long_video_motion_across_chunks": motion_across_chunks(frames, captions, CHUNK_FRAMES),
+            "long_video_motion_by_centroid_frames_0_to_15": motion_by_centroid(frames, captions, frames_apart=15),
             "long_video_seeds": seeds,
             f"cpu_seconds_long_video_{chunks}_chunks": cpu_seconds(pipe, captions[0], num_chunks=chunks)}, frames
 

@@ -20,7 +20,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -53,7 +53,15 @@ class TrainConfig:
     # With init (video kinds): keep the transformer, start the text encoder afresh. An encoder trained where two
     # captions showed the same videos has merged their words; a fresh one tells every word apart again.
     new_text_encoder: bool = False
+    # With init (video): the frame-position channel's input weights drawn afresh at the scale of the pixel channels'.
+    # A channel that starts at zero weight is a saddle here: time's direction pays only once the direction word is
+    # used, and the word only once time's direction is seen (the shapes-video card).
+    redraw_position_channel: bool = False
     compile: bool = False  # torch.compile the network: fuses the elementwise work that bounds these small models
+    # Mean of the logit-normal noise level t = sigmoid(N(mean, 1)). At 0, t > 0.9 in 1.4% of samples; a video's sense
+    # of motion is decided only there (at lower noise the shape's path is already visible in x_t), so a positive
+    # mean gives the caption's direction word more of the loss.
+    timestep_logit_mean: float = 0.0
     ema_decay: float = 0.999
     log_every: int = 50
     checkpoint_every: int = 500
@@ -126,6 +134,14 @@ def _widen_patch_embedding(weights: dict, state: dict) -> dict:
     return {**weights, key: wide}
 
 
+def _redraw_position_channel(transformer: torch.nn.Module) -> None:
+    """Draw the patch embedding's weights for the frame-position channel (the last input channel) afresh, normal at
+    the standard deviation of the pixel channels' weights."""
+    weight = transformer.patch_embedding.weight  # (width, channels, frames, height, width) of the patch kernel
+    with torch.no_grad():
+        weight[:, -1].normal_(0.0, float(weight[:, :-1].std()))
+
+
 def _init_training(folder: str | None) -> dict | None:
     """The training record of the model a run started from, so a card can state the whole history: inside the folder
     (shipped weights) or beside it (a run's OUT/model)."""
@@ -145,10 +161,11 @@ def _step_seed(cfg: TrainConfig, step: int, stream: int = 0) -> int:
     return ((cfg.seed * 1_000_003 + step) * 4 + stream) % 2**63
 
 
-def _noised(x0: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x_t, t, target): x_t = (1 - t) x0 + t noise, t logit-normal (mid-noise weighted), target velocity noise - x0."""
+def _noised(x0: torch.Tensor, g: torch.Generator, logit_mean: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_t, t, target): x_t = (1 - t) x0 + t noise, t logit-normal around sigmoid(logit_mean), target velocity
+    noise - x0."""
     noise = torch.randn(x0.shape, generator=g, device=x0.device)
-    t = torch.sigmoid(torch.randn(x0.shape[0], generator=g, device=x0.device))
+    t = torch.sigmoid(torch.randn(x0.shape[0], generator=g, device=x0.device) + logit_mean)
     tt = t.view(-1, *([1] * (x0.dim() - 1)))
     return (1 - tt) * x0 + tt * noise, t, noise - x0
 
@@ -157,7 +174,7 @@ def _flow_matching_loss(model, kind: str, step: int, cfg: TrainConfig, device) -
     """x_t = (1 - t) x0 + t noise; the model predicts the velocity noise - x0 (diffusers' FlowMatch convention)."""
     batch = (image_batch if kind == "image" else video_batch)(cfg.seed, step, cfg.batch_size, device=device)
     g = torch.Generator(device=device).manual_seed(_step_seed(cfg, step))
-    xt, t, target = _noised(batch.pixels, g)
+    xt, t, target = _noised(batch.pixels, g, cfg.timestep_logit_mean)
     if kind == "image":
         labels = batch.shape * 6 + batch.colour  # DiT's label embedding drops 10% to the null class in train mode
         pred = model(xt, timestep=t * 1000, class_labels=labels).sample
@@ -194,7 +211,7 @@ def _long_video_loss(model, step: int, cfg: TrainConfig, device) -> torch.Tensor
     for i, chunk in enumerate(batch.pixels.split(CHUNK_FRAMES, dim=2)):
         denoise, write = i > 0 or start == 0, i + 1 < LONG_CHUNKS
         if denoise:
-            xt, t, target = _noised(chunk, g)
+            xt, t, target = _noised(chunk, g, cfg.timestep_logit_mean)
         if denoise and write:
             pred = model.transformer(torch.cat([xt, chunk]), torch.cat([text, text]), torch.cat([t * 1000, zero]),
                                      memory=memory, write_memory=True, return_dict=False)[0][:b]
@@ -256,6 +273,12 @@ def _run_identity(cfg: TrainConfig) -> dict:
     return {k: v for k, v in asdict(cfg).items() if k not in _RESUMABLE_CHANGES}
 
 
+def _saved_identity(saved: dict) -> dict:
+    """A checkpoint's run identity, with the options added since it was written at their defaults (as it ran)."""
+    defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING and f.name not in _RESUMABLE_CHANGES}
+    return {**defaults, **saved}
+
+
 def _checkpoint(folder, cfg, model, ema, opt, step, losses, elapsed):
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
@@ -270,9 +293,10 @@ def _checkpoint(folder, cfg, model, ema, opt, step, losses, elapsed):
 
 def _resume(folder, cfg, model, ema, opt, device):
     meta = json.load(open(os.path.join(folder, "state.json")))
-    if meta.get("config") != _run_identity(cfg):
+    saved = _saved_identity(meta.get("config") or {})
+    if saved != _run_identity(cfg):
         raise ValueError(
-            f"{folder} holds a run with another configuration ({meta.get('config')}); this one is "
+            f"{folder} holds a run with another configuration ({saved}); this one is "
             f"{_run_identity(cfg)}. A resumed run may change only {_RESUMABLE_CHANGES}: pick another --out, or "
             "--no-resume to start over"
         )
@@ -319,11 +343,19 @@ def train(cfg: TrainConfig, out: str, device: str = "cpu", resume: bool = True) 
         raise ValueError("new_text_encoder replaces the text encoder of an --init model: give --init too")
     if cfg.new_text_encoder and cfg.kind not in ("video", "long-video"):
         raise ValueError(f"new_text_encoder is for the video models: a {cfg.kind} model has no text encoder")
+    if cfg.redraw_position_channel and cfg.kind != "video":
+        raise ValueError(f"redraw_position_channel is for the video model: a {cfg.kind} model has no frame-position channel")
+    if cfg.redraw_position_channel and not cfg.init:
+        raise ValueError("redraw_position_channel redraws a channel of an --init model: give --init too")
+    if cfg.timestep_logit_mean and cfg.kind == "classifier":
+        raise ValueError("timestep_logit_mean is for the diffusion models: the classifier sees clean samples")
     os.makedirs(out, exist_ok=True)
     torch.manual_seed(cfg.seed)
     model = build(cfg.kind).to(device).train()
     if cfg.init:
         _initialise(model, cfg.kind, cfg.init, cfg.new_text_encoder)
+        if cfg.redraw_position_channel:
+            _redraw_position_channel(model.transformer)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     if cfg.compile:
         compile_network(model, cfg.kind)
@@ -390,12 +422,18 @@ def main(argv=None) -> None:
     p.add_argument("--init", help="start from the weights of this exported model folder (continued training)")
     p.add_argument("--new-text-encoder", action="store_true",
                    help="with --init (video models): the transformer from the folder, a fresh text encoder")
+    p.add_argument("--redraw-position-channel", action="store_true",
+                   help="with --init (video model): the frame-position channel's input weights drawn afresh")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (GPU training)")
+    p.add_argument("--timestep-logit-mean", type=float, default=0.0,
+                   help="noise levels t = sigmoid(N(mean, 1)) (diffusion models; > 0 trains more at high noise)")
     p.add_argument("--no-resume", action="store_true")
     args = p.parse_args(argv)
     overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}
     cfg = TrainConfig(kind=args.kind, seed=args.seed, max_minutes=args.max_minutes, init=args.init,
-                      new_text_encoder=args.new_text_encoder, compile=args.compile, **{**DEFAULTS[args.kind], **overrides})
+                      new_text_encoder=args.new_text_encoder, redraw_position_channel=args.redraw_position_channel,
+                      compile=args.compile,
+                      timestep_logit_mean=args.timestep_logit_mean, **{**DEFAULTS[args.kind], **overrides})
     if args.device.startswith("cuda"):
         torch.set_num_threads(2)  # the CPU only draws batch parameters; many threads per process just contend
     try:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from accel.pipelines.shapes.train import TrainConfig, train
+from accel.pipelines.shapes.train import TrainConfig, _noised, train
 
 
 def _weights(folder):
@@ -126,21 +126,31 @@ def test_a_run_stopped_while_replacing_its_checkpoint_resumes_from_the_old_one(t
     assert (tmp_path / "checkpoint").exists() and not (tmp_path / "checkpoint.old").exists()
 
 
-def test_init_from_a_video_model_without_the_position_channel_starts_out_as_that_model(tmp_path):
+def _save_three_channel_video_pipeline(folder):
+    """A shapes video pipeline from before the frame-position channel (random weights); returns its transformer."""
     from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 
-    from accel.pipelines.shapes.models import video_transformer, with_frame_position
+    from accel.pipelines.shapes.models import video_transformer
     from accel.pipelines.shapes.pipelines import ShapesVideoPipeline
     from accel.pipelines.shapes.text import build_text_encoder, build_tokenizer
 
     torch.manual_seed(0)
     encoder = build_text_encoder()
     old = WanTransformer3DModel.from_config({**video_transformer(encoder.config.d_model).config, "in_channels": 3})
-    ShapesVideoPipeline(old, encoder, build_tokenizer(), FlowMatchEulerDiscreteScheduler()).save_pretrained(tmp_path / "old")
+    ShapesVideoPipeline(old, encoder, build_tokenizer(), FlowMatchEulerDiscreteScheduler()).save_pretrained(folder)
+    return old
+
+
+def test_init_from_a_video_model_without_the_position_channel_starts_out_as_that_model(tmp_path):
+    from diffusers import WanTransformer3DModel
+
+    from accel.pipelines.shapes.models import with_frame_position
+
+    old = _save_three_channel_video_pipeline(tmp_path / "old")
     train(TrainConfig(kind="video", steps=0, batch_size=2, lr=1e-3, init=str(tmp_path / "old")), str(tmp_path / "new"))
     new = WanTransformer3DModel.from_pretrained(tmp_path / "new" / "model" / "transformer").float()
     assert new.config.in_channels == 4
-    x, text = torch.randn(2, 3, 17, 32, 32), torch.randn(2, 8, encoder.config.d_model)
+    x, text = torch.randn(2, 3, 17, 32, 32), torch.randn(2, 8, old.config.text_dim)
     with torch.no_grad():
         expected = old.half().float()(x, timestep=torch.tensor([500.0, 900.0]), encoder_hidden_states=text).sample
         actual = new(with_frame_position(new, x), timestep=torch.tensor([500.0, 900.0]), encoder_hidden_states=text).sample
@@ -154,3 +164,41 @@ def test_the_long_video_loss_weighs_the_chunk_without_memory_as_all_the_others()
     assert FIRST_CHUNK_SHARE == 0.5
     assert _weigh_chunk_losses(losses, start=0).item() == 3.0  # (4 + mean(1, 2, 3)) / 2
     assert _weigh_chunk_losses(losses[1:], start=8).item() == 2.0  # a context-only first chunk: plain mean
+
+
+def test_a_positive_timestep_logit_mean_trains_more_at_high_noise(tmp_path):
+    x0 = torch.zeros(4096, 1)
+    levels = {m: _noised(x0, torch.Generator().manual_seed(0), logit_mean=m)[1] for m in (0.0, 1.0)}
+    assert abs(levels[0.0].median() - 0.5) < 0.02 and abs(levels[1.0].median() - torch.sigmoid(torch.tensor(1.0))) < 0.02
+    assert (levels[1.0] > 0.9).float().mean() > 5 * (levels[0.0] > 0.9).float().mean()
+    with pytest.raises(ValueError, match="diffusion models"):
+        train(TrainConfig(kind="classifier", steps=1, batch_size=4, lr=1e-3, timestep_logit_mean=1.0), str(tmp_path))
+
+
+def test_redraw_position_channel_gives_it_the_pixel_channels_scale_and_keeps_the_rest(tmp_path):
+    _save_three_channel_video_pipeline(tmp_path / "old")
+    init = str(tmp_path / "old")
+    for name, redraw in (("widened", False), ("redrawn", True)):
+        train(TrainConfig(kind="video", steps=0, batch_size=2, lr=1e-3, init=init, redraw_position_channel=redraw),
+              str(tmp_path / name))
+    key = "patch_embedding.weight"
+    widened, redrawn = (load_file(str(tmp_path / name / "model" / "transformer" / "diffusion_pytorch_model.safetensors"))
+                        for name in ("widened", "redrawn"))
+    assert all(torch.equal(redrawn[k], widened[k]) for k in widened if k != key)
+    assert torch.equal(redrawn[key][:, :-1], widened[key][:, :-1])
+    assert not widened[key][:, -1].any()  # widening starts the channel at zero: the saddle
+    assert abs(redrawn[key][:, -1].float().std() / redrawn[key][:, :-1].float().std() - 1) < 0.1
+    for bad, message in ((dict(kind="video"), "give --init"), (dict(kind="long-video", init=init), "no frame-position")):
+        with pytest.raises(ValueError, match=message):
+            train(TrainConfig(steps=0, batch_size=2, lr=1e-3, redraw_position_channel=True, **bad), str(tmp_path / "x"))
+
+
+def test_a_checkpoint_from_before_an_option_existed_resumes_at_its_default(tmp_path):
+    cfg = dict(kind="classifier", batch_size=4, lr=1e-3, checkpoint_every=1)
+    train(TrainConfig(steps=1, **cfg), str(tmp_path))
+    state = tmp_path / "checkpoint" / "state.json"
+    meta = json.loads(state.read_text())
+    for option in ("timestep_logit_mean", "redraw_position_channel"):
+        del meta["config"][option]
+    state.write_text(json.dumps(meta))
+    assert train(TrainConfig(steps=2, **cfg), str(tmp_path))["steps_done"] == 2
