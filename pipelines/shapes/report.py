@@ -201,7 +201,7 @@ def _loss_curve(training: dict, path: str) -> None:
     steps, losses = zip(*training["losses"])
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.plot([earlier + s for s in steps], losses)
-    title = f"training loss: {training['config']['kind']}" + (f" (last stage, after {earlier} steps)" if earlier else "")
+    title = f"training loss: {training['config']['kind']}" + (f"\n(last stage, after {earlier} steps)" if earlier else "")
     ax.set(xlabel="step", ylabel="loss", yscale="log", title=title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
