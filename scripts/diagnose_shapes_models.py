@@ -88,13 +88,16 @@ def time_reversal_equivariance(pipe: ShapesVideoPipeline, n: int = 8) -> dict:
     clips = video_batch(1000, 0, n)
     noise = torch.randn(clips.pixels.shape, generator=torch.Generator().manual_seed(0))
     text = pipe.encode_prompt(clips.captions, "cpu")
+
+    def velocity(x, t):
+        return pipe.transformer(with_frame_position(pipe.transformer, x), encoder_hidden_states=text,
+                                timestep=torch.full((n,), t * 1000), return_dict=False)[0]
+
     out = {}
     for t in (0.5, 0.9):
         xt = (1 - t) * clips.pixels + t * noise
-        run = lambda x: pipe.transformer(with_frame_position(pipe.transformer, x), encoder_hidden_states=text,  # noqa: E731
-                                         timestep=torch.full((n,), t * 1000), return_dict=False)[0]
-        v = run(xt)
-        out[f"t={t}"] = round(float((v - run(xt.flip(2)).flip(2)).norm() / v.norm()), 5)
+        v = velocity(xt, t)
+        out[f"t={t}"] = round(float((v - velocity(xt.flip(2), t).flip(2)).norm() / v.norm()), 5)  # dim 2: frames
     return out
 
 

@@ -59,8 +59,8 @@ class TrainConfig:
     redraw_position_channel: bool = False
     compile: bool = False  # torch.compile the network: fuses the elementwise work that bounds these small models
     # Mean of the logit-normal noise level t = sigmoid(N(mean, 1)). At 0, t > 0.9 in 1.4% of samples; a video's sense
-    # of motion is decided only there (at lower noise the shape's path is already visible in x_t), so a positive
-    # mean gives the caption's direction word more of the loss.
+    # of motion is decided mostly there (at lower noise the shape's path already shows in x_t), so a positive mean
+    # gives the caption's direction word more of the loss.
     timestep_logit_mean: float = 0.0
     ema_decay: float = 0.999
     log_every: int = 50
@@ -432,8 +432,8 @@ def main(argv=None) -> None:
     overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}
     cfg = TrainConfig(kind=args.kind, seed=args.seed, max_minutes=args.max_minutes, init=args.init,
                       new_text_encoder=args.new_text_encoder, redraw_position_channel=args.redraw_position_channel,
-                      compile=args.compile,
-                      timestep_logit_mean=args.timestep_logit_mean, **{**DEFAULTS[args.kind], **overrides})
+                      compile=args.compile, timestep_logit_mean=args.timestep_logit_mean,
+                      **{**DEFAULTS[args.kind], **overrides})
     if args.device.startswith("cuda"):
         torch.set_num_threads(2)  # the CPU only draws batch parameters; many threads per process just contend
     try:
