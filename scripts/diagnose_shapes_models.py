@@ -1,7 +1,7 @@
 """Why a shapes video model misses its caption: the figures the shapes-video card and the session notes cite.
 
-    python scripts/diagnose_shapes_models.py --video FOLDER [--video-samples 48] [--long FOLDER] [--long-seeds 8]
-                                             [--out benchmarks/results/shapes_diagnosis.json]
+    python scripts/diagnose_shapes_models.py --video FOLDER [--video-samples 48] [--guidance G]
+                                             [--long FOLDER] [--long-seeds 8] [--out benchmarks/results/shapes_diagnosis.json]
 
 For a video model folder (save_pretrained layout):
 - caption agreement by part and the colour centroid's motion on `--video-samples` held-out videos;
@@ -10,6 +10,7 @@ For a video model folder (save_pretrained layout):
   where the red is, frame by frame (a model that cannot tell a clip's start from its end predicts the same for both);
 - its loss on held-out clips at fixed noise levels with each clip's caption and with the direction word reversed;
 - how close it is to time-reversal equivariant, and (from the data alone) what the direction word's sense can earn.
+The probes use the clips the model trained on: with motion trails if its training.json says `motion_trail`.
 For a long-video model folder: the share of seeds showing the caption's shape and colour chunk by chunk over 8 chunks,
 and which colours its first-chunk prediction from noise at t = 0.98 holds for "a red / blue / green circle".
 """
@@ -17,8 +18,11 @@ and which colours its first-chunk prediction from noise at t = 0.98 holds for "a
 from __future__ import annotations
 
 import argparse
+import functools
+import inspect
 import json
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -63,10 +67,10 @@ REVERSED = {"left": "right", "right": "left", "up": "down", "down": "up"}
 
 
 @torch.no_grad()
-def loss_with_reversed_direction(pipe: ShapesVideoPipeline, n: int = 64) -> dict:
+def loss_with_reversed_direction(pipe: ShapesVideoPipeline, trail: bool, n: int = 64) -> dict:
     """The training loss (velocity MSE) on held-out clips at fixed noise levels, with each clip's own caption and with
     its direction word reversed. Where the two are equal, the model does not use the word's sense at that noise level."""
-    clips = video_batch(1000, 0, n)
+    clips = video_batch(1000, 0, n, trail=trail)
     noise = torch.randn(clips.pixels.shape, generator=torch.Generator().manual_seed(0))
     reversed_captions = [" ".join(c.split()[:-1] + [REVERSED[c.split()[-1]]]) for c in clips.captions]
     out = {}
@@ -82,10 +86,10 @@ def loss_with_reversed_direction(pipe: ShapesVideoPipeline, n: int = 64) -> dict
 
 
 @torch.no_grad()
-def time_reversal_equivariance(pipe: ShapesVideoPipeline, n: int = 8) -> dict:
+def time_reversal_equivariance(pipe: ShapesVideoPipeline, trail: bool, n: int = 8) -> dict:
     """|f(x) - reverse(f(reverse(x)))| / |f(x)| on noised held-out clips: near 0, the model cannot tell a clip's
     start from its end (then "left" and "right", each the other played backwards, look alike to it)."""
-    clips = video_batch(1000, 0, n)
+    clips = video_batch(1000, 0, n, trail=trail)
     noise = torch.randn(clips.pixels.shape, generator=torch.Generator().manual_seed(0))
     text = pipe.encode_prompt(clips.captions, "cpu")
 
@@ -101,11 +105,11 @@ def time_reversal_equivariance(pipe: ShapesVideoPipeline, n: int = 8) -> dict:
     return out
 
 
-def optimal_loss_with_and_without_sense(n: int = 4096) -> dict:
+def optimal_loss_with_and_without_sense(trail: bool, n: int = 4096) -> dict:
     """From the data alone: the loss of the best prediction from pure noise (each caption's mean clip, estimated on
     one set of clips and scored on another) when the caption says the direction, and when it says only the axis.
     Their difference is all the direction word's sense can earn at the highest noise."""
-    fit, test = video_batch(5, 0, n), video_batch(6, 0, n)
+    fit, test = video_batch(5, 0, n, trail=trail), video_batch(6, 0, n, trail=trail)
     losses = {}
     for name, with_sense in (("with sense", True), ("axis only", False)):
         means = {int(k): fit.pixels[_caption_key(fit, with_sense) == k].mean(0) for k in _caption_key(fit, with_sense).unique()}
@@ -120,16 +124,34 @@ def _caption_key(clips, with_sense: bool) -> torch.Tensor:
     return (clips.shape * 6 + clips.colour) * 4 + (clips.direction if with_sense else clips.direction // 2)
 
 
-def video_diagnosis(folder: str, classifier, samples: int) -> dict:
+def trained_with_trail(folder: str) -> bool:
+    """Whether the model at `folder` trained on clips with motion trails (its training.json, in the folder or beside
+    it, says), so that it is probed on the data it learnt."""
+    paths = [os.path.join(folder, "training.json"), os.path.join(os.path.dirname(os.path.normpath(folder)), "training.json")]
+    path = next((p for p in paths if os.path.isfile(p)), None)
+    if path is None:
+        warnings.warn(f"no training.json in or beside {folder}: probing it on clips without motion trails")
+        return False
+    with open(path) as f:
+        return bool(json.load(f)["config"].get("motion_trail"))
+
+
+def video_diagnosis(folder: str, classifier, samples: int, guidance_scale: float | None = None) -> dict:
+    trail = trained_with_trail(folder)
     pipe = ShapesVideoPipeline.from_pretrained(folder, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     captions = [VIDEO_CAPTIONS[(i * 7) % len(VIDEO_CAPTIONS)] for i in range(samples)]
-    shares, videos = generate_and_score(pipe, classifier, captions, video=True, batch=8)
-    return {"folder": folder, "samples": samples, "caption_agreement": shares,
+    if guidance_scale is None:
+        guidance_scale = inspect.signature(pipe.__call__).parameters["guidance_scale"].default
+    generate = functools.partial(pipe, guidance_scale=guidance_scale)
+    shares, videos = generate_and_score(generate, classifier, captions, video=True, batch=8)
+    return {"folder": folder, "motion_trail": trail, "samples": samples, "guidance_scale": guidance_scale,
+            "caption_agreement": shares,
             "motion_by_centroid": motion_by_centroid(videos, captions),
             "text_direction_gaps": direction_word_gaps(pipe), "predicted_clean_from_noise": red_centroid_by_frame(pipe),
-            "loss_with_reversed_direction": loss_with_reversed_direction(pipe),
-            "time_reversal_equivariance": time_reversal_equivariance(pipe)}
+            "loss_with_reversed_direction": loss_with_reversed_direction(pipe, trail),
+            "time_reversal_equivariance": time_reversal_equivariance(pipe, trail),
+            "data_optimal_loss_from_noise": optimal_loss_with_and_without_sense(trail)}
 
 
 def long_diagnosis(folder: str, classifier, seeds: int) -> dict:
@@ -149,14 +171,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--video", default=os.path.join(WEIGHTS, "shapes-video"))
     p.add_argument("--video-samples", type=int, default=48)
+    p.add_argument("--guidance", type=float, help="the video samples' guidance scale (default: the pipeline's)")
     p.add_argument("--long", help="a shapes long-video model folder")
     p.add_argument("--long-seeds", type=int, default=8)
     p.add_argument("--out", default="benchmarks/results/shapes_diagnosis.json")
     args = p.parse_args()
     torch.set_grad_enabled(False)
     classifier = ShapesClassifier.from_pretrained(os.path.join(WEIGHTS, "shapes-classifier"), dtype=torch.float32).eval()
-    results = {"data_optimal_loss_from_noise": optimal_loss_with_and_without_sense(),
-               "video": video_diagnosis(args.video, classifier, args.video_samples)}
+    results = {"video": video_diagnosis(args.video, classifier, args.video_samples, args.guidance)}
     if args.long:
         results["long_video"] = long_diagnosis(args.long, classifier, args.long_seeds)
     print(json.dumps(results, indent=1))

@@ -113,14 +113,26 @@ def _bounce(start: torch.Tensor, velocity: torch.Tensor, lo: torch.Tensor, hi: t
 
 
 CLIP_FRAMES = 17  # a video's length; inside it a shape never turns back
+# A motion trail: the shape again at each of the positions of its last TRAIL_FRAMES frames (at the clip's constant
+# velocity), fading from TRAIL_OPACITY. It shows the direction of motion in every frame, as motion blur does in real
+# video.
+TRAIL_FRAMES, TRAIL_OPACITY = 6, 0.6
 
 
 def video_batch(seed: int, index: int, batch_size: int, frames: int = CLIP_FRAMES, size: int = 32, start: int = 0,
-                device="cpu") -> ShapeBatch:
+                trail: bool = False, device="cpu") -> ShapeBatch:
     """Shapes moving at 0.6 to 0.9 px per frame in one of four directions, bouncing off the edges, frames
     [start, start + frames) of each path. The first CLIP_FRAMES frames never bounce: a clip moves one way throughout,
     which a model with relative positions only (RoPE) can tell from the opposite direction. (With a bounce inside the
-    clip, "left" and "right" differ only in where the clip starts, which such a model cannot see.)"""
+    clip, "left" and "right" differ only in where the clip starts, which such a model cannot see.)
+
+    With `trail`, each shape draws a fading motion trail behind it (TRAIL_FRAMES). Without one, a clip played
+    backwards is a clip of the opposite direction, so the data summed over the direction word is symmetric in time;
+    a trail makes the direction a feature of every frame, learnt as the shape and colour are. Trails are for clips
+    (frames inside the first CLIP_FRAMES), where the velocity never changes."""
+    if trail and start + frames > CLIP_FRAMES:
+        raise ValueError(f"motion trails follow a clip's constant velocity: frames [{start}, {start + frames}) run past "
+                         f"the first {CLIP_FRAMES}, where shapes bounce")
     g = _generator(seed, index)
     shape = torch.randint(len(SHAPES), (batch_size,), generator=g)
     colour = torch.randint(len(COLOURS), (batch_size,), generator=g)
@@ -139,6 +151,20 @@ def video_batch(seed: int, index: int, batch_size: int, frames: int = CLIP_FRAME
     xs = _bounce(x0, vec[:, 0] * speed, lo, hi, start + frames)[:, start:]
     ys = _bounce(y0, vec[:, 1] * speed, lo, hi, start + frames)[:, start:]
     background = _background(g, batch_size, size, device).unsqueeze(2).expand(-1, -1, frames, -1, -1)
-    masks = shape_masks(shape.to(device), xs.to(device), ys.to(device), r[:, None].expand(-1, frames).to(device), size)
-    pixels = _paint(background, masks, colour.to(device))
-    return ShapeBatch(pixels, shape.to(device), colour.to(device), direction.to(device))
+    shape, colour, xs, ys = shape.to(device), colour.to(device), xs.to(device), ys.to(device)
+    radii = r[:, None].expand(-1, frames).to(device)
+    masks = shape_masks(shape, xs, ys, radii, size)
+    if trail:
+        masks = torch.maximum(masks, _trail(shape, xs, ys, radii, (vec * speed[:, None]).to(device), size))
+    pixels = _paint(background, masks, colour)
+    return ShapeBatch(pixels, shape, colour, direction.to(device))
+
+
+def _trail(shape, xs, ys, radii, velocity, size: int) -> torch.Tensor:
+    """Opacity (B, T, H, W) of the shape at its positions 1 .. TRAIL_FRAMES frames back along its velocity (B, 2),
+    fading linearly from TRAIL_OPACITY; where two overlap, the stronger one."""
+    opacity = torch.zeros(*xs.shape, size, size, dtype=xs.dtype, device=xs.device)
+    for k in range(1, TRAIL_FRAMES + 1):
+        back = shape_masks(shape, xs - k * velocity[:, :1], ys - k * velocity[:, 1:], radii, size)
+        opacity = torch.maximum(opacity, back * TRAIL_OPACITY * (1 - (k - 1) / TRAIL_FRAMES))
+    return opacity

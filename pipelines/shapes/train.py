@@ -39,6 +39,7 @@ LONG_CHUNKS = 4  # chunks per long-video training clip (16 frames)
 # That chunk is denoised with no memory: it alone must follow the caption (later chunks can copy their memory), so
 # at an even weighting, 1/8 of the loss, the model barely learnt the caption's colour and shape.
 FROM_PATH_START, FIRST_CHUNK_SHARE = 0.75, 0.5
+HIGH_NOISE = 0.9  # the lower end of the noise levels that `high_noise_share` trains on
 
 
 @dataclass
@@ -62,6 +63,13 @@ class TrainConfig:
     # of motion is decided mostly there (at lower noise the shape's path already shows in x_t), so a positive mean
     # gives the caption's direction word more of the loss.
     timestep_logit_mean: float = 0.0
+    # The share of each batch drawn instead at t ~ U(HIGH_NOISE, 1), where x_t barely shows the sample and the caption
+    # alone decides it: the video's direction word pays only there (the shapes-video card), where logit-normal draws
+    # at mean 0 fall for 1.4% of samples. A share of the batch, not a shifted mean, keeps training at low noise too.
+    high_noise_share: float = 0.0
+    # Video: train on clips whose shapes draw a motion trail (`video_batch(trail=True)`), which breaks the data's
+    # symmetry in time (the shapes-video card).
+    motion_trail: bool = False
     ema_decay: float = 0.999
     log_every: int = 50
     checkpoint_every: int = 500
@@ -161,20 +169,27 @@ def _step_seed(cfg: TrainConfig, step: int, stream: int = 0) -> int:
     return ((cfg.seed * 1_000_003 + step) * 4 + stream) % 2**63
 
 
-def _noised(x0: torch.Tensor, g: torch.Generator, logit_mean: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x_t, t, target): x_t = (1 - t) x0 + t noise, t logit-normal around sigmoid(logit_mean), target velocity
-    noise - x0."""
+def _noised(x0: torch.Tensor, g: torch.Generator, logit_mean: float = 0.0,
+            high_noise_share: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_t, t, target): x_t = (1 - t) x0 + t noise, t logit-normal around sigmoid(logit_mean) (or, for a share of
+    the samples, uniform in [HIGH_NOISE, 1)), target velocity noise - x0."""
     noise = torch.randn(x0.shape, generator=g, device=x0.device)
     t = torch.sigmoid(torch.randn(x0.shape[0], generator=g, device=x0.device) + logit_mean)
+    if high_noise_share:  # no draws at 0: runs from before the option go on exactly as they ran
+        high = torch.rand(x0.shape[0], generator=g, device=x0.device) < high_noise_share
+        t = torch.where(high, HIGH_NOISE + (1 - HIGH_NOISE) * torch.rand(x0.shape[0], generator=g, device=x0.device), t)
     tt = t.view(-1, *([1] * (x0.dim() - 1)))
     return (1 - tt) * x0 + tt * noise, t, noise - x0
 
 
 def _flow_matching_loss(model, kind: str, step: int, cfg: TrainConfig, device) -> torch.Tensor:
     """x_t = (1 - t) x0 + t noise; the model predicts the velocity noise - x0 (diffusers' FlowMatch convention)."""
-    batch = (image_batch if kind == "image" else video_batch)(cfg.seed, step, cfg.batch_size, device=device)
+    if kind == "image":
+        batch = image_batch(cfg.seed, step, cfg.batch_size, device=device)
+    else:
+        batch = video_batch(cfg.seed, step, cfg.batch_size, trail=cfg.motion_trail, device=device)
     g = torch.Generator(device=device).manual_seed(_step_seed(cfg, step))
-    xt, t, target = _noised(batch.pixels, g, cfg.timestep_logit_mean)
+    xt, t, target = _noised(batch.pixels, g, cfg.timestep_logit_mean, cfg.high_noise_share)
     if kind == "image":
         labels = batch.shape * 6 + batch.colour  # DiT's label embedding drops 10% to the null class in train mode
         pred = model(xt, timestep=t * 1000, class_labels=labels).sample
@@ -211,7 +226,7 @@ def _long_video_loss(model, step: int, cfg: TrainConfig, device) -> torch.Tensor
     for i, chunk in enumerate(batch.pixels.split(CHUNK_FRAMES, dim=2)):
         denoise, write = i > 0 or start == 0, i + 1 < LONG_CHUNKS
         if denoise:
-            xt, t, target = _noised(chunk, g, cfg.timestep_logit_mean)
+            xt, t, target = _noised(chunk, g, cfg.timestep_logit_mean, cfg.high_noise_share)
         if denoise and write:
             pred = model.transformer(torch.cat([xt, chunk]), torch.cat([text, text]), torch.cat([t * 1000, zero]),
                                      memory=memory, write_memory=True, return_dict=False)[0][:b]
@@ -347,8 +362,13 @@ def train(cfg: TrainConfig, out: str, device: str = "cpu", resume: bool = True) 
         raise ValueError(f"redraw_position_channel is for the video model: a {cfg.kind} model has no frame-position channel")
     if cfg.redraw_position_channel and not cfg.init:
         raise ValueError("redraw_position_channel redraws a channel of an --init model: give --init too")
-    if cfg.timestep_logit_mean and cfg.kind == "classifier":
-        raise ValueError("timestep_logit_mean is for the diffusion models: the classifier sees clean samples")
+    if cfg.motion_trail and cfg.kind != "video":
+        raise ValueError(f"motion_trail is for the video model's data, not a {cfg.kind} model's")
+    if (cfg.timestep_logit_mean or cfg.high_noise_share) and cfg.kind == "classifier":
+        raise ValueError("timestep_logit_mean and high_noise_share are for the diffusion models: the classifier sees "
+                         "clean samples")
+    if not 0 <= cfg.high_noise_share < 1:
+        raise ValueError(f"high_noise_share is a share of each batch, in [0, 1): got {cfg.high_noise_share}")
     os.makedirs(out, exist_ok=True)
     torch.manual_seed(cfg.seed)
     model = build(cfg.kind).to(device).train()
@@ -427,12 +447,17 @@ def main(argv=None) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the network (GPU training)")
     p.add_argument("--timestep-logit-mean", type=float, default=0.0,
                    help="noise levels t = sigmoid(N(mean, 1)) (diffusion models; > 0 trains more at high noise)")
+    p.add_argument("--high-noise-share", type=float, default=0.0,
+                   help="share of each batch trained at noise levels t in [0.9, 1) (diffusion models)")
+    p.add_argument("--motion-trail", action="store_true",
+                   help="video: clips whose shapes draw a fading trail behind them (the direction shows in every frame)")
     p.add_argument("--no-resume", action="store_true")
     args = p.parse_args(argv)
     overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}
     cfg = TrainConfig(kind=args.kind, seed=args.seed, max_minutes=args.max_minutes, init=args.init,
                       new_text_encoder=args.new_text_encoder, redraw_position_channel=args.redraw_position_channel,
-                      compile=args.compile, timestep_logit_mean=args.timestep_logit_mean,
+                      compile=args.compile, timestep_logit_mean=args.timestep_logit_mean, motion_trail=args.motion_trail,
+                      high_noise_share=args.high_noise_share,
                       **{**DEFAULTS[args.kind], **overrides})
     if args.device.startswith("cuda"):
         torch.set_num_threads(2)  # the CPU only draws batch parameters; many threads per process just contend

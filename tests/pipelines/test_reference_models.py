@@ -87,6 +87,20 @@ def test_classifier_accuracy_on_held_out_data_is_what_its_card_reports(classifie
         assert value >= 0.98 and abs(value - reported[key]) <= 0.02, (key, value, reported[key])
 
 
+@torch.no_grad()
+def test_classifier_reads_clips_with_motion_trails_as_well(classifier):
+    """It trained without trails; the video model's trailed data (`--motion-trail`) must not fool it, and its
+    direction head must not need the trail either (it reads the motion: the test above, on plain clips)."""
+    clips = video_batch(HELD_OUT_SEED, 0, 64, trail=True)
+    logits = classifier.classify_videos(clips.pixels)
+    for part, scores in logits.items():
+        assert float((scores.argmax(1) == getattr(clips, part)).float().mean()) >= 0.98, part
+    # Played backwards, a trailed clip moves the other way with its trail in front: the motion decides.
+    opposite = torch.tensor([1, 0, 3, 2])[clips.direction]  # DIRECTIONS: left, right, up, down
+    backwards = classifier.classify_videos(clips.pixels.flip(2))["direction"].argmax(1)
+    assert float((backwards == opposite).float().mean()) >= 0.98
+
+
 def test_generated_images_show_their_captions_and_cg_taylor_keeps_that(classifier):
     pipe = reference_pipeline("shapes-image")
     pipe.set_progress_bar_config(disable=True)

@@ -1,6 +1,7 @@
+import pytest
 import torch
 
-from accel.pipelines.shapes.data import COLOURS, DIRECTIONS, image_batch, shape_masks, video_batch
+from accel.pipelines.shapes.data import COLOURS, DIRECTIONS, TRAIL_OPACITY, image_batch, shape_masks, video_batch
 
 
 def test_batches_are_deterministic_and_seed_dependent():
@@ -55,6 +56,28 @@ def test_later_frames_continue_the_path_and_bounce():
         along = {"left": -cx, "right": cx, "up": -cy, "down": cy}[DIRECTIONS[int(later.direction[i])]]
         turned += bool((along.diff() < -0.3).any())
     assert turned >= 8  # within 50 frames most shapes reach an edge and come back
+
+
+def test_a_motion_trail_fades_behind_the_shape_and_changes_nothing_else():
+    plain, trailed = video_batch(4, 0, 16), video_batch(4, 0, 16, trail=True)
+    assert torch.equal(video_batch(4, 0, 16, trail=True).pixels, trailed.pixels) and plain.captions == trailed.captions
+    for i in range(16):
+        cx, cy = _centres(plain, i)
+        assert torch.allclose(torch.stack(_centres(trailed, i)), torch.stack([cx, cy]))  # the shape as without a trail
+        changed = (trailed.pixels[i] != plain.pixels[i]).any(0)  # (T, H, W): where the trail is
+        ys, xs = torch.nonzero(changed[8], as_tuple=True)
+        tx, ty = xs.float().mean() - cx[8], ys.float().mean() - cy[8]  # the trail's centre, from the shape's
+        behind = {"left": tx, "right": -tx, "up": ty, "down": -ty}[DIRECTIONS[int(plain.direction[i])]]
+        assert len(xs) >= 4 and behind > 1
+        # It fades: the further behind the shape, the less of the shape's colour is blended in (at most TRAIL_OPACITY).
+        target = torch.tensor(list(COLOURS.values()))[int(plain.colour[i])].view(3, 1, 1)
+        before, after = (plain.pixels[i, :, 8] + 1) / 2, (trailed.pixels[i, :, 8] + 1) / 2  # in [0, 1]
+        mix = (after - before).norm(dim=0) / (target - before).norm(dim=0)
+        distance = (xs - cx[8]).abs() + (ys - cy[8]).abs()
+        near, far = mix[ys, xs][distance <= distance.median()], mix[ys, xs][distance > distance.median()]
+        assert near.mean() > far.mean() and 0 < float(mix[ys, xs].max()) <= TRAIL_OPACITY + 1e-4
+    with pytest.raises(ValueError, match="constant velocity"):
+        video_batch(4, 0, 4, frames=40, trail=True)  # past a clip's length shapes bounce: a trail would lie
 
 
 def test_masks_are_distinct_per_shape():

@@ -5,6 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from accel.pipelines.shapes.data import video_batch
 from accel.pipelines.shapes.train import TrainConfig, _noised, train
 
 
@@ -175,6 +176,38 @@ def test_a_positive_timestep_logit_mean_trains_more_at_high_noise(tmp_path):
         train(TrainConfig(kind="classifier", steps=1, batch_size=4, lr=1e-3, timestep_logit_mean=1.0), str(tmp_path))
 
 
+def test_motion_trail_reaches_the_video_data_and_is_part_of_the_run(tmp_path, monkeypatch):
+    from accel.pipelines.shapes import train as train_module
+
+    asked = []
+
+    def recording_video_batch(*args, trail=False, **kwargs):
+        asked.append(trail)
+        return video_batch(*args, trail=trail, **kwargs)
+
+    monkeypatch.setattr(train_module, "video_batch", recording_video_batch)
+    train(TrainConfig(kind="video", steps=1, batch_size=2, lr=1e-3, motion_trail=True), str(tmp_path / "trail"))
+    assert asked == [True]
+    assert json.load(open(tmp_path / "trail" / "training.json"))["config"]["motion_trail"] is True
+    with pytest.raises(ValueError, match="another configuration"):  # resuming it without trails would mix two data sets
+        train(TrainConfig(kind="video", steps=2, batch_size=2, lr=1e-3), str(tmp_path / "trail"))
+    with pytest.raises(ValueError, match="video model's data"):
+        train(TrainConfig(kind="classifier", steps=1, batch_size=4, lr=1e-3, motion_trail=True), str(tmp_path / "x"))
+
+
+def test_a_high_noise_share_trains_that_share_in_the_top_tenth_of_noise(tmp_path):
+    x0 = torch.zeros(8192, 1)
+    plain = _noised(x0, torch.Generator().manual_seed(0))[1]  # as before the option existed
+    quarter = _noised(x0, torch.Generator().manual_seed(0), high_noise_share=0.25)[1]
+    top = (quarter >= 0.9).float().mean()
+    assert abs(top - (0.25 + 0.75 * (plain >= 0.9).float().mean())) < 0.02 and quarter.max() < 1
+    assert torch.equal(quarter[quarter < 0.9], plain[quarter < 0.9])  # the other samples keep their levels
+    for bad, message in ((dict(kind="video", high_noise_share=1.0), r"in \[0, 1\)"),
+                         (dict(kind="classifier", high_noise_share=0.25), "diffusion models")):
+        with pytest.raises(ValueError, match=message):
+            train(TrainConfig(steps=1, batch_size=2, lr=1e-3, **bad), str(tmp_path / "x"))
+
+
 def test_redraw_position_channel_gives_it_the_pixel_channels_scale_and_keeps_the_rest(tmp_path):
     _save_three_channel_video_pipeline(tmp_path / "old")
     init = str(tmp_path / "old")
@@ -198,7 +231,7 @@ def test_a_checkpoint_from_before_an_option_existed_resumes_at_its_default(tmp_p
     train(TrainConfig(steps=1, **cfg), str(tmp_path))
     state = tmp_path / "checkpoint" / "state.json"
     meta = json.loads(state.read_text())
-    for option in ("timestep_logit_mean", "redraw_position_channel"):
+    for option in ("timestep_logit_mean", "redraw_position_channel", "motion_trail", "high_noise_share"):
         del meta["config"][option]
     state.write_text(json.dumps(meta))
     assert train(TrainConfig(steps=2, **cfg), str(tmp_path))["steps_done"] == 2
