@@ -39,13 +39,10 @@ class ShapeBatch:
     pixels: torch.Tensor  # (B, 3, H, W) or (B, 3, T, H, W), in [-1, 1]
     shape: torch.Tensor  # (B,) index into SHAPES
     colour: torch.Tensor  # (B,) index into COLOUR_NAMES
+    # Written from the CPU draws: read back from GPU tensors, each caption would wait for the GPU to drain its queue,
+    # every training step.
+    captions: list[str]
     direction: torch.Tensor | None = None  # (B,) index into DIRECTIONS (videos)
-
-    @property
-    def captions(self) -> list[str]:
-        if self.direction is None:
-            return [image_caption(int(s), int(c)) for s, c in zip(self.shape, self.colour)]
-        return [video_caption(int(s), int(c), int(d)) for s, c, d in zip(self.shape, self.colour, self.direction)]
 
 
 def _generator(seed: int, index: int) -> torch.Generator:
@@ -101,7 +98,8 @@ def image_batch(seed: int, index: int, batch_size: int, size: int = 32, device="
     cx, cy = _uniform(g, batch_size, 0, 1) * (size - 1 - 2 * r) + r, _uniform(g, batch_size, 0, 1) * (size - 1 - 2 * r) + r
     background = _background(g, batch_size, size, device)
     masks = shape_masks(shape.to(device), cx.to(device), cy.to(device), r.to(device), size)
-    return ShapeBatch(_paint(background, masks, colour.to(device)), shape.to(device), colour.to(device))
+    captions = [image_caption(s, c) for s, c in zip(shape.tolist(), colour.tolist())]
+    return ShapeBatch(_paint(background, masks, colour.to(device)), shape.to(device), colour.to(device), captions)
 
 
 def _bounce(start: torch.Tensor, velocity: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, frames: int) -> torch.Tensor:
@@ -151,13 +149,14 @@ def video_batch(seed: int, index: int, batch_size: int, frames: int = CLIP_FRAME
     xs = _bounce(x0, vec[:, 0] * speed, lo, hi, start + frames)[:, start:]
     ys = _bounce(y0, vec[:, 1] * speed, lo, hi, start + frames)[:, start:]
     background = _background(g, batch_size, size, device).unsqueeze(2).expand(-1, -1, frames, -1, -1)
+    captions = [video_caption(s, c, d) for s, c, d in zip(shape.tolist(), colour.tolist(), direction.tolist())]
     shape, colour, xs, ys = shape.to(device), colour.to(device), xs.to(device), ys.to(device)
     radii = r[:, None].expand(-1, frames).to(device)
     masks = shape_masks(shape, xs, ys, radii, size)
     if trail:
         masks = torch.maximum(masks, _trail(shape, xs, ys, radii, (vec * speed[:, None]).to(device), size))
     pixels = _paint(background, masks, colour)
-    return ShapeBatch(pixels, shape, colour, direction.to(device))
+    return ShapeBatch(pixels, shape, colour, captions, direction.to(device))
 
 
 def _trail(shape, xs, ys, radii, velocity, size: int) -> torch.Tensor:
