@@ -9,7 +9,8 @@ For a video model folder (save_pretrained layout):
 - the model's predicted clean video from pure noise at t = 0.98 and 0.7 for "a red circle moving left / right":
   where the red is, frame by frame (a model that cannot tell a clip's start from its end predicts the same for both);
 - its loss on held-out clips at fixed noise levels with each clip's caption and with the direction word reversed;
-- how close it is to time-reversal equivariant, and (from the data alone) what the direction word's sense can earn.
+- how close it is to time-reversal equivariant, and (from the data alone) what the direction word's sense can earn;
+- how strongly its patch embedding reads the frame-position channel, next to the pixel channels.
 The probes use the clips the model trained on: with motion trails if its training.json says `motion_trail`.
 For a long-video model folder: the share of seeds showing the caption's shape and colour chunk by chunk over 8 chunks,
 and which colours its first-chunk prediction from noise at t = 0.98 holds for "a red / blue / green circle".
@@ -124,6 +125,14 @@ def _caption_key(clips, with_sense: bool) -> torch.Tensor:
     return (clips.shape * 6 + clips.colour) * 4 + (clips.direction if with_sense else clips.direction // 2)
 
 
+def patch_embedding_weight_norms(pipe: ShapesVideoPipeline) -> dict:
+    """Norms of the patch embedding's input weights per channel: the pixels' three and, where the model has one, the
+    frame-position channel's (its only source of absolute time; RoPE gives relative positions)."""
+    weight = pipe.transformer.patch_embedding.weight.float()
+    norms = [round(float(weight[:, c].norm()), 3) for c in range(weight.shape[1])]
+    return {"pixel_channels": norms[:3], "position_channel": norms[3] if len(norms) > 3 else None}
+
+
 def trained_with_trail(folder: str) -> bool:
     """Whether the model at `folder` trained on clips with motion trails (its training.json, in the folder or beside
     it, says), so that it is probed on the data it learnt."""
@@ -151,6 +160,7 @@ def video_diagnosis(folder: str, classifier, samples: int, guidance_scale: float
             "text_direction_gaps": direction_word_gaps(pipe), "predicted_clean_from_noise": red_centroid_by_frame(pipe),
             "loss_with_reversed_direction": loss_with_reversed_direction(pipe, trail),
             "time_reversal_equivariance": time_reversal_equivariance(pipe, trail),
+            "patch_embedding_weight_norms": patch_embedding_weight_norms(pipe),
             "data_optimal_loss_from_noise": optimal_loss_with_and_without_sense(trail)}
 
 
