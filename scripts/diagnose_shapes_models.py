@@ -35,6 +35,7 @@ from accel.pipelines.shapes.pipelines import ShapesVideoPipeline
 from accel.pipelines.shapes.report import (
     VIDEO_CAPTIONS, direction_word_gaps, generate_and_score, long_video_report, motion_by_centroid,
 )
+from accel.pipelines.shapes.train import training_record
 
 WEIGHTS = os.path.join(os.path.dirname(__file__), "..", "pipelines", "weights")
 
@@ -134,15 +135,13 @@ def patch_embedding_weight_norms(pipe: ShapesVideoPipeline) -> dict:
 
 
 def trained_with_trail(folder: str) -> bool:
-    """Whether the model at `folder` trained on clips with motion trails (its training.json, in the folder or beside
-    it, says), so that it is probed on the data it learnt."""
-    paths = [os.path.join(folder, "training.json"), os.path.join(os.path.dirname(os.path.normpath(folder)), "training.json")]
-    path = next((p for p in paths if os.path.isfile(p)), None)
-    if path is None:
+    """Whether the model at `folder` trained on clips with motion trails (its training.json says), so that it is
+    probed on the data it learnt."""
+    record = training_record(folder)
+    if record is None:
         warnings.warn(f"no training.json in or beside {folder}: probing it on clips without motion trails")
         return False
-    with open(path) as f:
-        return bool(json.load(f)["config"].get("motion_trail"))
+    return bool(record["config"].get("motion_trail"))
 
 
 def video_diagnosis(folder: str, classifier, samples: int, guidance_scale: float | None = None) -> dict:

@@ -150,17 +150,25 @@ def _redraw_position_channel(transformer: torch.nn.Module) -> None:
         weight[:, -1].normal_(0.0, float(weight[:, :-1].std()))
 
 
-def _init_training(folder: str | None) -> dict | None:
-    """The training record of the model a run started from, so a card can state the whole history: inside the folder
-    (shipped weights) or beside it (a run's OUT/model)."""
-    if not folder:
-        return None
+def training_record(folder: str) -> dict | None:
+    """The `training.json` of an exported model: inside its folder (shipped weights) or beside it (a run's OUT/model);
+    None when there is none."""
     paths = [os.path.join(folder, "training.json"), os.path.join(os.path.dirname(os.path.normpath(folder)), "training.json")]
     path = next((p for p in paths if os.path.exists(p)), None)
     if path is None:
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _init_training(folder: str | None) -> dict | None:
+    """The training record of the model a run started from, so a card can state the whole history."""
+    if not folder:
+        return None
+    record = training_record(folder)
+    if record is None:
         logger.warning("no training.json in or beside %s: this run's record starts at its own step 0", folder)
         return None
-    record = json.load(open(path))
     return {k: record.get(k) for k in ("config", "steps_done", "wall_s", "gpu", "init_training")}
 
 

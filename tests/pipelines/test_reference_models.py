@@ -90,7 +90,7 @@ def test_classifier_accuracy_on_held_out_data_is_what_its_card_reports(classifie
 @torch.no_grad()
 def test_classifier_reads_clips_with_motion_trails_as_well(classifier):
     """It trained without trails; the video model's trailed data (`--motion-trail`) must not fool it, and its
-    direction head must not need the trail either (it reads the motion: the test above, on plain clips)."""
+    direction must come from the motion, not from the trail."""
     clips = video_batch(HELD_OUT_SEED, 0, 64, trail=True)
     logits = classifier.classify_videos(clips.pixels)
     for part, scores in logits.items():

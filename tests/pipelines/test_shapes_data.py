@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from accel.pipelines.shapes.data import COLOURS, DIRECTIONS, TRAIL_OPACITY, image_batch, shape_masks, video_batch
+from accel.pipelines.shapes.data import (
+    COLOURS, DIRECTIONS, TRAIL_OPACITY, image_batch, image_caption, shape_masks, video_batch, video_caption,
+)
 
 
 def test_batches_are_deterministic_and_seed_dependent():
@@ -17,7 +19,8 @@ def test_value_ranges_shapes_and_captions():
     assert b.pixels.shape == (64, 3, 32, 32) and b.pixels.min() >= -1 and b.pixels.max() <= 1
     v = video_batch(0, 0, 8)
     assert v.pixels.shape == (8, 3, 17, 32, 32)
-    assert all(c.startswith("a ") and " moving " in c for c in v.captions)
+    assert v.captions == [video_caption(int(s), int(c), int(d)) for s, c, d in zip(v.shape, v.colour, v.direction)]
+    assert b.captions == [image_caption(int(s), int(c)) for s, c in zip(b.shape, b.colour)]
     assert len({c.split()[2] for c in image_batch(0, 1, 256).captions}) == 4  # every shape occurs
 
 
@@ -58,7 +61,7 @@ def test_later_frames_continue_the_path_and_bounce():
     assert turned >= 8  # within 50 frames most shapes reach an edge and come back
 
 
-def test_a_motion_trail_fades_behind_the_shape_and_changes_nothing_else():
+def test_a_motion_trail_fades_behind_the_shape_and_leaves_the_shape_as_it_was():
     plain, trailed = video_batch(4, 0, 16), video_batch(4, 0, 16, trail=True)
     assert torch.equal(video_batch(4, 0, 16, trail=True).pixels, trailed.pixels) and plain.captions == trailed.captions
     for i in range(16):
