@@ -10,7 +10,7 @@ For a video model folder (save_pretrained layout):
   where the red is, frame by frame (a model that cannot tell a clip's start from its end predicts the same for both);
 - its loss on held-out clips at fixed noise levels with each clip's caption and with the direction word reversed;
 - how close it is to time-reversal equivariant, and (from the data alone) what the direction word's sense can earn;
-- how strongly its patch embedding reads the frame-position channel, next to the pixel channels.
+- how strongly its patch embedding reads the position channels (frame, row, column), next to the pixel channels.
 The probes use the clips the model trained on: with motion trails if its training.json says `motion_trail`.
 For a long-video model folder: the share of seeds showing the caption's shape and colour chunk by chunk over 8 chunks,
 and which colours its first-chunk prediction from noise at t = 0.98 holds for "a red / blue / green circle".
@@ -30,7 +30,7 @@ import torch
 
 from accel.pipelines.shapes.data import COLOURS, video_batch
 from accel.pipelines.shapes.long_video import ShapesLongVideoPipeline
-from accel.pipelines.shapes.models import ShapesClassifier, with_frame_position
+from accel.pipelines.shapes.models import POSITION_CHANNELS, ShapesClassifier, with_positions
 from accel.pipelines.shapes.pipelines import ShapesVideoPipeline
 from accel.pipelines.shapes.report import (
     VIDEO_CAPTIONS, direction_word_gaps, generate_and_score, long_video_report, motion_by_centroid,
@@ -59,7 +59,7 @@ def red_centroid_by_frame(pipe: ShapesVideoPipeline, n: int = 16) -> dict:
     for t in (0.98, 0.7):
         for direction in ("left", "right"):
             text = pipe.encode_prompt([f"a red circle moving {direction}"] * n, "cpu")
-            w = _colour_weight(_predicted_clean(pipe.transformer, with_frame_position(pipe.transformer, noise), text, t), "red")
+            w = _colour_weight(_predicted_clean(pipe.transformer, with_positions(pipe.transformer, noise), text, t), "red")
             x = ((w * xs).sum((2, 3)) / w.sum((2, 3))).mean(0)
             out[f"t={t} {direction}: red centroid x at frames 0/8/16"] = [round(float(x[i]), 3) for i in (0, 8, 16)]
     return out
@@ -77,7 +77,7 @@ def loss_with_reversed_direction(pipe: ShapesVideoPipeline, trail: bool, n: int 
     reversed_captions = [" ".join(c.split()[:-1] + [REVERSED[c.split()[-1]]]) for c in clips.captions]
     out = {}
     for t in (0.5, 0.8, 0.9, 0.95, 0.98):
-        xt = with_frame_position(pipe.transformer, (1 - t) * clips.pixels + t * noise)
+        xt = with_positions(pipe.transformer, (1 - t) * clips.pixels + t * noise)
         losses = []
         for captions in (clips.captions, reversed_captions):
             text = pipe.encode_prompt(captions, "cpu")
@@ -96,7 +96,7 @@ def time_reversal_equivariance(pipe: ShapesVideoPipeline, trail: bool, n: int = 
     text = pipe.encode_prompt(clips.captions, "cpu")
 
     def velocity(x, t):
-        return pipe.transformer(with_frame_position(pipe.transformer, x), encoder_hidden_states=text,
+        return pipe.transformer(with_positions(pipe.transformer, x), encoder_hidden_states=text,
                                 timestep=torch.full((n,), t * 1000), return_dict=False)[0]
 
     out = {}
@@ -127,11 +127,11 @@ def _caption_key(clips, with_sense: bool) -> torch.Tensor:
 
 
 def patch_embedding_weight_norms(pipe: ShapesVideoPipeline) -> dict:
-    """Norms of the patch embedding's input weights per channel: the pixels' three and, where the model has one, the
-    frame-position channel's (its only source of absolute time; RoPE gives relative positions)."""
+    """Norms of the patch embedding's input weights per channel: the pixels' three and the position channels' that
+    the model has (its only source of absolute positions; RoPE gives relative ones), by name."""
     weight = pipe.transformer.patch_embedding.weight.float()
     norms = [round(float(weight[:, c].norm()), 3) for c in range(weight.shape[1])]
-    return {"pixel_channels": norms[:3], "position_channel": norms[3] if len(norms) > 3 else None}
+    return {"pixel_channels": norms[:3], "position_channels": dict(zip(POSITION_CHANNELS, norms[3:]))}
 
 
 def trained_with_trail(folder: str) -> bool:

@@ -27,33 +27,42 @@ def image_transformer() -> ShapesDiTTransformer:
 
 
 def video_transformer(text_dim: int) -> WanTransformer3DModel:
-    """Pixel-space Wan: 17 frames of 32x32x3 in patches of 1x4x4 (1,088 tokens), 6 blocks of width 192. It takes one
-    input channel more than it returns: each frame's position (`with_frame_position`)."""
+    """Pixel-space Wan: 17 frames of 32x32x3 in patches of 1x4x4 (1,088 tokens), 6 blocks of width 192. It takes
+    three input channels more than it returns: where each pixel is (`with_positions`)."""
     return WanTransformer3DModel(
-        patch_size=(1, 4, 4), num_attention_heads=3, attention_head_dim=64, in_channels=4, out_channels=3,
+        patch_size=(1, 4, 4), num_attention_heads=3, attention_head_dim=64, in_channels=6, out_channels=3,
         text_dim=text_dim, freq_dim=256, ffn_dim=768, num_layers=6, cross_attn_norm=True,
         qk_norm="rms_norm_across_heads", rope_max_seq_len=64,
     )
 
 
-def with_frame_position(transformer: WanTransformer3DModel, latents: torch.Tensor) -> torch.Tensor:
-    """What the video model reads: the latents (B, C, F, H, W), and, if the transformer takes one channel more than
-    it returns, each frame's position in the clip (-1 at the first frame, +1 at frame 16), as Wan's image-to-video
-    models read their conditioning channels beside the latents.
+# The position channels a video transformer can read beside its latents, in this order: a transformer that takes k
+# channels more than it returns reads the first k. (The shipped shapes-video weights read none; the unshipped
+# stages 6-10 read the frame only.)
+POSITION_CHANNELS = ("frame", "row", "column")
 
-    Wan's RoPE gives relative positions only. A model that sees the latents alone cannot tell a clip's first frame
-    from its last, so from noise it cannot tell "moving left" from "moving right" (each clip is the other's time
-    reversal): it learns the axis of motion but not its sense. (The shapes-video weights trained before this channel
-    existed take the latents alone.)"""
+
+def with_positions(transformer: WanTransformer3DModel, latents: torch.Tensor) -> torch.Tensor:
+    """What the video model reads: the latents (B, C, F, H, W) and, in the channels the transformer takes beyond the
+    ones it returns, where each pixel is: its frame's position in the clip (-1 at the first frame, +1 at frame 16),
+    then its row and column (-1 to 1), as Wan's image-to-video models read conditioning channels beside the latents.
+
+    Wan's RoPE gives relative positions only, and its patch embedding has no padding, so a model that sees the
+    latents alone can tell neither which frame nor where in the frame it is. From pure noise the best prediction of
+    a clip "moving left" puts its shape at the right of the first frame and at the left of the last (clips start at
+    the edge they move away from): such a model cannot make it, and the noise, not the caption, picks the sense."""
     extra = transformer.config.in_channels - transformer.config.out_channels
-    if extra == 0:
-        return latents
-    if extra != 1:
-        raise ValueError(f"a shapes video transformer takes its latents and at most one frame-position channel; this "
-                         f"one takes {transformer.config.in_channels} channels and returns {transformer.config.out_channels}")
+    if extra not in (0, 1, len(POSITION_CHANNELS)):
+        raise ValueError(f"a shapes video transformer takes its latents and then the position channels "
+                         f"{POSITION_CHANNELS} or the first of them; this one takes {transformer.config.in_channels} "
+                         f"channels and returns {transformer.config.out_channels}")
     b, _, f, h, w = latents.shape
-    position = torch.arange(f, device=latents.device, dtype=latents.dtype) * (2 / (CLIP_FRAMES - 1)) - 1
-    return torch.cat([latents, position.view(1, 1, f, 1, 1).expand(b, 1, f, h, w)], dim=1)
+
+    def ramp(n: int, span: int) -> torch.Tensor:  # -1 at index 0, +1 at index span - 1
+        return torch.arange(n, device=latents.device, dtype=latents.dtype) * (2 / (span - 1)) - 1
+
+    planes = (ramp(f, CLIP_FRAMES).view(f, 1, 1), ramp(h, h).view(1, h, 1), ramp(w, w).view(1, 1, w))[:extra]
+    return torch.cat([latents, *(p.expand(f, h, w).expand(b, 1, f, h, w) for p in planes)], dim=1)
 
 
 def _conv(cin: int, cout: int, conv=nn.Conv2d, stride=2) -> nn.Sequential:

@@ -18,7 +18,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 from transformers import PreTrainedTokenizerFast, UMT5EncoderModel
 
-from .models import NUM_CLASSES, ShapesDiTTransformer, with_frame_position
+from .models import NUM_CLASSES, ShapesDiTTransformer, with_positions
 from .text import IMAGE_CAPTIONS, VIDEO_CAPTIONS, check_captions, embed_captions
 
 
@@ -98,7 +98,7 @@ class ShapesVideoPipeline(_FlowMatchingPipeline):
         return embed_captions(self.tokenizer, self.text_encoder, captions, device)
 
     def _transformer_input(self, latents: torch.Tensor) -> torch.Tensor:
-        return with_frame_position(self.transformer, latents)
+        return with_positions(self.transformer, latents)
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], num_inference_steps: int = 20, guidance_scale: float = 4.0,

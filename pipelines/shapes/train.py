@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .data import image_batch, video_batch
 from .long_video import CHUNK_FRAMES, ShapesLongVideoPipeline, long_video_transformer
-from .models import ShapesClassifier, image_transformer, video_transformer, with_frame_position
+from .models import ShapesClassifier, image_transformer, video_transformer, with_positions
 from .pipelines import ShapesImagePipeline, ShapesVideoPipeline
 from .text import build_text_encoder, build_tokenizer, embed_captions
 
@@ -54,10 +54,10 @@ class TrainConfig:
     # With init (video kinds): keep the transformer, start the text encoder afresh. An encoder trained where two
     # captions showed the same videos has merged their words; a fresh one tells every word apart again.
     new_text_encoder: bool = False
-    # With init (video): the frame-position channel's input weights drawn afresh at the scale of the pixel channels'.
-    # A channel that starts at zero weight is a saddle here: time's direction pays only once the direction word is
-    # used, and the word only once time's direction is seen (the shapes-video card).
-    redraw_position_channel: bool = False
+    # With init (video): the position channels' input weights drawn afresh at the scale of the pixel channels'.
+    # A channel that starts at zero weight is a saddle here: where the model is pays only once the direction word is
+    # used, and the word only once the model sees where it is (the shapes-video card).
+    redraw_position_channels: bool = False
     compile: bool = False  # torch.compile the network: fuses the elementwise work that bounds these small models
     # Mean of the logit-normal noise level t = sigmoid(N(mean, 1)). At 0, t > 0.9 in 1.4% of samples; a video's sense
     # of motion is decided mostly there (at lower noise the shape's path already shows in x_t), so a positive mean
@@ -130,8 +130,8 @@ def _initialise(model: torch.nn.Module, kind: str, folder: str, new_text_encoder
 
 
 def _widen_patch_embedding(weights: dict, state: dict) -> dict:
-    """An export whose patch embedding reads fewer input channels than the model's (a video model from before the
-    frame-position channel): the new channels start at zero weight, so the model starts out as the export."""
+    """An export whose patch embedding reads fewer input channels than the model's (a video model from before some
+    of its position channels): the new channels start at zero weight, so the model starts out as the export."""
     key = "patch_embedding.weight"
     if key not in weights or key not in state or weights[key].shape[1] >= state[key].shape[1]:
         return weights
@@ -142,12 +142,13 @@ def _widen_patch_embedding(weights: dict, state: dict) -> dict:
     return {**weights, key: wide}
 
 
-def _redraw_position_channel(transformer: torch.nn.Module) -> None:
-    """Draw the patch embedding's weights for the frame-position channel (the last input channel) afresh, normal at
-    the standard deviation of the pixel channels' weights."""
+def _redraw_position_channels(transformer: torch.nn.Module) -> None:
+    """Draw the patch embedding's weights for the position channels (the input channels past the output's) afresh,
+    normal at the standard deviation of the pixel channels' weights."""
     weight = transformer.patch_embedding.weight  # (width, channels, frames, height, width) of the patch kernel
+    pixels = transformer.config.out_channels
     with torch.no_grad():
-        weight[:, -1].normal_(0.0, float(weight[:, :-1].std()))
+        weight[:, pixels:].normal_(0.0, float(weight[:, :pixels].std()))
 
 
 def training_record(folder: str) -> dict | None:
@@ -204,7 +205,7 @@ def _flow_matching_loss(model, kind: str, step: int, cfg: TrainConfig, device) -
     else:
         drop = torch.rand(xt.shape[0], generator=g, device=device) < 0.1
         text = model.embed(batch.captions, drop, device)
-        pred = model.transformer(with_frame_position(model.transformer, xt), timestep=t * 1000,
+        pred = model.transformer(with_positions(model.transformer, xt), timestep=t * 1000,
                                  encoder_hidden_states=text, return_dict=False)[0]
     return torch.nn.functional.mse_loss(pred, target)
 
@@ -366,10 +367,10 @@ def train(cfg: TrainConfig, out: str, device: str = "cpu", resume: bool = True) 
         raise ValueError("new_text_encoder replaces the text encoder of an --init model: give --init too")
     if cfg.new_text_encoder and cfg.kind not in ("video", "long-video"):
         raise ValueError(f"new_text_encoder is for the video models: a {cfg.kind} model has no text encoder")
-    if cfg.redraw_position_channel and cfg.kind != "video":
-        raise ValueError(f"redraw_position_channel is for the video model: a {cfg.kind} model has no frame-position channel")
-    if cfg.redraw_position_channel and not cfg.init:
-        raise ValueError("redraw_position_channel redraws a channel of an --init model: give --init too")
+    if cfg.redraw_position_channels and cfg.kind != "video":
+        raise ValueError(f"redraw_position_channels is for the video model: a {cfg.kind} model has no position channels")
+    if cfg.redraw_position_channels and not cfg.init:
+        raise ValueError("redraw_position_channels redraws channels of an --init model: give --init too")
     if cfg.motion_trail and cfg.kind != "video":
         raise ValueError(f"motion_trail is for the video model's data, not a {cfg.kind} model's")
     if (cfg.timestep_logit_mean or cfg.high_noise_share) and cfg.kind == "classifier":
@@ -382,8 +383,8 @@ def train(cfg: TrainConfig, out: str, device: str = "cpu", resume: bool = True) 
     model = build(cfg.kind).to(device).train()
     if cfg.init:
         _initialise(model, cfg.kind, cfg.init, cfg.new_text_encoder)
-        if cfg.redraw_position_channel:
-            _redraw_position_channel(model.transformer)
+        if cfg.redraw_position_channels:
+            _redraw_position_channels(model.transformer)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     if cfg.compile:
         compile_network(model, cfg.kind)
@@ -450,8 +451,8 @@ def main(argv=None) -> None:
     p.add_argument("--init", help="start from the weights of this exported model folder (continued training)")
     p.add_argument("--new-text-encoder", action="store_true",
                    help="with --init (video models): the transformer from the folder, a fresh text encoder")
-    p.add_argument("--redraw-position-channel", action="store_true",
-                   help="with --init (video model): the frame-position channel's input weights drawn afresh")
+    p.add_argument("--redraw-position-channels", action="store_true",
+                   help="with --init (video model): the position channels' input weights drawn afresh")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (GPU training)")
     p.add_argument("--timestep-logit-mean", type=float, default=0.0,
                    help="noise levels t = sigmoid(N(mean, 1)) (diffusion models; > 0 trains more at high noise)")
@@ -463,7 +464,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}
     cfg = TrainConfig(kind=args.kind, seed=args.seed, max_minutes=args.max_minutes, init=args.init,
-                      new_text_encoder=args.new_text_encoder, redraw_position_channel=args.redraw_position_channel,
+                      new_text_encoder=args.new_text_encoder, redraw_position_channels=args.redraw_position_channels,
                       compile=args.compile, timestep_logit_mean=args.timestep_logit_mean, motion_trail=args.motion_trail,
                       high_noise_share=args.high_noise_share,
                       **{**DEFAULTS[args.kind], **overrides})

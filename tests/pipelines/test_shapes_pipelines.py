@@ -124,19 +124,20 @@ def _inputs_seen(pipe) -> list[torch.Tensor]:
     return seen
 
 
-def test_the_video_transformer_reads_each_frames_position_beside_the_latents(video_pipe):
+def test_the_video_transformer_reads_where_each_pixel_is_beside_the_latents(video_pipe):
     pipe = ShapesVideoPipeline(**video_pipe.components)  # its own transformer hooks, not the shared fixture's
     pipe.set_progress_bar_config(disable=True)
+    ramp = torch.linspace(-1, 1, 17), torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32)
+    expected = torch.stack(torch.meshgrid(*ramp, indexing="ij")).unsqueeze(0)  # frame, row, column
     for hidden in _inputs_seen(pipe):
-        assert hidden.shape == (1, 4, 17, 32, 32)
-        expected = torch.linspace(-1, 1, 17).view(1, 1, 17, 1, 1).expand(1, 1, 17, 32, 32)
+        assert hidden.shape == (1, 6, 17, 32, 32)
         torch.testing.assert_close(hidden[:, 3:], expected)
 
 
-def test_a_video_transformer_without_the_position_channel_reads_the_latents_alone(video_pipe):
+def test_a_video_transformer_with_fewer_position_channels_reads_the_first_of_them(video_pipe):
     from diffusers import WanTransformer3DModel
 
-    for in_channels, error in ((3, None), (5, "at most one frame-position channel")):
+    for in_channels, error in ((3, None), (4, None), (5, "position channels")):
         transformer = WanTransformer3DModel.from_config({**video_pipe.transformer.config, "in_channels": in_channels})
         pipe = ShapesVideoPipeline(**{**video_pipe.components, "transformer": transformer.eval()})
         pipe.set_progress_bar_config(disable=True)
@@ -144,4 +145,7 @@ def test_a_video_transformer_without_the_position_channel_reads_the_latents_alon
             with pytest.raises(ValueError, match=error):
                 _inputs_seen(pipe)
         else:
-            assert all(hidden.shape == (1, 3, 17, 32, 32) for hidden in _inputs_seen(pipe))
+            frame = torch.linspace(-1, 1, 17).view(1, 1, 17, 1, 1)
+            for hidden in _inputs_seen(pipe):
+                assert hidden.shape == (1, in_channels, 17, 32, 32)
+                torch.testing.assert_close(hidden[:, 3:], frame.expand(1, in_channels - 3, 17, 32, 32))

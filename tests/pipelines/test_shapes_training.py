@@ -128,7 +128,7 @@ def test_a_run_stopped_while_replacing_its_checkpoint_resumes_from_the_old_one(t
 
 
 def _save_three_channel_video_pipeline(folder):
-    """A shapes video pipeline from before the frame-position channel (random weights); returns its transformer."""
+    """A shapes video pipeline from before the position channels (random weights); returns its transformer."""
     from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 
     from accel.pipelines.shapes.models import video_transformer
@@ -142,19 +142,19 @@ def _save_three_channel_video_pipeline(folder):
     return old
 
 
-def test_init_from_a_video_model_without_the_position_channel_starts_out_as_that_model(tmp_path):
+def test_init_from_a_video_model_without_the_position_channels_starts_out_as_that_model(tmp_path):
     from diffusers import WanTransformer3DModel
 
-    from accel.pipelines.shapes.models import with_frame_position
+    from accel.pipelines.shapes.models import with_positions
 
     old = _save_three_channel_video_pipeline(tmp_path / "old")
     train(TrainConfig(kind="video", steps=0, batch_size=2, lr=1e-3, init=str(tmp_path / "old")), str(tmp_path / "new"))
     new = WanTransformer3DModel.from_pretrained(tmp_path / "new" / "model" / "transformer").float()
-    assert new.config.in_channels == 4
+    assert new.config.in_channels == 6
     x, text = torch.randn(2, 3, 17, 32, 32), torch.randn(2, 8, old.config.text_dim)
     with torch.no_grad():
         expected = old.half().float()(x, timestep=torch.tensor([500.0, 900.0]), encoder_hidden_states=text).sample
-        actual = new(with_frame_position(new, x), timestep=torch.tensor([500.0, 900.0]), encoder_hidden_states=text).sample
+        actual = new(with_positions(new, x), timestep=torch.tensor([500.0, 900.0]), encoder_hidden_states=text).sample
     torch.testing.assert_close(actual, expected)
 
 
@@ -208,22 +208,23 @@ def test_a_high_noise_share_trains_that_share_in_the_top_tenth_of_noise(tmp_path
             train(TrainConfig(steps=1, batch_size=2, lr=1e-3, **bad), str(tmp_path / "x"))
 
 
-def test_redraw_position_channel_gives_it_the_pixel_channels_scale_and_keeps_the_rest(tmp_path):
+def test_redraw_position_channels_gives_them_the_pixel_channels_scale_and_keeps_the_rest(tmp_path):
     _save_three_channel_video_pipeline(tmp_path / "old")
     init = str(tmp_path / "old")
     for name, redraw in (("widened", False), ("redrawn", True)):
-        train(TrainConfig(kind="video", steps=0, batch_size=2, lr=1e-3, init=init, redraw_position_channel=redraw),
+        train(TrainConfig(kind="video", steps=0, batch_size=2, lr=1e-3, init=init, redraw_position_channels=redraw),
               str(tmp_path / name))
     key = "patch_embedding.weight"
     widened, redrawn = (load_file(str(tmp_path / name / "model" / "transformer" / "diffusion_pytorch_model.safetensors"))
                         for name in ("widened", "redrawn"))
     assert all(torch.equal(redrawn[k], widened[k]) for k in widened if k != key)
-    assert torch.equal(redrawn[key][:, :-1], widened[key][:, :-1])
-    assert not widened[key][:, -1].any()  # widening starts the channel at zero: the saddle
-    assert abs(redrawn[key][:, -1].float().std() / redrawn[key][:, :-1].float().std() - 1) < 0.1
-    for bad, message in ((dict(kind="video"), "give --init"), (dict(kind="long-video", init=init), "no frame-position")):
+    assert torch.equal(redrawn[key][:, :3], widened[key][:, :3])
+    assert not widened[key][:, 3:].any()  # widening starts the channels at zero: the saddle
+    for channel in range(3, 6):
+        assert abs(redrawn[key][:, channel].float().std() / redrawn[key][:, :3].float().std() - 1) < 0.1
+    for bad, message in ((dict(kind="video"), "give --init"), (dict(kind="long-video", init=init), "no position channels")):
         with pytest.raises(ValueError, match=message):
-            train(TrainConfig(steps=0, batch_size=2, lr=1e-3, redraw_position_channel=True, **bad), str(tmp_path / "x"))
+            train(TrainConfig(steps=0, batch_size=2, lr=1e-3, redraw_position_channels=True, **bad), str(tmp_path / "x"))
 
 
 def test_a_checkpoint_from_before_an_option_existed_resumes_at_its_default(tmp_path):
@@ -231,7 +232,7 @@ def test_a_checkpoint_from_before_an_option_existed_resumes_at_its_default(tmp_p
     train(TrainConfig(steps=1, **cfg), str(tmp_path))
     state = tmp_path / "checkpoint" / "state.json"
     meta = json.loads(state.read_text())
-    for option in ("timestep_logit_mean", "redraw_position_channel", "motion_trail", "high_noise_share"):
+    for option in ("timestep_logit_mean", "redraw_position_channels", "motion_trail", "high_noise_share"):
         del meta["config"][option]
     state.write_text(json.dumps(meta))
     assert train(TrainConfig(steps=2, **cfg), str(tmp_path))["steps_done"] == 2
