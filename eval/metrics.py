@@ -6,6 +6,7 @@ environment variable, then the local caches, and never downloaded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -109,10 +110,25 @@ def fid_kid(samples: np.ndarray, reference: np.ndarray, extractor: FeatureExtrac
     for metric in (fid, kid):
         metric.update(y, real=True)
         metric.update(x, real=False)
-    with torch.random.fork_rng(devices=[]):  # KID draws random subsets: the same ones in every run and process
+    with torch.random.fork_rng(devices=[]), _one_thread():  # KID's random subsets: the same in every run and process
         torch.manual_seed(0)
         kid_mean, _ = kid.compute()
-    return {"fid": float(fid.compute()), "kid": float(kid_mean)}
+        fid_value = fid.compute()
+    return {"fid": float(fid_value), "kid": float(kid_mean)}
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """FID sums the square roots of the eigenvalues of a float64 matrix product; at the eigenvalues near zero, BLAS's
+    rounding, which depends on the thread count, shows up in the 8th digit. `accelerate launch` gives each process one
+    thread on a GPU machine, a plain run gets all cores: one thread here should give both the same numbers. (The
+    features themselves are extracted on all threads: the one two-GPU run so far matched them exactly.)"""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def clip_score(samples: np.ndarray, prompts: list[str], model_spec: str | None = None) -> dict[str, float]:

@@ -121,8 +121,9 @@ def video_batch(seed: int, index: int, batch_size: int, frames: int = CLIP_FRAME
                 trail: bool = False, device="cpu") -> ShapeBatch:
     """Shapes moving at 0.6 to 0.9 px per frame in one of four directions, bouncing off the edges, frames
     [start, start + frames) of each path. The first CLIP_FRAMES frames never bounce: a clip moves one way throughout,
-    which a model with relative positions only (RoPE) can tell from the opposite direction. (With a bounce inside the
-    clip, "left" and "right" differ only in where the clip starts, which such a model cannot see.)
+    starting near the edge it moves away from. (With a bounce inside the clip, "left" and "right" would differ mostly
+    in where the clip starts.) A model needs to know where each token is, in the clip and in the frame, to draw a
+    captioned direction from noise (`models.with_positions`).
 
     With `trail`, each shape draws a fading motion trail behind it (TRAIL_FRAMES). Without one, a clip played
     backwards is a clip of the opposite direction, so the data summed over the direction word is symmetric in time;

@@ -37,8 +37,8 @@ def video_transformer(text_dim: int) -> WanTransformer3DModel:
 
 
 # The position channels a video transformer can read beside its latents, in this order: a transformer that takes k
-# channels more than it returns reads the first k. (The shipped shapes-video weights read none; the unshipped
-# stages 6-10 read the frame only.)
+# channels more than it returns reads the first k. (The shapes-video weights shipped before stage 11 read none, the
+# unshipped stages 6-10 the frame only; the shipped ones read all three.)
 POSITION_CHANNELS = ("frame", "row", "column")
 
 
@@ -48,21 +48,22 @@ def with_positions(transformer: WanTransformer3DModel, latents: torch.Tensor) ->
     then its row and column (-1 to 1), as Wan's image-to-video models read conditioning channels beside the latents.
 
     Wan's RoPE gives relative positions only, and its patch embedding has no padding, so a model that sees the
-    latents alone can tell neither which frame nor where in the frame it is. From pure noise the best prediction of
-    a clip "moving left" puts its shape at the right of the first frame and at the left of the last (clips start at
+    latents alone can tell neither which frame nor where in the frame it is. From noise the best prediction of a
+    clip "moving left" puts its shape at the right of the first frame and at the left of the last (clips start at
     the edge they move away from): such a model cannot make it, and the noise, not the caption, picks the sense."""
     extra = transformer.config.in_channels - transformer.config.out_channels
-    if extra not in (0, 1, len(POSITION_CHANNELS)):
-        raise ValueError(f"a shapes video transformer takes its latents and then the position channels "
-                         f"{POSITION_CHANNELS} or the first of them; this one takes {transformer.config.in_channels} "
-                         f"channels and returns {transformer.config.out_channels}")
+    if not 0 <= extra <= len(POSITION_CHANNELS):
+        raise ValueError(f"a shapes video transformer takes its latents and then the first of the position channels "
+                         f"{POSITION_CHANNELS}; this one takes {transformer.config.in_channels} channels and returns "
+                         f"{transformer.config.out_channels}")
     b, _, f, h, w = latents.shape
-
-    def ramp(n: int, span: int) -> torch.Tensor:  # -1 at index 0, +1 at index span - 1
-        return torch.arange(n, device=latents.device, dtype=latents.dtype) * (2 / (span - 1)) - 1
-
-    planes = (ramp(f, CLIP_FRAMES).view(f, 1, 1), ramp(h, h).view(1, h, 1), ramp(w, w).view(1, 1, w))[:extra]
-    return torch.cat([latents, *(p.expand(f, h, w).expand(b, 1, f, h, w) for p in planes)], dim=1)
+    like = dict(device=latents.device, dtype=latents.dtype)
+    planes = (
+        lambda: (torch.arange(f, **like) * (2 / (CLIP_FRAMES - 1)) - 1).view(f, 1, 1),  # frame 16 of any clip is +1
+        lambda: torch.linspace(-1, 1, h, **like).view(1, h, 1),
+        lambda: torch.linspace(-1, 1, w, **like).view(1, 1, w),
+    )[:extra]
+    return torch.cat([latents, *(plane().expand(b, 1, f, h, w) for plane in planes)], dim=1)
 
 
 def _conv(cin: int, cout: int, conv=nn.Conv2d, stride=2) -> nn.Sequential:

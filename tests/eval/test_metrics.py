@@ -57,6 +57,19 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_with_noise():
     assert 0 < fids[0] < fids[1] < fids[2]
 
 
+def test_fid_and_kid_are_computed_on_one_thread_whatever_the_process_has(monkeypatch):
+    """A plain run and each process of `accelerate launch` have different thread counts; BLAS's rounding follows them."""
+    seen, eigvals = [], torch.linalg.eigvals
+    monkeypatch.setattr(torch.linalg, "eigvals", lambda m: (seen.append(torch.get_num_threads()), eigvals(m))[1])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        metrics.fid_kid(_images(8), _images(8, seed=1), _extractor())
+        assert seen == [1] and torch.get_num_threads() == 2  # and the caller's count is back
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_clip_score_is_in_range(tmp_path):
     config = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
               "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}

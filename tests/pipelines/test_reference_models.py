@@ -119,9 +119,9 @@ def test_generated_images_show_their_captions_and_cg_taylor_keeps_that(classifie
     assert accelerated >= base - 0.05
 
 
-def test_generated_videos_show_their_captions_shape_and_colour(classifier):
-    """The video model gets shape and colour right (its card: 97% and 100%) and moves along the captioned axis; the
-    sense of the motion is a coin flip (short of the bar, see the card), so it is not asserted here."""
+def test_generated_videos_show_their_captions_shape_colour_and_direction(classifier):
+    """The video model gets shape, colour and direction right (its card: 99%, 100% and 100% of 96 videos), and the
+    colour's centroid moves the captioned way."""
     pipe = reference_pipeline("shapes-video")
     pipe.set_progress_bar_config(disable=True)
     captions = [video_caption(i % 4, (5 * i) % 6, (i + i // 4) % 4) for i in range(8)]  # every shape, colour, direction
@@ -129,8 +129,8 @@ def test_generated_videos_show_their_captions_shape_and_colour(classifier):
     frames = pipe(captions, generator=generators).frames
     videos = torch.from_numpy(frames).float().permute(0, 4, 1, 2, 3) * 2 - 1
     parts = agreement_by_part(classifier, videos, captions, video=True)
-    assert np.mean([s and c for s, c in zip(parts["shape"], parts["colour"])]) >= 0.85
-    assert motion_by_centroid(frames, captions)["axis"] >= 0.75  # the card: 98% along the captioned axis
+    assert np.mean([s and c and d for s, c, d in zip(parts["shape"], parts["colour"], parts["direction"])]) >= 0.85
+    assert motion_by_centroid(frames, captions)["axis_and_sense"] >= 0.85  # the card: 100%
 
 
 def test_long_videos_keep_their_captions_shape_and_colour_over_8_chunks(classifier, monkeypatch):

@@ -137,7 +137,7 @@ def test_the_video_transformer_reads_where_each_pixel_is_beside_the_latents(vide
 def test_a_video_transformer_with_fewer_position_channels_reads_the_first_of_them(video_pipe):
     from diffusers import WanTransformer3DModel
 
-    for in_channels, error in ((3, None), (4, None), (5, "position channels")):
+    for in_channels, error in ((3, None), (4, None), (5, None), (7, "position channels")):
         transformer = WanTransformer3DModel.from_config({**video_pipe.transformer.config, "in_channels": in_channels})
         pipe = ShapesVideoPipeline(**{**video_pipe.components, "transformer": transformer.eval()})
         pipe.set_progress_bar_config(disable=True)
@@ -145,7 +145,8 @@ def test_a_video_transformer_with_fewer_position_channels_reads_the_first_of_the
             with pytest.raises(ValueError, match=error):
                 _inputs_seen(pipe)
         else:
-            frame = torch.linspace(-1, 1, 17).view(1, 1, 17, 1, 1)
+            ramp = torch.linspace(-1, 1, 17), torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32)
+            positions = torch.stack(torch.meshgrid(*ramp, indexing="ij")).unsqueeze(0)  # frame, row, column
             for hidden in _inputs_seen(pipe):
                 assert hidden.shape == (1, in_channels, 17, 32, 32)
-                torch.testing.assert_close(hidden[:, 3:], frame.expand(1, in_channels - 3, 17, 32, 32))
+                torch.testing.assert_close(hidden[:, 3:], positions[:, : in_channels - 3])

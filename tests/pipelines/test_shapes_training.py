@@ -127,8 +127,9 @@ def test_a_run_stopped_while_replacing_its_checkpoint_resumes_from_the_old_one(t
     assert (tmp_path / "checkpoint").exists() and not (tmp_path / "checkpoint.old").exists()
 
 
-def _save_three_channel_video_pipeline(folder):
-    """A shapes video pipeline from before the position channels (random weights); returns its transformer."""
+def _save_older_video_pipeline(folder, in_channels=3):
+    """A shapes video pipeline from before some position channels (random weights): 3 input channels read the
+    latents alone, 4 the frame too. Returns its transformer."""
     from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 
     from accel.pipelines.shapes.models import video_transformer
@@ -137,24 +138,26 @@ def _save_three_channel_video_pipeline(folder):
 
     torch.manual_seed(0)
     encoder = build_text_encoder()
-    old = WanTransformer3DModel.from_config({**video_transformer(encoder.config.d_model).config, "in_channels": 3})
+    old = WanTransformer3DModel.from_config({**video_transformer(encoder.config.d_model).config, "in_channels": in_channels})
     ShapesVideoPipeline(old, encoder, build_tokenizer(), FlowMatchEulerDiscreteScheduler()).save_pretrained(folder)
     return old
 
 
-def test_init_from_a_video_model_without_the_position_channels_starts_out_as_that_model(tmp_path):
+@pytest.mark.parametrize("in_channels", [3, 4])
+def test_init_from_a_video_model_with_fewer_position_channels_starts_out_as_that_model(tmp_path, in_channels):
     from diffusers import WanTransformer3DModel
 
     from accel.pipelines.shapes.models import with_positions
 
-    old = _save_three_channel_video_pipeline(tmp_path / "old")
+    old = _save_older_video_pipeline(tmp_path / "old", in_channels)
     train(TrainConfig(kind="video", steps=0, batch_size=2, lr=1e-3, init=str(tmp_path / "old")), str(tmp_path / "new"))
     new = WanTransformer3DModel.from_pretrained(tmp_path / "new" / "model" / "transformer").float()
     assert new.config.in_channels == 6
-    x, text = torch.randn(2, 3, 17, 32, 32), torch.randn(2, 8, old.config.text_dim)
+    x, text, t = torch.randn(2, 3, 17, 32, 32), torch.randn(2, 8, old.config.text_dim), torch.tensor([500.0, 900.0])
+    old = old.half().float()  # exported in float16
     with torch.no_grad():
-        expected = old.half().float()(x, timestep=torch.tensor([500.0, 900.0]), encoder_hidden_states=text).sample
-        actual = new(with_positions(new, x), timestep=torch.tensor([500.0, 900.0]), encoder_hidden_states=text).sample
+        expected = old(with_positions(old, x), timestep=t, encoder_hidden_states=text).sample
+        actual = new(with_positions(new, x), timestep=t, encoder_hidden_states=text).sample
     torch.testing.assert_close(actual, expected)
 
 
@@ -209,7 +212,7 @@ def test_a_high_noise_share_trains_that_share_in_the_top_tenth_of_noise(tmp_path
 
 
 def test_redraw_position_channels_gives_them_the_pixel_channels_scale_and_keeps_the_rest(tmp_path):
-    _save_three_channel_video_pipeline(tmp_path / "old")
+    _save_older_video_pipeline(tmp_path / "old")
     init = str(tmp_path / "old")
     for name, redraw in (("widened", False), ("redrawn", True)):
         train(TrainConfig(kind="video", steps=0, batch_size=2, lr=1e-3, init=init, redraw_position_channels=redraw),
