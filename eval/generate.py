@@ -118,12 +118,13 @@ def sample_path(run_dir: str, config: MethodConfig, prompt_index: int, seed: int
 def environment(spec: RunSpec) -> dict:
     """The machine and versions generating the samples (recorded with the timings they explain)."""
     import diffusers
+    from accelerate import PartialState
 
     gpu = torch.cuda.get_device_name() if spec.device.startswith("cuda") and torch.cuda.is_available() else None
-    return {"device": spec.device, "gpu": gpu, "cpu": platform.processor() or platform.machine(),
-            "torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version(),
-            "dtype": spec.dtype, "call": spec.call, "pipeline": spec.pipeline, "prompts": len(spec.prompts),
-            "seeds": spec.seeds}
+    return {"device": spec.device, "gpu": gpu, "processes": PartialState(cpu=spec.device == "cpu").num_processes,
+            "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+            "diffusers": diffusers.__version__, "python": platform.python_version(), "dtype": spec.dtype,
+            "call": spec.call, "pipeline": spec.pipeline, "prompts": len(spec.prompts), "seeds": spec.seeds}
 
 
 def _time_config(pipe, spec: RunSpec, handle, path: str) -> None:

@@ -46,7 +46,7 @@ def test_run_writes_table_csv_json_plot_and_grid(setup):
     assert rows[1]["psnr"] == float("inf") and rows[1]["computed_share"] == 1.0  # threshold 0 changes nothing
     assert rows[2]["computed_share"] < 1.0 and rows[2]["psnr"] < float("inf")
     env = json.load(open(out / "results.json"))["environment"]
-    assert env["torch"] == torch.__version__ and env["call"] == {"num_inference_steps": 4}
+    assert env["torch"] == torch.__version__ and env["call"] == {"num_inference_steps": 4} and env["processes"] == 1
     table = (out / "results.md").read_text()
     assert "| baseline |" in table and "1.00x" in table and "inf" in table and "unavailable" in table  # LPIPS, CLIP
     assert "agreement" in rows[0] and "fid" in rows[0]  # a saved shapes pipeline: the shapes classifier measures
@@ -113,6 +113,7 @@ def test_two_processes_give_the_same_numbers_as_one(setup):
     if not (setup / "run" / "results.json").exists():
         assert _run(setup, setup / "run") == 0
     assert _quality(out) == _quality(setup / "run")
+    assert json.load(open(out / "results.json"))["environment"]["processes"] == 2
 
 
 def test_mag_cache_takes_its_ratios_and_the_runs_steps_from_the_command_line(setup):
