@@ -49,6 +49,15 @@ def _generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + index)
 
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A CPU tensor on `device`. To a GPU through pinned memory, without waiting: a copy from pageable memory holds
+    the host until the GPU has drained its queue, so each training step's batch would leave the GPU idle while the
+    host drew the next one."""
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _uniform(g: torch.Generator, n: int, lo: float, hi: float) -> torch.Tensor:
     return lo + (hi - lo) * torch.rand(n, generator=g)
 
@@ -62,7 +71,7 @@ def _background(g: torch.Generator, n: int, size: int, device) -> torch.Tensor:
     proj = xx * torch.cos(angle)[:, None, None] + yy * torch.sin(angle)[:, None, None]
     stripes = amp[:, None, None] * torch.sin(2 * math.pi * freq[:, None, None] * proj / size + phase[:, None, None])
     grey = (level[:, None, None] + stripes)[:, None] + noise
-    return grey.expand(n, 3, size, size).to(device)
+    return to_device(grey, device).expand(n, 3, size, size)
 
 
 def shape_masks(shape: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor, r: torch.Tensor, size: int) -> torch.Tensor:
@@ -84,7 +93,7 @@ def shape_masks(shape: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor, r: torc
 
 
 def _paint(background: torch.Tensor, masks: torch.Tensor, colour: torch.Tensor) -> torch.Tensor:
-    rgb = torch.tensor(list(COLOURS.values()), device=background.device)[colour]  # (B, 3)
+    rgb = to_device(torch.tensor(list(COLOURS.values())), background.device)[colour]  # (B, 3)
     rgb = rgb.reshape(rgb.shape[0], 3, *([1] * (background.dim() - 2)))
     masks = masks.unsqueeze(1)
     return (background * (1 - masks) + rgb * masks) * 2 - 1
@@ -97,9 +106,10 @@ def image_batch(seed: int, index: int, batch_size: int, size: int = 32, device="
     r = _uniform(g, batch_size, 0.15 * size, 0.3 * size)
     cx, cy = _uniform(g, batch_size, 0, 1) * (size - 1 - 2 * r) + r, _uniform(g, batch_size, 0, 1) * (size - 1 - 2 * r) + r
     background = _background(g, batch_size, size, device)
-    masks = shape_masks(shape.to(device), cx.to(device), cy.to(device), r.to(device), size)
     captions = [image_caption(s, c) for s, c in zip(shape.tolist(), colour.tolist())]
-    return ShapeBatch(_paint(background, masks, colour.to(device)), shape.to(device), colour.to(device), captions)
+    shape, colour, cx, cy, r = (to_device(t, device) for t in (shape, colour, cx, cy, r))
+    masks = shape_masks(shape, cx, cy, r, size)
+    return ShapeBatch(_paint(background, masks, colour), shape, colour, captions)
 
 
 def _bounce(start: torch.Tensor, velocity: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, frames: int) -> torch.Tensor:
@@ -151,13 +161,13 @@ def video_batch(seed: int, index: int, batch_size: int, frames: int = CLIP_FRAME
     ys = _bounce(y0, vec[:, 1] * speed, lo, hi, start + frames)[:, start:]
     background = _background(g, batch_size, size, device).unsqueeze(2).expand(-1, -1, frames, -1, -1)
     captions = [video_caption(s, c, d) for s, c, d in zip(shape.tolist(), colour.tolist(), direction.tolist())]
-    shape, colour, xs, ys = shape.to(device), colour.to(device), xs.to(device), ys.to(device)
-    radii = r[:, None].expand(-1, frames).to(device)
+    shape, colour, direction, xs, ys = (to_device(t, device) for t in (shape, colour, direction, xs, ys))
+    radii = to_device(r, device)[:, None].expand(-1, frames)
     masks = shape_masks(shape, xs, ys, radii, size)
     if trail:
-        masks = torch.maximum(masks, _trail(shape, xs, ys, radii, (vec * speed[:, None]).to(device), size))
+        masks = torch.maximum(masks, _trail(shape, xs, ys, radii, to_device(vec * speed[:, None], device), size))
     pixels = _paint(background, masks, colour)
-    return ShapeBatch(pixels, shape, colour, captions, direction.to(device))
+    return ShapeBatch(pixels, shape, colour, captions, direction)
 
 
 def _trail(shape, xs, ys, radii, velocity, size: int) -> torch.Tensor:

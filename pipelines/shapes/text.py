@@ -5,7 +5,7 @@ from __future__ import annotations
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
-from .data import COLOUR_NAMES, DIRECTIONS, SHAPES, image_caption, video_caption
+from .data import COLOUR_NAMES, DIRECTIONS, SHAPES, image_caption, to_device, video_caption
 
 MAX_TOKENS = 8
 VOCABULARY = ("[PAD]", "[UNK]", "a", *COLOUR_NAMES, *SHAPES, "moving", *DIRECTIONS)
@@ -50,6 +50,7 @@ def build_text_encoder(width: int = 64) -> UMT5EncoderModel:
 
 def embed_captions(tokenizer: PreTrainedTokenizerFast, text_encoder: UMT5EncoderModel, captions: list[str], device):
     """Text embeddings with the padding positions zeroed, as WanPipeline does (so "" is all zeros)."""
-    tokens = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").to(device)
-    hidden = text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
-    return hidden * tokens.attention_mask.unsqueeze(-1).to(hidden.dtype)
+    tokens = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, return_tensors="pt")
+    ids, mask = to_device(tokens.input_ids, device), to_device(tokens.attention_mask, device)
+    hidden = text_encoder(ids, attention_mask=mask).last_hidden_state
+    return hidden * mask.unsqueeze(-1).to(hidden.dtype)

@@ -388,7 +388,8 @@ def train(cfg: TrainConfig, out: str, device: str = "cpu", resume: bool = True) 
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     if cfg.compile:
         compile_network(model, cfg.kind)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    # fused: one kernel for the whole update on the GPU, where these small models' steps are bound by launches
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, fused=str(device).startswith("cuda") or None)
     ckpt = os.path.join(out, "checkpoint")
     step, losses, elapsed = 0, [], 0.0
     if resume and _existing(ckpt):
