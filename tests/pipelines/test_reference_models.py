@@ -120,7 +120,7 @@ def test_generated_images_show_their_captions_and_cg_taylor_keeps_that(classifie
 
 
 def test_generated_videos_show_their_captions_and_cg_taylor_keeps_that(classifier):
-    """The video model gets shape, colour and direction right (its card: 99%, 100% and 100% of 96 videos), the
+    """The video model gets shape, colour and direction right (its card: 97.9%, 100% and 97.9% of 96 videos), the
     colour's centroid moves the captioned way, and CG-Taylor keeps the agreement within 5 points."""
     pipe = reference_pipeline("shapes-video")
     pipe.set_progress_bar_config(disable=True)
@@ -137,7 +137,7 @@ def test_generated_videos_show_their_captions_and_cg_taylor_keeps_that(classifie
     frames = generate()
     base = agreement(frames)
     assert base >= 0.85
-    assert motion_by_centroid(frames, captions)["axis_and_sense"] >= 0.85  # the card: 100%
+    assert motion_by_centroid(frames, captions)["axis_and_sense"] >= 0.85  # the card: 99.0%
     with accel.patch(pipe, method="cg_taylor") as handle:
         accelerated = agreement(generate())
         assert handle.stats()["predicted"] > 0
