@@ -1,4 +1,4 @@
-"""Generators built on diffusers: the shipped reference models, long video, HMAR."""
+"""Generators built on diffusers: the shipped reference models and long video."""
 
 from .reference import reference_classifier, reference_names, reference_pipeline
 

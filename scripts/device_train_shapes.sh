@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Train shapes reference models side by side on the lent GPU (one H200 fits them all), results into $OUT.
 #   bash scripts/device_train_shapes.sh MINUTES "KIND[:LABEL] [train.py options]" ...
-#   e.g. bash scripts/device_train_shapes.sh 9 "video --compile --seed 1 --init $PWD/pipelines/weights/shapes-video"
+#   e.g. bash scripts/device_train_shapes.sh 9 "video --compile --seed 20 --motion-trail --high-noise-share 0.25 --batch-size 256 --lr 6e-4"
+#   (the shipped shapes-video run: its card)
 # A LABEL names a run (video:a -> run video-a) so that two runs of one kind can go side by side.
 # Needs the device wheels in .whl/ (bash ../shared/tools/device-wheels.sh). Each model comes back as
 # $OUT/<run>.tar (the save_pretrained folder + training.json); logs as $OUT/<run>.log. A second call with the same

@@ -37,8 +37,8 @@ def video_transformer(text_dim: int) -> WanTransformer3DModel:
 
 
 # The position channels a video transformer can read beside its latents, in this order: a transformer that takes k
-# channels more than it returns reads the first k. (The shapes-video weights shipped before stage 11 read none, the
-# unshipped stages 6-10 the frame only; the shipped ones read all three.)
+# channels more than it returns reads the first k. (The shapes-video weights of stages 1-5 read none, stages 6-10
+# the frame only; stage 11 and the shipped weights, trained from scratch, all three.)
 POSITION_CHANNELS = ("frame", "row", "column")
 
 
