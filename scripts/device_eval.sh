@@ -2,7 +2,8 @@
 # The eval harness on the lent GPU(s): the quickstart itself, then its methods on both shipped pipelines (more
 # seeds) on one GPU and, when the machine has two, sharded over two processes with `accelerate launch`; then the
 # two runs' metrics side by side (everything but timings must agree). Run from the repo root with ".whl" carried:
-#   bash scripts/device_eval.sh [--no-quickstart]  -> $OUT/eval.tar (results.md / results.json of each run), $OUT/compare.json
+#   bash scripts/device_eval.sh [--no-quickstart]  -> $OUT/eval.tar (results.md / results.json and the timed repeats of
+#   each run: timing/), $OUT/compare.json
 # eval.tar is rewritten after each run, so a call cut short by its time limit still brings back the runs it finished.
 set -euo pipefail
 case "${1:-}" in
@@ -21,7 +22,7 @@ PY
 source $runs/args.sh
 pack() {  # a new archive beside the old, then renamed over it: a kill mid-write keeps the previous one whole
   local files
-  files=$(cd $runs && ls -d */results.md */results.json */pareto.png quickstart/*/results.md quickstart/*/results.json 2>/dev/null || true)
+  files=$(cd $runs && ls -d */results.md */results.json */pareto.png */timing quickstart/*/results.md quickstart/*/results.json quickstart/*/timing 2>/dev/null || true)
   [ -n "$files" ] || return 0
   tar -C $runs -cf "$OUT/eval.tar.tmp" $files && mv "$OUT/eval.tar.tmp" "$OUT/eval.tar"
 }
