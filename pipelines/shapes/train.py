@@ -388,15 +388,16 @@ def train(cfg: TrainConfig, out: str, device: str = "cpu", resume: bool = True) 
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     if cfg.compile:
         compile_network(model, cfg.kind)
-    # fused: one kernel for the whole update on the GPU, where these small models' steps are bound by launches
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, fused=str(device).startswith("cuda") or None)
+    # On the GPU one fused kernel does the whole update: these small models' steps are bound by kernel launches.
+    on_gpu = str(device).startswith("cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, fused=True if on_gpu else None)
     ckpt = os.path.join(out, "checkpoint")
     step, losses, elapsed = 0, [], 0.0
     if resume and _existing(ckpt):
         step, losses, elapsed = _resume(_existing(ckpt), cfg, model, ema, opt, device)
     start, window = time.perf_counter() - elapsed, []
     params, ema_params = list(model.parameters()), list(ema.parameters())
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda"))
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=on_gpu)
     # The budget is this invocation's: a resumed run gets max_minutes more.
     deadline = time.perf_counter() + 60 * cfg.max_minutes if cfg.max_minutes is not None else float("inf")
     with tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.kind}", mininterval=10) as bar:
@@ -432,7 +433,7 @@ def train(cfg: TrainConfig, out: str, device: str = "cpu", resume: bool = True) 
         _checkpoint(ckpt, cfg, model, ema, opt, step, losses, time.perf_counter() - start)
     export(cfg.kind, ema, out)
     report = {"config": asdict(cfg), "steps_done": step, "device": device, "wall_s": time.perf_counter() - start, "losses": losses,
-              "torch": torch.__version__, "init_training": _init_training(cfg.init), "gpu": torch.cuda.get_device_name() if str(device).startswith("cuda") else None}
+              "torch": torch.__version__, "init_training": _init_training(cfg.init), "gpu": torch.cuda.get_device_name() if on_gpu else None}
     with open(os.path.join(out, "training.json.tmp"), "w") as f:
         json.dump(report, f, indent=1)
     os.replace(os.path.join(out, "training.json.tmp"), os.path.join(out, "training.json"))
