@@ -6,8 +6,9 @@
 Per shape (bf16, batch 1, head dim 128): dense SDPA; random block tables keeping 100/50/25/10% of the 128-token
 blocks (drawn per head, the diagonal kept) and a 3-D local window over the latent grid; for each, our kernel and
 FlexAttention compiled with `BlockMask.from_kv_blocks` over the same full / partial block lists (the window's
-token rule as its mask_mod). Our kernel is autotuned per pattern over a small set of tile configurations (the
-full set up to Wan-1.3B's size, the best three of it for Wan-14B); the library's default configuration is timed
+token rule as its mask_mod). Our kernel is autotuned per pattern over a small set of tile configurations and
+launch orders (in order, or longest lists first; the full set up to Wan-1.3B's size, the best three of it for
+Wan-14B); the library's default configuration is timed
 too. Times are `triton.testing.do_bench` medians (L2 flushed before every call); TFLOP/s count 4 * D FLOPs per
 (query, key) pair inside the computed blocks.
 Correctness on the GPU: keep 100% against SDPA's output; every pattern at the FLUX shape against SDPA with the
@@ -18,6 +19,7 @@ plus HMAR/VAR segment masks, S2 shards, head dim 112 and fp16 at small sizes aga
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import importlib.util
 import json
@@ -53,11 +55,14 @@ SHAPES = {  # heads, tokens, latent grid, window radius (frames, rows, cols), gl
     "wan1.3b": dict(heads=12, n=32760, grid=(21, 30, 52), radius=(2, 8, 8), num_global=0),
     "wan14b": dict(heads=40, n=75600, grid=(21, 45, 80), radius=(2, 12, 12), num_global=0),
 }
-CONFIGS = [  # (block_m, block_n, warps, stages, tma): all compile without spills for sm_90 (triton 3.6)
+IN_ORDER = [  # (block_m, block_n, warps, stages, tma): all compile without spills for sm_90 (triton 3.6)
     KernelConfig(128, 128, 8, 2, True), KernelConfig(128, 128, 8, 3, True), KernelConfig(128, 64, 8, 3, True),
     KernelConfig(128, 64, 8, 4, True), KernelConfig(128, 128, 8, 2, False), KernelConfig(128, 64, 8, 3, False),
     KernelConfig(64, 64, 4, 2, True), KernelConfig(64, 64, 4, 3, True),
 ]
+IN_ORDER = [dataclasses.replace(c, longest_first=False) for c in IN_ORDER]
+# The launch order is a config choice too: the four best tiles above again, longest lists first.
+CONFIGS = IN_ORDER + [dataclasses.replace(IN_ORDER[i], longest_first=True) for i in (0, 4, 6, 7)]
 T0 = time.perf_counter()
 
 
@@ -77,7 +82,8 @@ def time_ms(fn) -> float:
 
 
 def cfg_name(c: KernelConfig) -> str:
-    return f"{c.block_m}x{c.block_n}_w{c.num_warps}_s{c.num_stages}_{'tma' if c.use_tma else 'ptr'}"
+    order = "_lpt" if c.longest_first else ""
+    return f"{c.block_m}x{c.block_n}_w{c.num_warps}_s{c.num_stages}_{'tma' if c.use_tma else 'ptr'}{order}"
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -11,6 +11,10 @@ no selects, unmasked loads); then the "partial" blocks, where the token rule and
 to -inf. A row that has seen nothing keeps m = -inf; the partial loop subtracts 0 instead of -inf so that
 such rows give p = 0 and alpha = 0 rather than NaN, and the epilogue writes zeros for rows with l = 0.
 
+Launch order. Programs' costs differ (their lists differ in length); with few waves of programs the last wave
+decides the time. With LONGEST_FIRST each program reads its (batch * head, query tile) from the mask's order table,
+longest lists first (LPT scheduling), so the last wave holds the shortest tiles.
+
 The mask's block size (MASK_BLOCK) is the unit of the lists; kernel tiles may be smaller (BLOCK_M and
 BLOCK_N divide it), so the tile shape is tuned independently of the pattern.
 Head dims that are not a power of two (e.g. 112) are padded to BLOCK_D with masked loads (zeros).
@@ -155,15 +159,20 @@ def _block_sparse_attention_fwd(
     stride_cb, stride_ch,  # counts (B, H, Mq): 0 on broadcast dims, 1 along Mq
     stride_fb, stride_fh, stride_fm,  # full-block indices (B, H, Mq, W_full)
     stride_pb, stride_ph, stride_pm,  # partial-block indices (B, H, Mq, W_partial)
-    Q_AUX, K_AUX, rf, rh, rw,
+    Q_AUX, K_AUX, rf, rh, rw, ORDER,
     n_q, n_k, head_dim, num_heads, qk_scale,
     RULE: tl.constexpr, MASK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr, DOT_F32: tl.constexpr,
+    LONGEST_FIRST: tl.constexpr,
 ):
-    # Grid: (query tiles, batch * heads). Query tiles of one head are adjacent in launch order, so the
-    # programs running together share that head's K/V blocks in L2.
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    if LONGEST_FIRST:  # grid (programs,): ORDER lists (batch * head) * tiles + tile, longest lists first
+        n_tiles = tl.cdiv(n_q, BLOCK_M)
+        program = tl.load(ORDER + tl.program_id(0))
+        pid_m = program % n_tiles
+        pid_bh = program // n_tiles
+    else:  # grid (query tiles, batch * heads): a head's tiles are adjacent, sharing its K/V blocks in L2
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
     b32 = pid_bh // num_heads
     h32 = pid_bh % num_heads
     b, h = b32.to(tl.int64), h32.to(tl.int64)  # batch / head offsets can pass 2^31 elements
@@ -226,6 +235,7 @@ class KernelConfig:
     """Tile shape and launch parameters; block_m and block_n must divide the mask's block size.
 
     use_tma: K/V tiles through the Hopper copy engine (tensor descriptors) instead of per-element pointers.
+    longest_first: launch the query tiles with the longest block lists first (see the module docstring).
     """
 
     block_m: int = 128
@@ -233,6 +243,7 @@ class KernelConfig:
     num_warps: int = 8
     num_stages: int = 2
     use_tma: bool = False
+    longest_first: bool = True
 
 
 @functools.lru_cache(maxsize=None)
@@ -356,18 +367,20 @@ def _launch(q, k, v, out, mask: BlockSparseMask, scale: float, cfg: KernelConfig
     descs = _tma_descriptors(k, v, cfg.block_n, block_d) if cfg.use_tma else None
     q_aux = mask.q_aux if mask.q_aux is not None else mask.full_counts  # unused by the kernel for rule "none"
     k_aux = mask.k_aux if mask.k_aux is not None else mask.full_counts
-    grid = (triton.cdiv(n_q, cfg.block_m), bsz * heads)
+    tiles = triton.cdiv(n_q, cfg.block_m)
+    order = mask.longest_first_order(bsz, heads, cfg.block_m) if cfg.longest_first else None
+    grid = (tiles * bsz * heads,) if cfg.longest_first else (tiles, bsz * heads)
     _block_sparse_attention_fwd[grid](
         q, k, v, out, *(descs or (None, None)),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         mask.full_counts, mask.full_indices, mask.partial_counts, mask.partial_indices,
         *_broadcast_strides(mask.full_counts, bsz, heads)[:2],
         *_broadcast_strides(mask.full_indices, bsz, heads), *_broadcast_strides(mask.partial_indices, bsz, heads),
-        q_aux, k_aux, *mask.radius,
+        q_aux, k_aux, *mask.radius, order,
         n_q, k.shape[2], dim, heads, scale * LOG2E,
         RULE=RULES.index(mask.rule), MASK_BLOCK=bs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_D=block_d, EVEN_D=block_d == dim, USE_TMA=descs is not None, DOT_F32=INTERPRETED,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        LONGEST_FIRST=cfg.longest_first, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 

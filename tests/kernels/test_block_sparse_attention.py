@@ -19,6 +19,7 @@ from accel.kernels.block_sparse import (
     block_diagonal_mask,
     block_sparse_attention,
     block_sparse_attention_reference,
+    from_block_tables,
     interval_mask,
     local_3d_mask,
     strided_shards_mask,
@@ -69,13 +70,30 @@ def test_random_tables_ragged_lengths(dtype, d):
     _check(table_mask(table, n_q, n_k, bs), b=2, h=2, d=d, dtype=dtype, config=KernelConfig(16, 16, 4, 2))
 
 
+@pytest.mark.parametrize("longest_first", [False, True])
 @pytest.mark.parametrize("use_tma", [False, True])
 @pytest.mark.parametrize("tiles", [(16, 16), (32, 16), (16, 32), (32, 32)])
-def test_kernel_tiles_smaller_than_mask_blocks(tiles, use_tma):
+def test_kernel_tiles_smaller_than_mask_blocks(tiles, use_tma, longest_first):
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
     n, bs = 101, 32
-    table = _random_table(1, 3, 4, 4, 0.6, gen) | torch.eye(4, dtype=torch.bool)
-    _check(table_mask(table, n, block_size=bs), h=3, config=KernelConfig(*tiles, 4, 2, use_tma=use_tma))
+    table = _random_table(2, 3, 4, 4, 0.6, gen) | torch.eye(4, dtype=torch.bool)
+    config = KernelConfig(*tiles, 4, 2, use_tma=use_tma, longest_first=longest_first)
+    _check(table_mask(table, n, block_size=bs), b=2, h=3, config=config)
+
+
+def test_longest_first_order_is_a_stable_sort_of_list_lengths():
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    n, bs, tile_rows, b, h = 101, 32, 16, 2, 3
+    table = _random_table(1, h, 4, 4, 0.5, gen)
+    mask = from_block_tables(table, _random_table(1, h, 4, 4, 0.3, gen), n, n, bs)
+    order = mask.longest_first_order(b, h, tile_rows)
+    tiles = math.ceil(n / tile_rows)
+    assert order.dtype == torch.int32 and sorted(order.tolist()) == list(range(b * h * tiles))
+    cost = (2 * mask.full_counts + 3 * mask.partial_counts).expand(b, h, -1)
+    cost = cost.repeat_interleave(bs // tile_rows, dim=2)[..., :tiles].reshape(-1)
+    got = [(-int(cost[i]), int(i)) for i in order]
+    assert got == sorted(got)  # longest first; equal costs in launch (head-major) order
+    assert mask.longest_first_order(b, h, tile_rows) is order  # built once
 
 
 def test_all_true_table_is_dense_attention():
