@@ -127,15 +127,19 @@ class BlockSparseMask:
         return bool((full | partial).all())
 
     def longest_first_order(self, batch: int, heads: int, tile_rows: int) -> torch.Tensor:
-        """The kernel's launch order: int32 ids (b * heads + h) * tiles + tile of its tile_rows-row query tiles,
-        longest block lists first (a partial block counts 1.5 full ones: it also masks). Stable: tiles of equal
-        cost keep head-major order, so those running together share K/V in L2. Built once per argument set."""
+        """The kernel's launch order: int32 ids (b * heads + h) * tiles + tile of its tile_rows-row query tiles.
+
+        Heads in order (tiles running together share their head's K/V in L2), each head's tiles by the length of
+        their block lists, longest first (a partial block counts 1.5 full ones: it also masks), ties in tile order.
+        Built once per argument set."""
         key = (batch, heads, tile_rows)
         if key not in self._launch_orders:
             cost = (2 * self.full_counts + 3 * self.partial_counts).expand(batch, heads, -1)
             tiles = num_blocks(self.q_len, tile_rows)
             cost = cost.repeat_interleave(self.block_size // tile_rows, dim=2)[..., :tiles]
-            self._launch_orders[key] = torch.sort(-cost.reshape(-1), stable=True).indices.to(torch.int32)
+            order = torch.sort(-cost.reshape(batch * heads, tiles), dim=1, stable=True).indices  # within each head
+            order += tiles * torch.arange(batch * heads, device=order.device)[:, None]
+            self._launch_orders[key] = order.reshape(-1).to(torch.int32)
         return self._launch_orders[key]
 
     @functools.cached_property

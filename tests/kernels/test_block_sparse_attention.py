@@ -91,8 +91,8 @@ def test_longest_first_order_is_a_stable_sort_of_list_lengths():
     assert order.dtype == torch.int32 and sorted(order.tolist()) == list(range(b * h * tiles))
     cost = (2 * mask.full_counts + 3 * mask.partial_counts).expand(b, h, -1)
     cost = cost.repeat_interleave(bs // tile_rows, dim=2)[..., :tiles].reshape(-1)
-    got = [(-int(cost[i]), int(i)) for i in order]
-    assert got == sorted(got)  # longest first; equal costs in launch (head-major) order
+    got = [(int(i) // tiles, -int(cost[i]), int(i)) for i in order]
+    assert got == sorted(got)  # heads in order, each head's longest tiles first; equal costs in tile order
     assert mask.longest_first_order(b, h, tile_rows) is order  # built once
 
 
