@@ -7,13 +7,14 @@ Per shape (bf16, batch 1, head dim 128): dense SDPA; random block tables keeping
 blocks (drawn per head, the diagonal kept) and a 3-D local window over the latent grid; for each, our kernel and
 FlexAttention compiled with `BlockMask.from_kv_blocks` over the same full / partial block lists (the window's
 token rule as its mask_mod). Our kernel is autotuned per pattern over a small set of tile configurations and
-launch orders (in order, or longest lists first; the full set up to Wan-1.3B's size, the best three of it for
-Wan-14B); the library's default configuration is timed
+launch orders (in order, or longest lists first), plus the Gluon kernel for Hopper (the full set up to Wan-1.3B's
+size, the best three of it for Wan-14B); the library's default configuration is timed
 too. Times are `triton.testing.do_bench` medians (L2 flushed before every call); TFLOP/s count 4 * D FLOPs per
 (query, key) pair inside the computed blocks.
 Correctness on the GPU: keep 100% against SDPA's output; every pattern at the FLUX shape against SDPA with the
 equivalent dense boolean mask; at N >= 32K against a chunked fp32 reference on sampled query blocks (all heads);
-plus HMAR/VAR segment masks, S2 shards, head dim 112 and fp16 at small sizes against the fp32 reference.
+plus HMAR/VAR segment masks, S2 shards, head dim 112 and fp16 at small sizes against the fp32 reference, and the
+Gluon kernel's own cases (ragged unequal lengths, empty rows, head dim 64, fp16, batch 2, an all-false table).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import os
 import platform
 import sys
 import time
+import types
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +39,9 @@ import triton.testing
 try:
     from accel.kernels import block_sparse as bsa
 except ImportError:  # run from a bare checkout (no editable install, no diffusers): load the package by path
+    for parent in ("accel", "accel.kernels"):  # empty parents, so that imports inside it never run accel/__init__
+        sys.modules[parent] = types.ModuleType(parent)
+        sys.modules[parent].__path__ = []
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kernels", "block_sparse")
     spec = importlib.util.spec_from_file_location(
         "accel.kernels.block_sparse", os.path.join(root, "__init__.py"), submodule_search_locations=[root]
@@ -61,8 +66,8 @@ IN_ORDER = [  # (block_m, block_n, warps, stages, tma): all compile without spil
     KernelConfig(64, 64, 4, 2, True), KernelConfig(64, 64, 4, 3, True),
 ]
 IN_ORDER = [dataclasses.replace(c, longest_first=False) for c in IN_ORDER]
-# The launch order is a config choice too: the four best tiles above again, longest lists first.
-CONFIGS = IN_ORDER + [dataclasses.replace(IN_ORDER[i], longest_first=True) for i in (0, 4, 6, 7)]
+# The launch order is a config choice too: the four best tiles above again, longest lists first; and the Gluon kernel.
+CONFIGS = IN_ORDER + [dataclasses.replace(IN_ORDER[i], longest_first=True) for i in (0, 4, 6, 7)] + [bsa.GLUON_CONFIG]
 T0 = time.perf_counter()
 
 
@@ -82,6 +87,8 @@ def time_ms(fn) -> float:
 
 
 def cfg_name(c: KernelConfig) -> str:
+    if c.gluon:
+        return "gluon_sm90"
     order = "_lpt" if c.longest_first else ""
     return f"{c.block_m}x{c.block_n}_w{c.num_warps}_s{c.num_stages}_{'tma' if c.use_tma else 'ptr'}{order}"
 
@@ -190,12 +197,13 @@ def sampled_reference_error(q, k, v, mask, out) -> float:
 
 
 def bench_pattern(q, k, v, mask, configs, flex_fn, flex_masks, sdpa_ms, sdpa_out, heads) -> dict:
-    """Tune our kernel over `configs` on this pattern (best = reported), time the library default and
+    """Tune our kernel over `configs` and the library's own choice on this pattern (best = reported), time
     FlexAttention, and check both outputs."""
     best, tuning = tune(q, k, v, mask, configs)
-    default = bsa.default_config(q, BLOCK)
+    default = bsa.choose_config(q, k, v, mask)
     if cfg_name(default) not in tuning:
         tuning[cfg_name(default)] = time_ms(lambda: bsa.block_sparse_attention(q, k, v, mask, config=default))
+        best = min(best, default, key=lambda c: tuning[cfg_name(c)])
     r = {"block_density": mask.density(), "full_blocks": int(mask.full_counts.sum()),
          "partial_blocks": int(mask.partial_counts.sum()), "config": cfg_name(best), "ms": tuning[cfg_name(best)],
          "default_config": cfg_name(default), "default_ms": tuning[cfg_name(default)], "tuning": tuning}
@@ -247,11 +255,13 @@ def bench_shape(name: str, spec: dict, flex, deadline: float, configs) -> dict:
 
 
 def rank_configs(shape_result: dict, configs) -> list:
-    """Configs by the geometric mean over patterns of time / best time (failed or missing: excluded)."""
+    """Configs by the geometric mean of time / best time over the patterns each ran (a config no pattern
+    takes, e.g. the Gluon kernel on token rules, is scored on the others)."""
     scores = {}
     for c in configs:
         times = [(x["tuning"].get(cfg_name(c)), x["ms"]) for x in shape_result["patterns"].values() if isinstance(x, dict)]
-        if times and all(isinstance(t, float) for t, _ in times):
+        times = [(t, best) for t, best in times if isinstance(t, float)]
+        if times:
             scores[cfg_name(c)] = math.exp(sum(math.log(t / best) for t, best in times) / len(times))
     return sorted((c for c in configs if cfg_name(c) in scores), key=lambda c: scores[cfg_name(c)])
 
@@ -269,12 +279,24 @@ def extra_correctness() -> dict:
             bsa.local_3d_mask((5, 30, 52), (1, 6, 10), 128, num_global=300, device=DEV), 20, 112, torch.bfloat16
         ),
     }
+    # The Gluon kernel's cases (rule "none"): ragged and unequal lengths, empty rows, head dim 64, fp16, batch 2.
+    table = torch.rand(2, 3, 8, 7, generator=gen, device=DEV) < 0.5
+    table[:, :, 2] = False
+    cases["gluon_ragged_empty_rows_bf16_d128"] = (bsa.table_mask(table, 1000, 777, 128), 3, 128, torch.bfloat16)
+    cases["gluon_fp16_d64"] = (bsa.table_mask(torch.rand(1, 4, 12, 12, generator=gen, device=DEV) < 0.4, 1500), 4, 64,
+                               torch.float16)
+    cases["gluon_all_false"] = (bsa.table_mask(torch.zeros(1, 1, 3, 3, dtype=torch.bool, device=DEV), 300), 2, 128,
+                                torch.bfloat16)
     out = {}
     for name, (mask, heads, dim, dtype) in cases.items():
-        q, k, v = (torch.randn(1, heads, mask.q_len, dim, device=DEV, dtype=dtype, generator=gen) for _ in range(3))
-        got = bsa.block_sparse_attention(q, k, v, mask)
+        shape = lambda n: (mask.shape[0], heads, n, dim)  # noqa: E731
+        q = torch.randn(shape(mask.q_len), device=DEV, dtype=dtype, generator=gen)
+        k, v = (torch.randn(shape(mask.kv_len), device=DEV, dtype=dtype, generator=gen) for _ in range(2))
+        got = torch.full_like(q, float("nan"))
+        bsa.block_sparse_attention(q, k, v, mask, out=got)
         ref = bsa.block_sparse_attention_reference(q, k, v, mask)
-        out[name] = {"n": mask.q_len, "rel_err_vs_fp32_reference": rel_err(got, ref), "block_density": mask.density()}
+        out[name] = {"n": mask.q_len, "kernel": cfg_name(bsa.choose_config(q, k, v, mask)), "block_density": mask.density(),
+                     "rel_err_vs_fp32_reference": rel_err(got, ref) if ref.norm() > 0 else float(got.abs().max())}
         log("extra", name, out[name])
     return out
 

@@ -49,6 +49,13 @@ except ImportError:
 from .mask import RULES, BlockSparseMask, table_mask
 from .reference import block_sparse_attention_reference
 
+try:  # the Gluon kernel for Hopper (triton >= 3.5)
+    from . import hopper
+
+    HOPPER_IMPORT_ERROR = None
+except ImportError as error:
+    hopper, HOPPER_IMPORT_ERROR = None, error
+
 logger = logging.getLogger("accel")
 
 LOG2E = 1.4426950408889634
@@ -238,6 +245,9 @@ class KernelConfig:
 
     use_tma: K/V tiles through the Hopper copy engine (tensor descriptors) instead of per-element pointers.
     longest_first: launch the query tiles with the longest block lists first (see the module docstring).
+    gluon: run the Gluon kernel for Hopper instead (hopper.py: softmax overlapped with the tensor cores; its own
+        fixed tiles, so the other fields are ignored). It takes rule "none" masks, head dims 64 and 128 and
+        TMA-addressable tensors on sm_90; other calls with it raise.
     """
 
     block_m: int = 128
@@ -246,6 +256,10 @@ class KernelConfig:
     num_stages: int = 2
     use_tma: bool = False
     longest_first: bool = True
+    gluon: bool = False
+
+
+GLUON_CONFIG = KernelConfig(hopper.BLOCK_M, hopper.BLOCK_N, hopper.NUM_WARPS, 2, use_tma=True, gluon=True) if hopper else None
 
 
 @functools.lru_cache(maxsize=None)
@@ -256,7 +270,8 @@ def _cuda_arch(device: torch.device) -> tuple[int, int]:
 
 
 def default_config(q: torch.Tensor, block_size: int) -> KernelConfig:
-    """Tiles for q's device and problem size (from the H200 benchmark), clipped to the mask's block size.
+    """The Triton kernel's tiles for q's device and problem size (from the H200 benchmark), clipped to the mask's
+    block size. (On Hopper, calls the Gluon kernel takes run there instead: see `block_sparse_attention`.)
 
     Hopper: 128 x 128 tiles, 8 warps, TMA; when that gives under 8 waves of programs (short sequences such as
     FLUX's 4608 tokens), 64 x 64 tiles with 4 warps: twice the programs, two resident per multiprocessor.
@@ -270,6 +285,15 @@ def default_config(q: torch.Tensor, block_size: int) -> KernelConfig:
     else:
         cfg = KernelConfig(64, 64, 4, 2)
     return dataclasses.replace(cfg, block_m=min(cfg.block_m, block_size), block_n=min(cfg.block_n, block_size))
+
+
+def choose_config(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockSparseMask,
+                  out: torch.Tensor | None = None) -> KernelConfig:
+    """What a call without `config` runs: the Gluon kernel where it applies (Hopper, rule "none", D 64 / 128),
+    else the Triton kernel with `default_config`."""
+    if hopper is not None and hopper.supports(q, k, v, out, mask):
+        return GLUON_CONFIG
+    return default_config(q, mask.block_size)
 
 
 def _tma_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int, block_d: int):
@@ -361,6 +385,14 @@ def _broadcast_strides(t: torch.Tensor, bsz: int, heads: int) -> tuple[int, int,
 
 
 def _launch(q, k, v, out, mask: BlockSparseMask, scale: float, cfg: KernelConfig) -> None:
+    if cfg.gluon:
+        if hopper is None or not hopper.supports(q, k, v, out, mask):
+            raise ValueError(
+                "the Gluon kernel (config.gluon) needs an sm_90 GPU, a rule 'none' mask with block_size a multiple of "
+                f"{hopper.BLOCK_N if hopper else 128}, head dim 64 or 128 and TMA-addressable q, k, v, out "
+                "(unit stride along D, 16-byte aligned strides)"
+            )
+        return hopper.launch(q, k, v, out, mask, scale)
     bs = mask.block_size
     if bs % cfg.block_m or bs % cfg.block_n or min(cfg.block_m, cfg.block_n) < 16:
         raise ValueError(f"kernel tiles {cfg.block_m}x{cfg.block_n} must be >= 16 and divide block_size={bs}")
@@ -404,8 +436,8 @@ def block_sparse_attention(
         ceil(N_q / block_size), ceil(N_k / block_size)) whose listed block pairs are fully allowed.
     scale: defaults to 1 / sqrt(D). A query that may see no key gets zeros.
     out: optional output buffer like q (any strides); by default a new tensor.
-    config: kernel tiles / warps / stages (default: `default_config`).
-    On CUDA, and on CPU under TRITON_INTERPRET=1, runs the Triton kernel; on CPU otherwise the PyTorch reference.
+    config: kernel tiles / warps / stages, or the Gluon kernel (default: `choose_config`).
+    On CUDA, and on CPU under TRITON_INTERPRET=1, runs a kernel; on CPU otherwise the PyTorch reference.
     A mask that allows every pair is dense attention: on CUDA it runs through SDPA (logged once), unless `config`
     is given. Forward only: the kernel has no backward (SDPA's autograd then applies to dense masks alone).
     """
@@ -421,5 +453,5 @@ def block_sparse_attention(
     if q.device.type == "cpu" and not INTERPRETED:
         _log_once(logging.WARNING, FALLBACK_MESSAGE)
         return out.copy_(block_sparse_attention_reference(q, k, v, mask, scale))
-    _launch(q, k, v, out, mask, scale, config or default_config(q, mask.block_size))
+    _launch(q, k, v, out, mask, scale, config or choose_config(q, k, v, mask, out))
     return out

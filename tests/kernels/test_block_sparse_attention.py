@@ -13,12 +13,15 @@ import pytest
 import torch
 
 from accel.kernels.block_sparse import (
+    GLUON_CONFIG,
     BlockSparseMask,
     KernelConfig,
     block_causal_mask,
     block_diagonal_mask,
     block_sparse_attention,
     block_sparse_attention_reference,
+    choose_config,
+    default_config,
     from_block_tables,
     interval_mask,
     local_3d_mask,
@@ -79,6 +82,15 @@ def test_kernel_tiles_smaller_than_mask_blocks(tiles, use_tma, longest_first):
     table = _random_table(2, 3, 4, 4, 0.6, gen) | torch.eye(4, dtype=torch.bool)
     config = KernelConfig(*tiles, 4, 2, use_tma=use_tma, longest_first=longest_first)
     _check(table_mask(table, n, block_size=bs), b=2, h=3, config=config)
+
+
+def test_the_gluon_kernel_is_chosen_only_on_hopper_and_refuses_elsewhere():
+    # Gluon has no interpreter: its numerics are checked on the GPU (benchmarks/block_sparse_attention_gpu.py).
+    q = torch.randn(1, 2, 200, 64, dtype=torch.bfloat16)
+    mask = table_mask(torch.rand(1, 2, 2, 2) < 0.5, 200, block_size=128)
+    assert choose_config(q, q, q, mask) == default_config(q, 128) and not GLUON_CONFIG.block_m % 16
+    with pytest.raises(ValueError, match="Gluon kernel .* needs an sm_90 GPU"):
+        block_sparse_attention(q, q, q, mask, config=GLUON_CONFIG)
 
 
 def test_longest_first_order_is_a_stable_sort_of_list_lengths():
