@@ -67,7 +67,7 @@ IN_ORDER = [  # (block_m, block_n, warps, stages, tma): all compile without spil
 ]
 IN_ORDER = [dataclasses.replace(c, longest_first=False) for c in IN_ORDER]
 # The launch order is a config choice too: the four best tiles above again, longest lists first; and the Gluon kernel.
-CONFIGS = IN_ORDER + [dataclasses.replace(IN_ORDER[i], longest_first=True) for i in (0, 4, 6, 7)] + [bsa.GLUON_CONFIG]
+CONFIGS = IN_ORDER + [dataclasses.replace(IN_ORDER[i], longest_first=True) for i in (0, 4, 6, 7)] + list(bsa.GLUON_CONFIGS)
 T0 = time.perf_counter()
 
 
@@ -88,7 +88,7 @@ def time_ms(fn) -> float:
 
 def cfg_name(c: KernelConfig) -> str:
     if c.gluon:
-        return "gluon_sm90"
+        return f"gluon_{c.block_m}x{c.block_n}_w{c.num_warps}"
     order = "_lpt" if c.longest_first else ""
     return f"{c.block_m}x{c.block_n}_w{c.num_warps}_s{c.num_stages}_{'tma' if c.use_tma else 'ptr'}{order}"
 

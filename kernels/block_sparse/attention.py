@@ -245,9 +245,9 @@ class KernelConfig:
 
     use_tma: K/V tiles through the Hopper copy engine (tensor descriptors) instead of per-element pointers.
     longest_first: launch the query tiles with the longest block lists first (see the module docstring).
-    gluon: run the Gluon kernel for Hopper instead (hopper.py: softmax overlapped with the tensor cores; its own
-        fixed tiles, so the other fields are ignored). It takes rule "none" masks, head dims 64 and 128 and
-        TMA-addressable tensors on sm_90; other calls with it raise.
+    gluon: run the Gluon kernel for Hopper instead (hopper.py: softmax overlapped with the tensor cores, TMA, longest
+        first; tiles 128 x 128 with 8 warps or 64 x 64 with 4). It takes rule "none" masks, head dims 64 and 128
+        and TMA-addressable tensors on sm_90; other calls with it raise.
     """
 
     block_m: int = 128
@@ -259,7 +259,7 @@ class KernelConfig:
     gluon: bool = False
 
 
-GLUON_CONFIG = KernelConfig(hopper.BLOCK_M, hopper.BLOCK_N, hopper.NUM_WARPS, 2, use_tma=True, gluon=True) if hopper else None
+GLUON_CONFIGS = tuple(KernelConfig(m, n, w, 2, use_tma=True, gluon=True) for m, n, w in (hopper.TILES if hopper else ()))
 
 
 @functools.lru_cache(maxsize=None)
@@ -290,10 +290,12 @@ def default_config(q: torch.Tensor, block_size: int) -> KernelConfig:
 def choose_config(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockSparseMask,
                   out: torch.Tensor | None = None) -> KernelConfig:
     """What a call without `config` runs: the Gluon kernel where it applies (Hopper, rule "none", D 64 / 128),
-    else the Triton kernel with `default_config`."""
-    if hopper is not None and hopper.supports(q, k, v, out, mask):
-        return GLUON_CONFIG
-    return default_config(q, mask.block_size)
+    else the Triton kernel, with `default_config`'s tiles (the same two shapes suit both kernels on the H200)."""
+    config = default_config(q, mask.block_size)
+    tiles = (config.block_m, config.block_n, config.num_warps)
+    if hopper is not None and tiles in hopper.TILES and hopper.supports(q, k, v, out, mask):
+        return dataclasses.replace(config, gluon=True)
+    return config
 
 
 def _tma_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int, block_d: int):
@@ -385,15 +387,16 @@ def _broadcast_strides(t: torch.Tensor, bsz: int, heads: int) -> tuple[int, int,
 
 
 def _launch(q, k, v, out, mask: BlockSparseMask, scale: float, cfg: KernelConfig) -> None:
-    if cfg.gluon:
-        if hopper is None or not hopper.supports(q, k, v, out, mask):
-            raise ValueError(
-                "the Gluon kernel (config.gluon) needs an sm_90 GPU, a rule 'none' mask with block_size a multiple of "
-                f"{hopper.BLOCK_N if hopper else 128}, head dim 64 or 128 and TMA-addressable q, k, v, out "
-                "(unit stride along D, 16-byte aligned strides)"
-            )
-        return hopper.launch(q, k, v, out, mask, scale)
     bs = mask.block_size
+    if cfg.gluon:
+        tiles = (cfg.block_m, cfg.block_n, cfg.num_warps)
+        if hopper is None or not hopper.supports(q, k, v, out, mask) or tiles not in hopper.TILES or bs % cfg.block_m:
+            raise ValueError(
+                f"the Gluon kernel (config.gluon) needs an sm_90 GPU, a rule 'none' mask with block_size >= its tiles "
+                f"{tiles} (one of {hopper.TILES if hopper else ()}), head dim 64 or 128 and TMA-addressable q, k, v, "
+                "out (unit stride along D, 16-byte aligned strides)"
+            )
+        return hopper.launch(q, k, v, out, mask, scale, *tiles)
     if bs % cfg.block_m or bs % cfg.block_n or min(cfg.block_m, cfg.block_n) < 16:
         raise ValueError(f"kernel tiles {cfg.block_m}x{cfg.block_n} must be >= 16 and divide block_size={bs}")
     bsz, heads, n_q, dim = q.shape

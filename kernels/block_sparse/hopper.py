@@ -10,7 +10,8 @@ on each wgmma right after issuing it. Gluon exposes the asynchronous wgmma and i
 
 K and V tiles arrive by TMA into two-slot rings, each slot with its mbarrier; a slot is refilled (tile t + 2) as
 soon as every warpgroup has finished the wgmma that read it. One program is one BLOCK_M-row query tile of one
-(batch, head), launched in the mask's longest-first order, with 8 warps (two warpgroups of 64 rows).
+(batch, head), launched in the mask's longest-first order: 128 x 128 tiles with 8 warps (two warpgroups of 64
+rows), or 64 x 64 tiles with 4 warps, two programs per multiprocessor (short sequences: more, shorter programs).
 
 Scope: rule "none" masks (random or structured tables; the ragged last key block is a partial block, masked at the
 sequence end), head dims 64 and 128, fp16 / bf16, inputs TMA can address (unit stride along D, 16-byte aligned
@@ -198,7 +199,7 @@ def _block_sparse_attention_fwd_sm90(
     tma.store_wait(pendings=0)
 
 
-BLOCK_M, BLOCK_N, NUM_WARPS = 128, 128, 8
+TILES = ((128, 128, 8), (64, 64, 4))  # (block_m, block_n, num_warps) this kernel is built and measured for
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None, mask: BlockSparseMask) -> bool:
@@ -206,7 +207,7 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
     (out=None: a new contiguous output)."""
     if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] != 9:
         return False
-    if mask.rule != "none" or q.shape[-1] not in (64, 128) or mask.block_size % BLOCK_N:
+    if mask.rule != "none" or q.shape[-1] not in (64, 128) or mask.block_size < 64:
         return False
     return all(
         t.stride(3) == 1 and t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:3])
@@ -220,18 +221,18 @@ def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
     return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
 
 
-def launch(q, k, v, out, mask: BlockSparseMask, scale: float) -> None:
-    """Run the kernel into `out` (callers check `supports` first)."""
+def launch(q, k, v, out, mask: BlockSparseMask, scale: float, block_m: int, block_n: int, num_warps: int) -> None:
+    """Run the kernel into `out` with one of TILES (callers check `supports` first)."""
     bsz, heads, n_q, _ = q.shape
-    order = mask.longest_first_order(bsz, heads, BLOCK_M)
+    order = mask.longest_first_order(bsz, heads, block_m)
 
     def strides(t):  # (batch, head, row) strides of a per-(B', H') table, 0 on shared dims
         return (t.stride(0) if t.shape[0] == bsz > 1 else 0), (t.stride(1) if t.shape[1] == heads > 1 else 0), t.stride(2)
 
     _block_sparse_attention_fwd_sm90[(order.numel(),)](
-        _descriptor(q, BLOCK_M), _descriptor(k, BLOCK_N), _descriptor(v, BLOCK_N), _descriptor(out, BLOCK_M),
+        _descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), _descriptor(out, block_m),
         mask.full_counts, mask.full_indices, mask.partial_counts, mask.partial_indices, order,
         *strides(mask.full_counts)[:2], *strides(mask.full_indices), *strides(mask.partial_indices),
         n_q, k.shape[2], heads, scale * LOG2E,
-        MASK_BLOCK=mask.block_size, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_D=q.shape[3], num_warps=NUM_WARPS,
+        MASK_BLOCK=mask.block_size, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_D=q.shape[3], num_warps=num_warps,
     )

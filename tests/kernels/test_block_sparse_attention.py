@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from accel.kernels.block_sparse import (
-    GLUON_CONFIG,
+    GLUON_CONFIGS,
     BlockSparseMask,
     KernelConfig,
     block_causal_mask,
@@ -88,9 +88,10 @@ def test_the_gluon_kernel_is_chosen_only_on_hopper_and_refuses_elsewhere():
     # Gluon has no interpreter: its numerics are checked on the GPU (benchmarks/block_sparse_attention_gpu.py).
     q = torch.randn(1, 2, 200, 64, dtype=torch.bfloat16)
     mask = table_mask(torch.rand(1, 2, 2, 2) < 0.5, 200, block_size=128)
-    assert choose_config(q, q, q, mask) == default_config(q, 128) and not GLUON_CONFIG.block_m % 16
-    with pytest.raises(ValueError, match="Gluon kernel .* needs an sm_90 GPU"):
-        block_sparse_attention(q, q, q, mask, config=GLUON_CONFIG)
+    assert choose_config(q, q, q, mask) == default_config(q, 128) and len(GLUON_CONFIGS) == 2
+    for config in GLUON_CONFIGS:
+        with pytest.raises(ValueError, match="Gluon kernel .* needs an sm_90 GPU"):
+            block_sparse_attention(q, q, q, mask, config=config)
 
 
 def test_longest_first_order_is_a_stable_sort_of_list_lengths():
