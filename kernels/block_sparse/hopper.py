@@ -21,6 +21,8 @@ strides). Everything else runs through the Triton kernel. Gluon has no interpret
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -205,7 +207,7 @@ TILES = ((128, 128, 8), (64, 64, 4))  # (block_m, block_n, num_warps) this kerne
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None, mask: BlockSparseMask) -> bool:
     """Whether this kernel takes the call: sm_90, rule "none", D in (64, 128), TMA-addressable tensors
     (out=None: a new contiguous output)."""
-    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] != 9:
+    if q.device.type != "cuda" or _capability(q.device)[0] != 9:
         return False
     if mask.rule != "none" or q.shape[-1] not in (64, 128) or mask.block_size < 64:
         return False
@@ -215,10 +217,19 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
     )
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_layout(block: tuple[int, ...], dtype: torch.dtype):
+    return gl.NVMMASharedLayout.get_default_for(list(block), gl.bfloat16 if dtype == torch.bfloat16 else gl.float16)
+
+
 def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
-    block = [1, 1, rows, t.shape[3]]
-    layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16)
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
+    block = (1, 1, rows, t.shape[3])
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), list(block), _smem_layout(block, t.dtype))
 
 
 def launch(q, k, v, out, mask: BlockSparseMask, scale: float, block_m: int, block_n: int, num_warps: int) -> None:
