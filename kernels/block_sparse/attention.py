@@ -293,10 +293,17 @@ def choose_config(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Block
     """What a call without `config` runs: the Gluon kernel where it applies (Hopper, rule "none", D 64 / 128),
     else the Triton kernel, with `default_config`'s tiles (the same two shapes suit both kernels on the H200)."""
     config = default_config(q, mask.block_size)
-    tiles = (config.block_m, config.block_n, config.num_warps)
-    if hopper is not None and tiles in hopper.TILES and hopper.supports(q, k, v, out, mask):
-        return dataclasses.replace(config, gluon=True)
-    return config
+    gluon = dataclasses.replace(config, gluon=True)
+    return gluon if _gluon_unsupported_reason(q, k, v, out, mask, gluon) is None else config
+
+
+def _gluon_unsupported_reason(q, k, v, out, mask: BlockSparseMask, cfg: KernelConfig) -> str | None:
+    if hopper is None:
+        return f"this triton has no Gluon for Hopper ({HOPPER_IMPORT_ERROR})"
+    tiles = (cfg.block_m, cfg.block_n, cfg.num_warps)
+    if tiles not in hopper.TILES or mask.block_size % cfg.block_m:
+        return f"its tiles (block_m, block_n, num_warps) are one of {hopper.TILES}, within block_size (got {tiles})"
+    return hopper.unsupported_reason(q, k, v, out, mask)
 
 
 def _tma_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int, block_d: int):
@@ -388,16 +395,9 @@ def _broadcast_strides(t: torch.Tensor, bsz: int, heads: int) -> tuple[int, int,
 
 
 def _launch(q, k, v, out, mask: BlockSparseMask, scale: float, cfg: KernelConfig) -> None:
-    bs = mask.block_size
     if cfg.gluon:
-        tiles = (cfg.block_m, cfg.block_n, cfg.num_warps)
-        if hopper is None or not hopper.supports(q, k, v, out, mask) or tiles not in hopper.TILES or bs % cfg.block_m:
-            raise ValueError(
-                f"the Gluon kernel (config.gluon) needs an sm_90 GPU, a rule 'none' mask with block_size >= its tiles "
-                f"{tiles} (one of {hopper.TILES if hopper else ()}), head dim 64 or 128 and TMA-addressable q, k, v, "
-                "out (unit stride along D, 16-byte aligned strides)"
-            )
-        return hopper.launch(q, k, v, out, mask, scale, *tiles)
+        return hopper.launch(q, k, v, out, mask, scale, cfg.block_m, cfg.block_n, cfg.num_warps)
+    bs = mask.block_size
     if bs % cfg.block_m or bs % cfg.block_n or min(cfg.block_m, cfg.block_n) < 16:
         raise ValueError(f"kernel tiles {cfg.block_m}x{cfg.block_n} must be >= 16 and divide block_size={bs}")
     bsz, heads, n_q, dim = q.shape
@@ -449,6 +449,12 @@ def block_sparse_attention(
     mask = _as_mask(block_mask, q, k, block_size)
     _check_mask(mask, q, k)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if not 0.0 < scale < math.inf:  # the kernels take the row max of S before scaling: it must keep the order
+        raise ValueError(f"scale must be positive and finite, got {scale}")
+    if config is not None and config.gluon:  # checked here, so that no device silently ignores it
+        reason = _gluon_unsupported_reason(q, k, v, out, mask, config)
+        if reason is not None:
+            raise ValueError(f"config.gluon: the Gluon kernel cannot take this call: {reason}") from HOPPER_IMPORT_ERROR
     if runs_dense_sdpa(q, k, v, mask, config):
         _log_once(logging.INFO, DENSE_MESSAGE)
         dense = F.scaled_dot_product_attention(q, k, v, scale=scale)

@@ -133,7 +133,7 @@ def _block_sparse_attention_fwd_sm90(
     acc = gl.zeros([BLOCK_M, HEAD_D], gl.float32, o_layout)
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, s_rows)
     l_i = gl.zeros([BLOCK_M], gl.float32, s_rows)
-    p = gl.zeros([BLOCK_M, BLOCK_N], dtype, p_layout)
+    p = gl.zeros([BLOCK_M, BLOCK_N], dtype, p_layout)  # defined even when there are no full tiles
 
     # Full tiles, software-pipelined (module docstring). Tile 0 has no P V to overlap with.
     if n_full_tiles > 0:
@@ -151,8 +151,8 @@ def _block_sparse_attention_fwd_sm90(
         s = warpgroup_mma(q, _slot(k_ring, k_bars, t, BLOCK_N, HEAD_D).permute((1, 0)), zero_s,
                           use_acc=False, is_async=True)
         acc = warpgroup_mma(p, _slot(v_ring, v_bars, t - 1, BLOCK_N, HEAD_D), acc, is_async=True)
-        s = warpgroup_mma_wait(1, deps=(s, ))
-        gl.thread_barrier()
+        s = warpgroup_mma_wait(1, deps=(s, ))  # S_t done (wgmma groups retire in order); P V still running
+        gl.thread_barrier()  # both warpgroups are past S_t: K slot t % 2 may be refilled
         _fill_slot(k_desc, k_ring, k_bars, t + 2, k_next, total, b, h)
         m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
         p32 = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
@@ -160,7 +160,7 @@ def _block_sparse_attention_fwd_sm90(
         l_i = l_i * alpha + gl.sum(p32, axis=1)
         p_next = gl.convert_layout(p32.to(dtype), p_layout)
         acc = warpgroup_mma_wait(0, deps=(acc, ))
-        gl.thread_barrier()
+        gl.thread_barrier()  # both warpgroups are past P_{t-1} V_{t-1}: V slot (t - 1) % 2 may be refilled
         _fill_slot(v_desc, v_ring, v_bars, t + 1, v_next, total, b, h)
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
         p = p_next
@@ -208,17 +208,23 @@ def _block_sparse_attention_fwd_sm90(
 TILES = ((128, 128, 8), (64, 64, 4))  # (block_m, block_n, num_warps) this kernel is built and measured for
 
 
-def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None, mask: BlockSparseMask) -> bool:
-    """Whether this kernel takes the call: sm_90, rule "none", D in (64, 128), TMA-addressable tensors
-    (out=None: a new contiguous output)."""
+def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None,
+                       mask: BlockSparseMask) -> str | None:
+    """Why this kernel cannot take the call, or None: it needs sm_90, rule "none", D in (64, 128) and tensors the
+    copy engine can address (out=None: a new contiguous output)."""
     if q.device.type != "cuda" or _capability(q.device)[0] != 9:
-        return False
-    if mask.rule != "none" or q.shape[-1] not in (64, 128) or mask.block_size < 64:
-        return False
-    return all(
-        t.stride(3) == 1 and t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:3])
-        for t in (q, k, v) + (() if out is None else (out,))
-    )
+        return f"it runs on sm_90 GPUs only (got {q.device})"
+    if mask.rule != "none":
+        return f"it has no token rules (the mask's rule is {mask.rule!r})"
+    if q.shape[-1] not in (64, 128):
+        return f"it takes head dims 64 and 128 (got {q.shape[-1]})"
+    for name, t in (("q", q), ("k", k), ("v", v), ("out", out)):
+        # TMA: unit stride along D, 16-byte aligned base and strides; no broadcast (stride 0) dims
+        aligned = t is None or t.stride(3) == 1 and t.data_ptr() % 16 == 0 and all(
+            st > 0 and st * t.element_size() % 16 == 0 for st in t.stride()[:3])
+        if not aligned:
+            return f"{name} is not TMA-addressable (strides {t.stride()}: need unit stride along D, 16-byte aligned ones)"
+    return None
 
 
 @functools.lru_cache(maxsize=None)
@@ -237,7 +243,7 @@ def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
 
 
 def launch(q, k, v, out, mask: BlockSparseMask, scale: float, block_m: int, block_n: int, num_warps: int) -> None:
-    """Run the kernel into `out` with one of TILES (callers check `supports` first)."""
+    """Run the kernel into `out` with one of TILES (callers check `unsupported_reason` first)."""
     bsz, heads, n_q, _ = q.shape
     order = mask.longest_first_order(bsz, heads, block_m)
 

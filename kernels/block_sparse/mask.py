@@ -75,6 +75,8 @@ class BlockSparseMask:
         # The kernel trusts the lists: indices in range, and full blocks never past the sequence end.
         for kind in ("full", "partial"):
             counts, indices = getattr(self, f"{kind}_counts"), getattr(self, f"{kind}_indices")
+            if indices.shape[-1] < 1:  # the Gluon kernel reads entry 0 even of an empty list
+                raise ValueError(f"{kind}_indices must have width >= 1 (pad empty lists)")
             if bool((counts < 0).any()) or bool((counts > indices.shape[-1]).any()):
                 raise ValueError(f"{kind}_counts must be in [0, {indices.shape[-1]}] (the width of {kind}_indices)")
             listed = _listed(counts, indices)
