@@ -47,7 +47,7 @@ try:  # host-side tensor descriptors (TMA), triton >= 3.4
 except ImportError:
     TensorDescriptor = None
 
-from .mask import RULES, BlockSparseMask, table_mask
+from .mask import RULES, BlockSparseMask, table_mask, table_strides
 from .reference import block_sparse_attention_reference
 
 try:  # the Gluon kernel for Hopper (triton >= 3.5)
@@ -389,11 +389,6 @@ def _check_mask(mask: BlockSparseMask, q: torch.Tensor, k: torch.Tensor) -> None
         raise ValueError(f"block_mask batch/head dims {(mb, mh)} must be 1 or match (B, H) = {tuple(q.shape[:2])}")
 
 
-def _broadcast_strides(t: torch.Tensor, bsz: int, heads: int) -> tuple[int, int, int]:
-    """(batch, head, row) strides of a per-(B', H') table, 0 on the shared dims (no expand: launch overhead)."""
-    return (t.stride(0) if t.shape[0] == bsz > 1 else 0), (t.stride(1) if t.shape[1] == heads > 1 else 0), t.stride(2)
-
-
 def _launch(q, k, v, out, mask: BlockSparseMask, scale: float, cfg: KernelConfig) -> None:
     if cfg.gluon:
         return hopper.launch(q, k, v, out, mask, scale, cfg.block_m, cfg.block_n, cfg.num_warps)
@@ -412,8 +407,8 @@ def _launch(q, k, v, out, mask: BlockSparseMask, scale: float, cfg: KernelConfig
         q, k, v, out, *(descs or (None, None)),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         mask.full_counts, mask.full_indices, mask.partial_counts, mask.partial_indices,
-        *_broadcast_strides(mask.full_counts, bsz, heads)[:2],
-        *_broadcast_strides(mask.full_indices, bsz, heads), *_broadcast_strides(mask.partial_indices, bsz, heads),
+        *table_strides(mask.full_counts, bsz, heads)[:2],
+        *table_strides(mask.full_indices, bsz, heads), *table_strides(mask.partial_indices, bsz, heads),
         q_aux, k_aux, *mask.radius, order,
         n_q, k.shape[2], dim, heads, scale * LOG2E,
         RULE=RULES.index(mask.rule), MASK_BLOCK=bs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,

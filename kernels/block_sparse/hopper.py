@@ -39,7 +39,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .mask import BlockSparseMask
+from .mask import BlockSparseMask, table_strides
 
 LOG2E = 1.4426950408889634
 
@@ -246,14 +246,11 @@ def launch(q, k, v, out, mask: BlockSparseMask, scale: float, block_m: int, bloc
     """Run the kernel into `out` with one of TILES (callers check `unsupported_reason` first)."""
     bsz, heads, n_q, _ = q.shape
     order = mask.longest_first_order(bsz, heads, block_m)
-
-    def strides(t):  # (batch, head, row) strides of a per-(B', H') table, 0 on shared dims
-        return (t.stride(0) if t.shape[0] == bsz > 1 else 0), (t.stride(1) if t.shape[1] == heads > 1 else 0), t.stride(2)
-
     _block_sparse_attention_fwd_sm90[(order.numel(),)](
         _descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), _descriptor(out, block_m),
         mask.full_counts, mask.full_indices, mask.partial_counts, mask.partial_indices, order,
-        *strides(mask.full_counts)[:2], *strides(mask.full_indices), *strides(mask.partial_indices),
+        *table_strides(mask.full_counts, bsz, heads)[:2], *table_strides(mask.full_indices, bsz, heads),
+        *table_strides(mask.partial_indices, bsz, heads),
         n_q, k.shape[2], heads, scale * LOG2E,
         MASK_BLOCK=mask.block_size, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_D=q.shape[3], num_warps=num_warps,
     )

@@ -203,6 +203,11 @@ class BlockSparseMask:
         return listed / (b * h * self.num_q_blocks * self.num_kv_blocks)
 
 
+def table_strides(t: torch.Tensor, bsz: int, heads: int) -> tuple[int, int, int]:
+    """(batch, head, row) strides of a per-(B', H') table, 0 on the shared dims (no expand: launch overhead)."""
+    return (t.stride(0) if t.shape[0] == bsz > 1 else 0), (t.stride(1) if t.shape[1] == heads > 1 else 0), t.stride(2)
+
+
 def _listed(counts: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """The listed entries of padded index lists, flattened."""
     return indices[torch.arange(indices.shape[-1], device=indices.device) < counts[..., None]]
