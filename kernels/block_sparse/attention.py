@@ -272,7 +272,7 @@ def _cuda_arch(device: torch.device) -> tuple[int, int]:
 
 def default_config(q: torch.Tensor, block_size: int) -> KernelConfig:
     """The Triton kernel's tiles for q's device and problem size (from the H200 benchmark), clipped to the mask's
-    block size. (On Hopper, calls the Gluon kernel takes run there instead: see `block_sparse_attention`.)
+    block size. (On Hopper, `choose_config` sends the calls the Gluon kernel can take to it instead.)
 
     Hopper: 128 x 128 tiles, 8 warps, TMA; when that gives under 8 waves of programs (short sequences such as
     FLUX's 4608 tokens), 64 x 64 tiles with 4 warps: twice the programs, two resident per multiprocessor.
