@@ -8,8 +8,8 @@ blocks (drawn per head, the diagonal kept) and a 3-D local window over the laten
 FlexAttention compiled with `BlockMask.from_kv_blocks` over the same full / partial block lists (the window's
 token rule as its mask_mod). Our kernel is autotuned per pattern over a small set of tile configurations and
 launch orders (in order, or longest lists first), plus the Gluon kernel for Hopper (the full set up to Wan-1.3B's
-size, the best three of it for Wan-14B); the library's default configuration is timed
-too. Times are `triton.testing.do_bench` medians (L2 flushed before every call); TFLOP/s count 4 * D FLOPs per
+size, the best three of it for Wan-14B); the library's own choice (`choose_config`) is timed too and counts as a
+candidate. Times are `triton.testing.do_bench` medians (L2 flushed before every call); TFLOP/s count 4 * D FLOPs per
 (query, key) pair inside the computed blocks.
 Correctness on the GPU: keep 100% against SDPA's output; every pattern at the FLUX shape against SDPA with the
 equivalent dense boolean mask; at N >= 32K against a chunked fp32 reference on sampled query blocks (all heads);

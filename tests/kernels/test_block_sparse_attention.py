@@ -102,11 +102,19 @@ def test_longest_first_order_is_a_stable_sort_of_list_lengths():
     order = mask.longest_first_order(b, h, tile_rows)
     tiles = math.ceil(n / tile_rows)
     assert order.dtype == torch.int32 and sorted(order.tolist()) == list(range(b * h * tiles))
-    cost = (2 * mask.full_counts + 3 * mask.partial_counts).expand(b, h, -1)
-    cost = cost.repeat_interleave(bs // tile_rows, dim=2)[..., :tiles].reshape(-1)
-    got = [(int(i) // tiles, -int(cost[i]), int(i)) for i in order]
-    assert got == sorted(got)  # heads in order, each head's longest tiles first; equal costs in tile order
+    heads_of = [int(i) // tiles for i in order]
+    assert heads_of == sorted(heads_of)  # heads in launch order: a head's tiles run together
+    lists = lambda i: (int(mask.full_counts[0, (i // tiles) % h, (i % tiles) * tile_rows // bs]),  # noqa: E731
+                       int(mask.partial_counts[0, (i // tiles) % h, (i % tiles) * tile_rows // bs]))
+    launched = order.tolist()
+    for n_x, x in enumerate(launched):  # within a head, no tile waits behind one with shorter lists
+        for y in launched[n_x + 1:]:
+            (fx, px), (fy, py) = lists(x), lists(y)
+            assert x // tiles != y // tiles or not (fy >= fx and py >= px and (fy, py) != (fx, px))
     assert mask.longest_first_order(b, h, tile_rows) is order  # built once
+    # A partial block costs more than a full one (it also masks): one partial block launches before one full block.
+    one_each = from_block_tables(torch.tensor([[[[True], [False]]]]), torch.tensor([[[[False], [True]]]]), 64, 32, 32)
+    assert one_each.longest_first_order(1, 1, 32).tolist() == [1, 0]
 
 
 def test_all_true_table_is_dense_attention():
