@@ -88,7 +88,7 @@ def time_ms(fn) -> float:
 
 def cfg_name(c: KernelConfig) -> str:
     if c.gluon:
-        return f"gluon_{c.block_m}x{c.block_n}_w{c.num_warps}"
+        return f"gluon_{c.block_m}x{c.block_n}_w{c.num_warps}_s{c.num_stages}"
     order = "_lpt" if c.longest_first else ""
     return f"{c.block_m}x{c.block_n}_w{c.num_warps}_s{c.num_stages}_{'tma' if c.use_tma else 'ptr'}{order}"
 
@@ -279,7 +279,8 @@ def extra_correctness() -> dict:
             bsa.local_3d_mask((5, 30, 52), (1, 6, 10), 128, num_global=300, device=DEV), 20, 112, torch.bfloat16
         ),
     }
-    # The Gluon kernel's cases (rule "none"): ragged and unequal lengths, empty rows, head dim 64, fp16, batch 2.
+    # The Gluon kernel's cases (rule "none"), run with each of its configs: ragged and unequal lengths, empty rows,
+    # head dim 64, fp16, batch 2, an all-false table, 256-token blocks (two key tiles per block).
     table = torch.rand(2, 3, 8, 7, generator=gen, device=DEV) < 0.5
     table[:, :, 2] = False
     cases["gluon_ragged_empty_rows_bf16_d128"] = (bsa.table_mask(table, 1000, 777, 128), 3, 128, torch.bfloat16)
@@ -287,17 +288,21 @@ def extra_correctness() -> dict:
                                torch.float16)
     cases["gluon_all_false"] = (bsa.table_mask(torch.zeros(1, 1, 3, 3, dtype=torch.bool, device=DEV), 300), 2, 128,
                                 torch.bfloat16)
+    cases["gluon_block256_bf16_d128"] = (bsa.table_mask(torch.rand(1, 2, 4, 4, generator=gen, device=DEV) < 0.6, 1000,
+                                                        block_size=256), 2, 128, torch.bfloat16)
     out = {}
     for name, (mask, heads, dim, dtype) in cases.items():
         shape = lambda n: (mask.shape[0], heads, n, dim)  # noqa: E731
         q = torch.randn(shape(mask.q_len), device=DEV, dtype=dtype, generator=gen)
         k, v = (torch.randn(shape(mask.kv_len), device=DEV, dtype=dtype, generator=gen) for _ in range(2))
-        got = torch.full_like(q, float("nan"))
-        bsa.block_sparse_attention(q, k, v, mask, out=got)
         ref = bsa.block_sparse_attention_reference(q, k, v, mask)
-        out[name] = {"n": mask.q_len, "kernel": cfg_name(bsa.choose_config(q, k, v, mask)), "block_density": mask.density(),
-                     "rel_err_vs_fp32_reference": rel_err(got, ref) if ref.norm() > 0 else float(got.abs().max())}
-        log("extra", name, out[name])
+        for config in list(bsa.GLUON_CONFIGS) if name.startswith("gluon") else [bsa.choose_config(q, k, v, mask)]:
+            got = torch.full_like(q, float("nan"))
+            bsa.block_sparse_attention(q, k, v, mask, out=got, config=config)
+            key = f"{name}:{cfg_name(config)}"
+            out[key] = {"n": mask.q_len, "block_density": mask.density(),
+                        "rel_err_vs_fp32_reference": rel_err(got, ref) if ref.norm() > 0 else float(got.abs().max())}
+            log("extra", key, out[key])
     return out
 
 

@@ -246,9 +246,10 @@ class KernelConfig:
 
     use_tma: K/V tiles through the Hopper copy engine (tensor descriptors) instead of per-element pointers.
     longest_first: launch the query tiles with the longest block lists first (see the module docstring).
-    gluon: run the Gluon kernel for Hopper instead (hopper.py: softmax overlapped with the tensor cores, TMA, longest
-        first; tiles 128 x 128 with 8 warps or 64 x 64 with 4). It takes rule "none" masks, head dims 64 and 128
-        and TMA-addressable tensors on sm_90; other calls with it raise.
+    gluon: run the Gluon kernel for Hopper instead (hopper.py: warp-specialised, softmax overlapped with the tensor
+        cores, TMA, longest first): tiles 128 x 128 with 12 warps (a loader and two consumer warpgroups), num_stages
+        2 or 3 (its K / V rings). It takes rule "none" masks, head dims 64 and 128 and TMA-addressable tensors on
+        sm_90; other calls with it raise.
     """
 
     block_m: int = 128
@@ -260,7 +261,9 @@ class KernelConfig:
     gluon: bool = False
 
 
-GLUON_CONFIGS = tuple(KernelConfig(m, n, w, 2, use_tma=True, gluon=True) for m, n, w in (hopper.TILES if hopper else ()))
+GLUON_CONFIGS = tuple(KernelConfig(m, n, w, s, use_tma=True, gluon=True)
+                      for m, n, w in (hopper.TILES if hopper else ()) for s in hopper.RING_STAGES)
+GLUON_DEFAULT = KernelConfig(128, 128, 12, 3, use_tma=True, gluon=True)  # 3 stages: sparse tables gain most (H200)
 
 
 @functools.lru_cache(maxsize=None)
@@ -290,19 +293,22 @@ def default_config(q: torch.Tensor, block_size: int) -> KernelConfig:
 
 def choose_config(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockSparseMask,
                   out: torch.Tensor | None = None) -> KernelConfig:
-    """What a call without `config` runs: the Gluon kernel where it applies (Hopper, rule "none", D 64 / 128),
-    else the Triton kernel, with `default_config`'s tiles (the same two shapes suit both kernels on the H200)."""
-    config = default_config(q, mask.block_size)
-    gluon = dataclasses.replace(config, gluon=True)
-    return gluon if _gluon_unsupported_reason(q, k, v, out, mask, gluon) is None else config
+    """What a call without `config` runs: the Gluon kernel where it applies (Hopper, rule "none", D 64 / 128, block
+    sizes that are multiples of 128), else the Triton kernel with `default_config`'s tiles."""
+    if _gluon_unsupported_reason(q, k, v, out, mask, GLUON_DEFAULT) is None:
+        return GLUON_DEFAULT
+    return default_config(q, mask.block_size)
 
 
 def _gluon_unsupported_reason(q, k, v, out, mask: BlockSparseMask, cfg: KernelConfig) -> str | None:
     if hopper is None:
         return f"this triton has no Gluon for Hopper ({HOPPER_IMPORT_ERROR})"
     tiles = (cfg.block_m, cfg.block_n, cfg.num_warps)
-    if tiles not in hopper.TILES or mask.block_size % cfg.block_m:
-        return f"its tiles (block_m, block_n, num_warps) are one of {hopper.TILES}, within block_size (got {tiles})"
+    if tiles not in hopper.TILES or cfg.num_stages not in hopper.RING_STAGES:
+        return (f"its (block_m, block_n, num_warps) are one of {hopper.TILES} and num_stages one of "
+                f"{hopper.RING_STAGES} (got {tiles}, {cfg.num_stages})")
+    if mask.block_size % cfg.block_m:
+        return f"its tiles must divide the mask's block size (got {cfg.block_m} and {mask.block_size})"
     return hopper.unsupported_reason(q, k, v, out, mask)
 
 
@@ -391,7 +397,7 @@ def _check_mask(mask: BlockSparseMask, q: torch.Tensor, k: torch.Tensor) -> None
 
 def _launch(q, k, v, out, mask: BlockSparseMask, scale: float, cfg: KernelConfig) -> None:
     if cfg.gluon:
-        return hopper.launch(q, k, v, out, mask, scale, cfg.block_m, cfg.block_n, cfg.num_warps)
+        return hopper.launch(q, k, v, out, mask, scale, cfg.num_stages)
     bs = mask.block_size
     if bs % cfg.block_m or bs % cfg.block_n or min(cfg.block_m, cfg.block_n) < 16:
         raise ValueError(f"kernel tiles {cfg.block_m}x{cfg.block_n} must be >= 16 and divide block_size={bs}")

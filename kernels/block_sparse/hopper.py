@@ -1,25 +1,34 @@
-"""Block-sparse attention for Hopper (sm_90) in Gluon, with FlashAttention-3's softmax / tensor-core overlap.
+"""Block-sparse attention for Hopper (sm_90) in Gluon: warp-specialised, FlashAttention-3's two overlaps.
 
 Why a second kernel. The Triton kernel (attention.py) cannot overlap its softmax with the tensor cores: triton waits
-on each wgmma right after issuing it. Gluon exposes the asynchronous wgmma and its wait, so here, per key tile t,
+on each wgmma right after issuing it, and the warpgroups of a tile run in step. Gluon exposes the asynchronous
+wgmma, mbarriers and warp specialisation. One program is one 128-row query tile of one (batch, head), split by role
+(`gl.warp_specialize`, 12 warps):
+
+    loader          (4 warps, 24 registers): TMA of Q, then of the K and V tiles into STAGES-slot rings
+    consumer 0 / 1  (4 warps, 240 registers each): query rows 0-63 / 64-127 of the tile
+
+Each consumer overlaps within itself, per key tile t:
 
     S_t = Q K_t^T          (async wgmma)
     O  += P_{t-1} V_{t-1}  (async wgmma, issued right behind it)
     wait until S_t is done; softmax of S_t -> P_t     <- runs while the tensor cores compute P_{t-1} V_{t-1}
     wait until O is done;   O *= alpha_t
 
-K and V tiles arrive by TMA into two-slot rings, each slot with its mbarrier; a slot is refilled (tile t + 2) as
-soon as every warpgroup has finished the wgmma that read it. One program is one BLOCK_M-row query tile of one
-(batch, head), launched in the mask's longest-first order: 128 x 128 tiles with 8 warps (two warpgroups of 64
-rows), or 64 x 64 tiles with 4 warps, two programs per multiprocessor (short sequences: more, shorter programs).
+and the two consumers take turns on the tensor cores (ping-pong): one issues its two wgmmas and passes the turn
+(an mbarrier), then computes its softmax while the other's wgmmas run. The turns only order the issues; results
+do not depend on them.
 
-Measured on the H200 (benchmarks/results/block_sparse_attention_h200.json): 490-495 TFLOP/s on computed blocks at
-N >= 32K, where the Triton kernel reaches 460-470. Q K^T itself still overlaps nothing; hiding it too needs two
-warpgroups taking turns on the tensor cores (FlashAttention-3's ping-pong, with warp specialisation).
+Rings: slot j % STAGES has a `ready` mbarrier (the TMA's bytes landed) and an `empty` one (both consumers' wgmmas
+that read it are done: two arrivals). The loader fills them in the order the consumers free them: K_0, then
+(K_{j+1}, V_j). The mask's longest-first order assigns query tiles to programs. Partial tiles (the ragged end of
+the keys, rule "none") are masked at the sequence end, without the P V overlap.
 
-Scope: rule "none" masks (random or structured tables; the ragged last key block is a partial block, masked at the
-sequence end), head dims 64 and 128, fp16 / bf16, inputs TMA can address (unit stride along D, 16-byte aligned
-strides). Everything else runs through the Triton kernel. Gluon has no interpreter: this kernel is tested on the GPU
+Measured on the H200: benchmarks/results/block_sparse_attention_h200.json.
+
+Scope: rule "none" masks (random or structured tables) with block sizes that are multiples of 128, head dims 64
+and 128, fp16 / bf16, inputs TMA can address (unit stride along D, 16-byte aligned strides). Everything else runs
+through the Triton kernel. Gluon has no interpreter: this kernel is tested on the GPU
 (benchmarks/block_sparse_attention_gpu.py checks it against SDPA and a float32 reference).
 """
 
@@ -42,6 +51,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from .mask import BlockSparseMask, table_strides
 
 LOG2E = 1.4426950408889634
+HALF_M = gl.constexpr(64)  # query rows per consumer warpgroup
 
 
 @gluon.jit
@@ -59,126 +69,128 @@ def _tile_start(j, n_full_tiles, total, full_idx, part_idx, MASK_BLOCK: gl.const
 
 
 @gluon.jit
-def _fill_slot(desc, ring, bars, j, start, total, b, h):
-    """TMA tile j (first key `start`) into slot j % 2 of `ring`; its mbarrier flips when the bytes have landed."""
-    if j < total:
-        bar = bars.index(j % 2)
-        mbarrier.expect(bar, desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(desc, [b, h, start, 0], bar, ring.index(j % 2))
+def _load_tile(desc, ring, ready, empty, j, start, b, h, STAGES: gl.constexpr):
+    """Wait until slot j % STAGES is free (phase: the ring's lap), then TMA tile j (first key `start`) into it."""
+    slot = j % STAGES
+    mbarrier.wait(empty.index(slot), ((j // STAGES) & 1) ^ 1)  # a fresh mbarrier passes parity 1: first lap free
+    mbarrier.expect(ready.index(slot), desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(desc, [b, h, start, 0], ready.index(slot), ring.index(slot))
 
 
 @gluon.jit
-def _slot(ring, bars, j, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr):
-    """Wait for tile j and return it as a (BLOCK_N, HEAD_D) shared-memory view."""
-    mbarrier.wait(bars.index(j % 2), (j // 2) & 1)
-    return ring.index(j % 2).reshape([BLOCK_N, HEAD_D])
+def _loader(q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready, v_empty,
+            b, h, m0, n_full_tiles, total, full_idx, part_idx,
+            MASK_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """K_0, then (K_{j+1}, V_j) for each j: the order in which the consumers release the slots."""
+    for w in gl.static_range(2):
+        mbarrier.expect(q_bars.index(w), q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [b, h, m0 + w * HALF_M, 0], q_bars.index(w), q_smem.index(w))
+    start = _tile_start(0, n_full_tiles, total, full_idx, part_idx, MASK_BLOCK, BLOCK_N)
+    if total > 0:
+        _load_tile(k_desc, k_ring, k_ready, k_empty, 0, start, b, h, STAGES)
+    for j in range(total):
+        next_start = _tile_start(j + 1, n_full_tiles, total, full_idx, part_idx, MASK_BLOCK, BLOCK_N)
+        if j + 1 < total:
+            _load_tile(k_desc, k_ring, k_ready, k_empty, j + 1, next_start, b, h, STAGES)
+        _load_tile(v_desc, v_ring, v_ready, v_empty, j, start, b, h, STAGES)
+        start = next_start
 
 
 @gluon.jit
-def _block_sparse_attention_fwd_sm90(
-    q_desc, k_desc, v_desc, o_desc,
-    FULL_CNT, FULL_IDX, PART_CNT, PART_IDX, ORDER,
-    stride_cb, stride_ch, stride_fb, stride_fh, stride_fm, stride_pb, stride_ph, stride_pm,
-    n_q, n_k, num_heads, qk_scale,
-    MASK_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
-    num_warps: gl.constexpr,
-):
-    dtype: gl.constexpr = q_desc.dtype
-    SUBS: gl.constexpr = MASK_BLOCK // BLOCK_N
-    # wgmma layouts: warps stacked along the rows (16 rows each); S is BLOCK_M x BLOCK_N, O is BLOCK_M x HEAD_D.
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+def _ready_tile(ring, ready, j, STAGES: gl.constexpr):
+    """Wait for tile j's bytes; return its slot as a (BLOCK_N, HEAD_D) view."""
+    slot = j % STAGES
+    mbarrier.wait(ready.index(slot), (j // STAGES) & 1)
+    tile = ring.index(slot)
+    return tile.reshape([tile.shape[2], tile.shape[3]])
+
+
+@gluon.jit
+def _take_turn(turns, turn, WG: gl.constexpr):
+    """Wait until this consumer may issue (its `turn`-th time): consumer 0 goes first."""
+    mbarrier.wait(turns.index(WG), (turn & 1) ^ (1 - WG))
+    return turn + 1
+
+
+@gluon.jit
+def _pass_turn(turns, WG: gl.constexpr):
+    mbarrier.arrive(turns.index(1 - WG), count=1)
+
+
+@gluon.jit
+def _consumer(q_smem, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready, v_empty, turns, o_desc,
+              b, h, m0, n_k, n_full_tiles, total, full_idx, part_idx, qk_scale,
+              MASK_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WG: gl.constexpr):
+    """Rows WG * 64 ... WG * 64 + 63 of the query tile: the loop of the module docstring, with turns."""
+    dtype: gl.constexpr = q_smem.dtype
+    HEAD_D: gl.constexpr = q_smem.shape[4]
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, HEAD_D, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
 
-    n_tiles = gl.cdiv(n_q, BLOCK_M)
-    program = gl.load(ORDER + gl.program_id(0))
-    pid_m = program % n_tiles
-    pid_bh = program // n_tiles
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    mask_row = (pid_m * BLOCK_M) // MASK_BLOCK
-    cnt = b * stride_cb + h * stride_ch + mask_row
-    n_full_tiles = gl.load(FULL_CNT + cnt) * SUBS
-    total = n_full_tiles + gl.load(PART_CNT + cnt) * SUBS
-    full_idx = FULL_IDX + b * stride_fb + h * stride_fh + mask_row * stride_fm
-    part_idx = PART_IDX + b * stride_pb + h * stride_ph + mask_row * stride_pm
+    mbarrier.wait(q_bars.index(WG), 0)
+    q_tile = q_smem.index(WG)
+    q = q_tile.reshape([HALF_M, HEAD_D])
+    zero_s = gl.zeros([HALF_M, BLOCK_N], gl.float32, s_layout)
+    acc = gl.zeros([HALF_M, HEAD_D], gl.float32, o_layout)
+    m_i = gl.full([HALF_M], float("-inf"), gl.float32, s_rows)
+    l_i = gl.zeros([HALF_M], gl.float32, s_rows)
+    p = gl.zeros([HALF_M, BLOCK_N], dtype, p_layout)
+    turn = 0
 
-    q_smem = gl.allocate_shared_memory(dtype, q_desc.block_type.shape, q_desc.layout)
-    k_ring = gl.allocate_shared_memory(dtype, [2, 1, 1, BLOCK_N, HEAD_D], k_desc.layout)
-    v_ring = gl.allocate_shared_memory(dtype, [2, 1, 1, BLOCK_N, HEAD_D], v_desc.layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    k_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    v_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
-    for i in gl.static_range(2):
-        mbarrier.init(k_bars.index(i), count=1)
-        mbarrier.init(v_bars.index(i), count=1)
-    fence_async_shared()
-    gl.thread_barrier()
-
-    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [b, h, pid_m * BLOCK_M, 0], q_bar, q_smem)
-    for j in gl.static_range(2):
-        start = _tile_start(j, n_full_tiles, total, full_idx, part_idx, MASK_BLOCK, BLOCK_N)
-        _fill_slot(k_desc, k_ring, k_bars, j, start, total, b, h)
-        _fill_slot(v_desc, v_ring, v_bars, j, start, total, b, h)
-    mbarrier.wait(q_bar, 0)
-    q = q_smem.reshape([BLOCK_M, HEAD_D])
-
-    zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
-    acc = gl.zeros([BLOCK_M, HEAD_D], gl.float32, o_layout)
-    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, s_rows)
-    l_i = gl.zeros([BLOCK_M], gl.float32, s_rows)
-    p = gl.zeros([BLOCK_M, BLOCK_N], dtype, p_layout)  # defined even when there are no full tiles
-
-    # Full tiles, software-pipelined (module docstring). Tile 0 has no P V to overlap with.
+    # Full tiles, software-pipelined. Tile 0 has no P V to overlap with.
     if n_full_tiles > 0:
-        next_start = _tile_start(2, n_full_tiles, total, full_idx, part_idx, MASK_BLOCK, BLOCK_N)
-        s = warpgroup_mma(q, _slot(k_ring, k_bars, 0, BLOCK_N, HEAD_D).permute((1, 0)), zero_s, use_acc=False)
-        gl.thread_barrier()  # both warpgroups are done reading K slot 0
-        _fill_slot(k_desc, k_ring, k_bars, 2, next_start, total, b, h)
+        k_t = _ready_tile(k_ring, k_ready, 0, STAGES)
+        turn = _take_turn(turns, turn, WG)
+        s = warpgroup_mma(q, k_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        _pass_turn(turns, WG)
+        s = warpgroup_mma_wait(0, deps=(s, ))
+        mbarrier.arrive(k_empty.index(0), count=1)
         m_i = gl.max(s, axis=1) * qk_scale
         p32 = gl.exp2(s * qk_scale - gl.expand_dims(m_i, 1))
         l_i = gl.sum(p32, axis=1)
         p = gl.convert_layout(p32.to(dtype), p_layout)
     for t in range(1, n_full_tiles):
-        k_next = _tile_start(t + 2, n_full_tiles, total, full_idx, part_idx, MASK_BLOCK, BLOCK_N)
-        v_next = _tile_start(t + 1, n_full_tiles, total, full_idx, part_idx, MASK_BLOCK, BLOCK_N)
-        s = warpgroup_mma(q, _slot(k_ring, k_bars, t, BLOCK_N, HEAD_D).permute((1, 0)), zero_s,
-                          use_acc=False, is_async=True)
-        acc = warpgroup_mma(p, _slot(v_ring, v_bars, t - 1, BLOCK_N, HEAD_D), acc, is_async=True)
-        s = warpgroup_mma_wait(1, deps=(s, ))  # S_t done (wgmma groups retire in order); P V still running
-        gl.thread_barrier()  # both warpgroups are past S_t: K slot t % 2 may be refilled
-        _fill_slot(k_desc, k_ring, k_bars, t + 2, k_next, total, b, h)
+        k_t = _ready_tile(k_ring, k_ready, t, STAGES)
+        v_prev = _ready_tile(v_ring, v_ready, t - 1, STAGES)
+        turn = _take_turn(turns, turn, WG)
+        s = warpgroup_mma(q, k_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        acc = warpgroup_mma(p, v_prev, acc, is_async=True)
+        _pass_turn(turns, WG)
+        s = warpgroup_mma_wait(1, deps=(s, ))  # S_t done; P V still running
+        mbarrier.arrive(k_empty.index(t % STAGES), count=1)
         m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
         p32 = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
         alpha = gl.exp2(m_i - m_new)
         l_i = l_i * alpha + gl.sum(p32, axis=1)
         p_next = gl.convert_layout(p32.to(dtype), p_layout)
         acc = warpgroup_mma_wait(0, deps=(acc, ))
-        gl.thread_barrier()  # both warpgroups are past P_{t-1} V_{t-1}: V slot (t - 1) % 2 may be refilled
-        _fill_slot(v_desc, v_ring, v_bars, t + 1, v_next, total, b, h)
+        mbarrier.arrive(v_empty.index((t - 1) % STAGES), count=1)
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
         p = p_next
         m_i = m_new
     if n_full_tiles > 0:
-        v_next = _tile_start(n_full_tiles + 1, n_full_tiles, total, full_idx, part_idx, MASK_BLOCK, BLOCK_N)
-        acc = warpgroup_mma(p, _slot(v_ring, v_bars, n_full_tiles - 1, BLOCK_N, HEAD_D), acc)
-        gl.thread_barrier()
-        _fill_slot(v_desc, v_ring, v_bars, n_full_tiles + 1, v_next, total, b, h)
+        v_prev = _ready_tile(v_ring, v_ready, n_full_tiles - 1, STAGES)
+        turn = _take_turn(turns, turn, WG)
+        acc = warpgroup_mma(p, v_prev, acc, is_async=True)
+        _pass_turn(turns, WG)
+        acc = warpgroup_mma_wait(0, deps=(acc, ))
+        mbarrier.arrive(v_empty.index((n_full_tiles - 1) % STAGES), count=1)
 
     # Partial tiles (the ragged end): masked at the sequence end, one tile at a time.
     offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     for t in range(n_full_tiles, total):
         start = _tile_start(t, n_full_tiles, total, full_idx, part_idx, MASK_BLOCK, BLOCK_N)
-        next_start = _tile_start(t + 2, n_full_tiles, total, full_idx, part_idx, MASK_BLOCK, BLOCK_N)
-        s = warpgroup_mma(q, _slot(k_ring, k_bars, t, BLOCK_N, HEAD_D).permute((1, 0)), zero_s, use_acc=False)
-        gl.thread_barrier()
-        _fill_slot(k_desc, k_ring, k_bars, t + 2, next_start, total, b, h)
+        k_t = _ready_tile(k_ring, k_ready, t, STAGES)
+        turn = _take_turn(turns, turn, WG)
+        s = warpgroup_mma(q, k_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        _pass_turn(turns, WG)
+        s = warpgroup_mma_wait(0, deps=(s, ))
+        mbarrier.arrive(k_empty.index(t % STAGES), count=1)
         s = gl.where(gl.expand_dims(start + offs_n < n_k, 0), s * qk_scale, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(s, axis=1))
         m_sub = gl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing yet: exp2(-inf) = 0
@@ -187,25 +199,98 @@ def _block_sparse_attention_fwd_sm90(
         l_i = l_i * alpha + gl.sum(p32, axis=1)
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
         p = gl.convert_layout(p32.to(dtype), p_layout)
-        acc = warpgroup_mma(p, _slot(v_ring, v_bars, t, BLOCK_N, HEAD_D), acc)
-        gl.thread_barrier()
-        _fill_slot(v_desc, v_ring, v_bars, t + 2, next_start, total, b, h)
+        v_t = _ready_tile(v_ring, v_ready, t, STAGES)
+        turn = _take_turn(turns, turn, WG)
+        acc = warpgroup_mma(p, v_t, acc, is_async=True)
+        _pass_turn(turns, WG)
+        acc = warpgroup_mma_wait(0, deps=(acc, ))
+        mbarrier.arrive(v_empty.index(t % STAGES), count=1)
         m_i = m_new
 
-    for i in gl.static_range(2):
-        mbarrier.invalidate(k_bars.index(i))
-        mbarrier.invalidate(v_bars.index(i))
-    mbarrier.invalidate(q_bar)
     l_o = gl.convert_layout(l_i, o_rows)
     out = acc / gl.expand_dims(gl.where(l_o == 0.0, 1.0, l_o), 1)  # rows that saw no key: zeros
-    q_smem.reshape([BLOCK_M, HEAD_D]).store(out.to(dtype))  # Q is no longer read: its buffer stages O
+    q.store(out.to(dtype))  # this consumer's Q rows are no longer read: their buffer stages O
     fence_async_shared()
-    gl.thread_barrier()  # every warp's rows are in shared memory before the copy engine reads them
-    tma.async_copy_shared_to_global(o_desc, [b, h, pid_m * BLOCK_M, 0], q_smem)  # rows past n_q are clipped
+    gl.thread_barrier()  # all four warps' rows are in shared memory before the copy engine reads them
+    tma.async_copy_shared_to_global(o_desc, [b, h, m0 + WG * HALF_M, 0], q_tile)  # rows past n_q are clipped
     tma.store_wait(pendings=0)
 
 
-TILES = ((128, 128, 8), (64, 64, 4))  # (block_m, block_n, num_warps) this kernel is built and measured for
+@gluon.jit
+def _consumer_0(q_smem, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready, v_empty, turns, o_desc,
+                b, h, m0, n_k, n_full_tiles, total, full_idx, part_idx, qk_scale,
+                MASK_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    _consumer(q_smem, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready, v_empty, turns, o_desc,
+              b, h, m0, n_k, n_full_tiles, total, full_idx, part_idx, qk_scale, MASK_BLOCK, BLOCK_N, STAGES, 0)
+
+
+@gluon.jit
+def _consumer_1(q_smem, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready, v_empty, turns, o_desc,
+                b, h, m0, n_k, n_full_tiles, total, full_idx, part_idx, qk_scale,
+                MASK_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    _consumer(q_smem, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready, v_empty, turns, o_desc,
+              b, h, m0, n_k, n_full_tiles, total, full_idx, part_idx, qk_scale, MASK_BLOCK, BLOCK_N, STAGES, 1)
+
+
+@gluon.jit
+def _block_sparse_attention_fwd_sm90(
+    q_desc, k_desc, v_desc, o_desc,
+    FULL_CNT, FULL_IDX, PART_CNT, PART_IDX, ORDER,
+    stride_cb, stride_ch, stride_fb, stride_fh, stride_fm, stride_pb, stride_ph, stride_pm,
+    n_q, n_k, num_heads, qk_scale,
+    MASK_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+):
+    dtype: gl.constexpr = q_desc.dtype
+    HEAD_D: gl.constexpr = q_desc.block_type.shape[3]
+    BLOCK_M: gl.constexpr = 2 * HALF_M
+    SUBS: gl.constexpr = MASK_BLOCK // BLOCK_N
+
+    n_tiles = gl.cdiv(n_q, BLOCK_M)
+    program = gl.load(ORDER + gl.program_id(0))
+    pid_m = program % n_tiles
+    pid_bh = program // n_tiles
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    m0 = pid_m * BLOCK_M
+    mask_row = m0 // MASK_BLOCK
+    cnt = b * stride_cb + h * stride_ch + mask_row
+    n_full_tiles = gl.load(FULL_CNT + cnt) * SUBS
+    total = n_full_tiles + gl.load(PART_CNT + cnt) * SUBS
+    full_idx = FULL_IDX + b * stride_fb + h * stride_fh + mask_row * stride_fm
+    part_idx = PART_IDX + b * stride_pb + h * stride_ph + mask_row * stride_pm
+
+    q_smem = gl.allocate_shared_memory(dtype, [2] + q_desc.block_type.shape, q_desc.layout)
+    k_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_D], k_desc.layout)
+    v_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_D], v_desc.layout)
+    q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(q_bars.index(i), count=1)
+        mbarrier.init(turns.index(i), count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=2)  # one arrival per consumer
+        mbarrier.init(v_empty.index(i), count=2)
+    fence_async_shared()
+
+    # (the argument tuples are written out in place: a tuple held in a variable loses its constexprs)
+    gl.warp_specialize([
+        (_loader, (q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready, v_empty,
+                   b, h, m0, n_full_tiles, total, full_idx, part_idx, MASK_BLOCK, BLOCK_N, STAGES)),
+        (_consumer_0, (q_smem, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready, v_empty, turns, o_desc, b, h, m0,
+                       n_k, n_full_tiles, total, full_idx, part_idx, qk_scale, MASK_BLOCK, BLOCK_N, STAGES)),
+        (_consumer_1, (q_smem, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready, v_empty, turns, o_desc, b, h, m0,
+                       n_k, n_full_tiles, total, full_idx, part_idx, qk_scale, MASK_BLOCK, BLOCK_N, STAGES)),
+    ], [4, 4], [240, 240])
+
+
+TILES = ((128, 128, 12),)  # (block_m, block_n, num_warps): one 128 x 128 tile, loader + two consumer warpgroups
+RING_STAGES = (2, 3)  # K / V ring depths that fit in shared memory beside Q (3: 224 KB)
 
 
 def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None,
@@ -242,15 +327,16 @@ def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
     return TensorDescriptor(t, list(t.shape), list(t.stride()), list(block), _smem_layout(block, t.dtype))
 
 
-def launch(q, k, v, out, mask: BlockSparseMask, scale: float, block_m: int, block_n: int, num_warps: int) -> None:
-    """Run the kernel into `out` with one of TILES (callers check `unsupported_reason` first)."""
+def launch(q, k, v, out, mask: BlockSparseMask, scale: float, stages: int) -> None:
+    """Run the kernel into `out` with `stages`-slot K / V rings (callers check `unsupported_reason` first)."""
     bsz, heads, n_q, _ = q.shape
+    (block_m, block_n, _), = TILES
     order = mask.longest_first_order(bsz, heads, block_m)
-    _block_sparse_attention_fwd_sm90[(order.numel(),)](
-        _descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), _descriptor(out, block_m),
+    _block_sparse_attention_fwd_sm90[(order.numel(),)](  # Q and O move in halves: one per consumer
+        _descriptor(q, HALF_M.value), _descriptor(k, block_n), _descriptor(v, block_n), _descriptor(out, HALF_M.value),
         mask.full_counts, mask.full_indices, mask.partial_counts, mask.partial_indices, order,
         *table_strides(mask.full_counts, bsz, heads)[:2], *table_strides(mask.full_indices, bsz, heads),
         *table_strides(mask.partial_indices, bsz, heads),
         n_q, k.shape[2], heads, scale * LOG2E,
-        MASK_BLOCK=mask.block_size, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_D=q.shape[3], num_warps=num_warps,
+        MASK_BLOCK=mask.block_size, BLOCK_N=block_n, STAGES=stages, num_warps=4, maxnreg=168,  # 4 loader + 8 consumer warps
     )

@@ -92,6 +92,11 @@ def test_the_gluon_kernel_is_chosen_only_on_hopper_and_refuses_elsewhere():
     for config in GLUON_CONFIGS:
         with pytest.raises(ValueError, match="Gluon kernel cannot take this call: it runs on sm_90 GPUs only"):
             block_sparse_attention(q, q, q, mask, config=config)
+    with pytest.raises(ValueError, match=r"num_stages one of \(2, 3\) \(got \(128, 128, 12\), 4\)"):
+        block_sparse_attention(q, q, q, mask, config=dataclasses.replace(GLUON_CONFIGS[0], num_stages=4))
+    with pytest.raises(ValueError, match="must divide the mask's block size"):
+        block_sparse_attention(q, q, q, table_mask(torch.ones(1, 1, 4, 4, dtype=torch.bool), 200, block_size=64),
+                               config=GLUON_CONFIGS[0])
 
 
 def test_longest_first_order_is_a_stable_sort_of_list_lengths():
