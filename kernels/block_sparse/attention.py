@@ -263,7 +263,9 @@ class KernelConfig:
 
 GLUON_CONFIGS = tuple(KernelConfig(m, n, w, s, use_tma=True, gluon=True)
                       for m, n, w in (hopper.TILES if hopper else ()) for s in hopper.RING_STAGES)
-GLUON_DEFAULT = KernelConfig(128, 128, 12, 3, use_tma=True, gluon=True)  # 3 stages: sparse tables gain most (H200)
+# 2 and 3 ring stages are within ~3% of each other on most patterns of the H200 benchmark; the deeper ring is the
+# default, for sparse tables' scattered loads.
+GLUON_DEFAULT = KernelConfig(128, 128, 12, 3, use_tma=True, gluon=True)
 
 
 @functools.lru_cache(maxsize=None)
@@ -336,19 +338,25 @@ FALLBACK_MESSAGE = (
     "row chunks). Set TRITON_INTERPRET=1 before importing triton to run the Triton kernel."
 )
 DENSE_MESSAGE = (
-    "block_sparse_attention: the mask allows every (query, key) pair, so dense SDPA computes it (faster than this "
-    "kernel on a dense pattern); pass config= to run the Triton kernel anyway."
+    "block_sparse_attention: the mask allows every (query, key) pair, so dense SDPA computes it (faster than the "
+    "Triton kernel on a dense pattern); pass config= to run the kernel anyway."
 )
 
 
 def runs_dense_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockSparseMask,
-                    config: KernelConfig | None) -> bool:
-    """On CUDA a pattern that skips nothing goes to SDPA (cuDNN / FlashAttention), unless a kernel config is given.
+                    config: KernelConfig | None, out: torch.Tensor | None = None) -> bool:
+    """On CUDA a pattern that skips nothing goes to SDPA (cuDNN / FlashAttention), unless a kernel config is given or
+    the Gluon kernel takes the call: on the H200 it is as fast as SDPA or faster on dense patterns, but it has no
+    backward, so inputs that need gradients still go to SDPA.
 
     Only inputs SDPA's fused kernels take (head dim a multiple of 8, unit stride along it): for others SDPA would fall
     back to its math backend and build the N x N scores, where this kernel stays in O(N) memory."""
     fused = q.shape[-1] % 8 == 0 and all(t.stride(-1) == 1 for t in (q, k, v))
-    return q.device.type == "cuda" and config is None and fused and mask.allows_all_pairs
+    if not (q.device.type == "cuda" and config is None and fused and mask.allows_all_pairs):
+        return False
+    if _gluon_unsupported_reason(q, k, v, out, mask, GLUON_DEFAULT) is not None:
+        return True
+    return torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
 
 
 def _as_mask(block_mask, q: torch.Tensor, k: torch.Tensor, block_size: int) -> BlockSparseMask:
@@ -444,7 +452,8 @@ def block_sparse_attention(
     config: kernel tiles / warps / stages, or the Gluon kernel (default: `choose_config`).
     On CUDA, and on CPU under TRITON_INTERPRET=1, runs a kernel; on CPU otherwise the PyTorch reference.
     A mask that allows every pair is dense attention: on CUDA it runs through SDPA (logged once), unless `config`
-    is given. Forward only: the kernel has no backward (SDPA's autograd then applies to dense masks alone).
+    is given or the Gluon kernel takes it (`runs_dense_sdpa`). Forward only: the kernels have no backward (SDPA's
+    autograd then applies to dense masks alone).
     """
     _check_tensors(q, k, v, out)
     mask = _as_mask(block_mask, q, k, block_size)
@@ -456,7 +465,7 @@ def block_sparse_attention(
         reason = _gluon_unsupported_reason(q, k, v, out, mask, config)
         if reason is not None:
             raise ValueError(f"config.gluon: the Gluon kernel cannot take this call: {reason}") from HOPPER_IMPORT_ERROR
-    if runs_dense_sdpa(q, k, v, mask, config):
+    if runs_dense_sdpa(q, k, v, mask, config, out):
         _log_once(logging.INFO, DENSE_MESSAGE)
         dense = F.scaled_dot_product_attention(q, k, v, scale=scale)
         return dense if out is None else out.copy_(dense)

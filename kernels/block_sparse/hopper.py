@@ -24,7 +24,8 @@ that read it are done: two arrivals). The loader fills them in the order the con
 (K_{j+1}, V_j). The mask's longest-first order assigns query tiles to programs. Partial tiles (the ragged end of
 the keys, rule "none") are masked at the sequence end, without the P V overlap.
 
-Measured on the H200: benchmarks/results/block_sparse_attention_h200.json.
+Measured on the H200 (benchmarks/results/block_sparse_attention_h200.json): 576-623 TFLOP/s on computed blocks at
+N >= 32K, where dense SDPA reaches 564-569 and this kernel without warp specialisation reached 490-495.
 
 Scope: rule "none" masks (random or structured tables) with block sizes that are multiples of 128, head dims 64
 and 128, fp16 / bf16, inputs TMA can address (unit stride along D, 16-byte aligned strides). Everything else runs

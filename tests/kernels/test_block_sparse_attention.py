@@ -145,8 +145,9 @@ def test_dense_masks_go_to_sdpa_on_cuda_unless_a_config_is_given():
     dense, sparse = (table_mask(t, 64, block_size=16) for t in (torch.ones(1, 1, 4, 4, dtype=torch.bool),
                                                                 torch.eye(4, dtype=torch.bool)[None, None]))
 
-    def on_cuda(dim=64, stride=1):  # stands in for a CUDA tensor: the rule reads device, shape and strides only
-        return type("T", (), {"device": torch.device("cuda"), "shape": (1, 1, 64, dim), "stride": lambda self, i: stride})()
+    def on_cuda(dim=64, stride=1, requires_grad=False):  # stands in for a CUDA tensor (what the rule reads)
+        return type("T", (), {"device": torch.device("cuda"), "shape": (1, 1, 64, dim), "stride": lambda self, i: stride,
+                              "requires_grad": requires_grad})()
 
     q = on_cuda()
     assert attention_module.runs_dense_sdpa(q, q, q, dense, None)
@@ -157,6 +158,19 @@ def test_dense_masks_go_to_sdpa_on_cuda_unless_a_config_is_given():
     assert not attention_module.runs_dense_sdpa(q, on_cuda(stride=2), q, dense, None)
     cpu = torch.zeros(1, 1, 64, 64)
     assert not attention_module.runs_dense_sdpa(cpu, cpu, cpu, dense, None)  # the CPU runs the kernel (CI tests it)
+
+
+def test_dense_masks_go_to_the_gluon_kernel_where_it_applies_unless_gradients_are_needed(monkeypatch):
+    dense = table_mask(torch.ones(1, 1, 1, 1, dtype=torch.bool), 64, block_size=128)
+    q = type("T", (), {"device": torch.device("cuda"), "shape": (1, 1, 64, 64), "stride": lambda self, i: 1,
+                       "requires_grad": False})()
+    grad_q = type(q)()
+    grad_q.requires_grad = True
+    monkeypatch.setattr(attention_module, "_gluon_unsupported_reason", lambda *args: None)  # as on an H200
+    assert not attention_module.runs_dense_sdpa(q, q, q, dense, None)
+    assert attention_module.runs_dense_sdpa(q, grad_q, q, dense, None)
+    with torch.no_grad():
+        assert not attention_module.runs_dense_sdpa(q, grad_q, q, dense, None)
 
 
 def test_all_false_table_gives_zeros():
