@@ -218,22 +218,6 @@ def _consumer(q_smem, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready, v_empty
 
 
 @gluon.jit
-def _consumer_0(q_smem, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready, v_empty, turns, o_desc,
-                b, h, m0, n_k, n_full_tiles, total, full_idx, part_idx, qk_scale,
-                MASK_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    _consumer(q_smem, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready, v_empty, turns, o_desc,
-              b, h, m0, n_k, n_full_tiles, total, full_idx, part_idx, qk_scale, MASK_BLOCK, BLOCK_N, STAGES, 0)
-
-
-@gluon.jit
-def _consumer_1(q_smem, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready, v_empty, turns, o_desc,
-                b, h, m0, n_k, n_full_tiles, total, full_idx, part_idx, qk_scale,
-                MASK_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    _consumer(q_smem, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready, v_empty, turns, o_desc,
-              b, h, m0, n_k, n_full_tiles, total, full_idx, part_idx, qk_scale, MASK_BLOCK, BLOCK_N, STAGES, 1)
-
-
-@gluon.jit
 def _block_sparse_attention_fwd_sm90(
     q_desc, k_desc, v_desc, o_desc,
     FULL_CNT, FULL_IDX, PART_CNT, PART_IDX, ORDER,
@@ -283,10 +267,10 @@ def _block_sparse_attention_fwd_sm90(
     gl.warp_specialize([
         (_loader, (q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready, v_empty,
                    b, h, m0, n_full_tiles, total, full_idx, part_idx, MASK_BLOCK, BLOCK_N, STAGES)),
-        (_consumer_0, (q_smem, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready, v_empty, turns, o_desc, b, h, m0,
-                       n_k, n_full_tiles, total, full_idx, part_idx, qk_scale, MASK_BLOCK, BLOCK_N, STAGES)),
-        (_consumer_1, (q_smem, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready, v_empty, turns, o_desc, b, h, m0,
-                       n_k, n_full_tiles, total, full_idx, part_idx, qk_scale, MASK_BLOCK, BLOCK_N, STAGES)),
+        (_consumer, (q_smem, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready, v_empty, turns, o_desc, b, h, m0,
+                     n_k, n_full_tiles, total, full_idx, part_idx, qk_scale, MASK_BLOCK, BLOCK_N, STAGES, 0)),
+        (_consumer, (q_smem, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready, v_empty, turns, o_desc, b, h, m0,
+                     n_k, n_full_tiles, total, full_idx, part_idx, qk_scale, MASK_BLOCK, BLOCK_N, STAGES, 1)),
     ], [4, 4], [240, 240])
 
 
