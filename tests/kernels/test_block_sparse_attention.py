@@ -141,14 +141,16 @@ def test_masks_know_when_they_allow_every_pair():
     assert not interval_mask(torch.zeros(40, dtype=torch.long), torch.full((40,), 40), 40, 16).allows_all_pairs
 
 
+def _on_cuda(dim=64, stride=1, requires_grad=False):
+    """Stands in for a CUDA tensor in `runs_dense_sdpa` (it reads device, shape, strides and requires_grad only)."""
+    return type("T", (), {"device": torch.device("cuda"), "shape": (1, 1, 64, dim), "stride": lambda self, i: stride,
+                          "requires_grad": requires_grad})()
+
+
 def test_dense_masks_go_to_sdpa_on_cuda_unless_a_config_is_given():
     dense, sparse = (table_mask(t, 64, block_size=16) for t in (torch.ones(1, 1, 4, 4, dtype=torch.bool),
                                                                 torch.eye(4, dtype=torch.bool)[None, None]))
-
-    def on_cuda(dim=64, stride=1, requires_grad=False):  # stands in for a CUDA tensor (what the rule reads)
-        return type("T", (), {"device": torch.device("cuda"), "shape": (1, 1, 64, dim), "stride": lambda self, i: stride,
-                              "requires_grad": requires_grad})()
-
+    on_cuda = _on_cuda
     q = on_cuda()
     assert attention_module.runs_dense_sdpa(q, q, q, dense, None)
     assert not attention_module.runs_dense_sdpa(q, q, q, dense, KernelConfig(16, 16, 4, 2))
@@ -162,10 +164,7 @@ def test_dense_masks_go_to_sdpa_on_cuda_unless_a_config_is_given():
 
 def test_dense_masks_go_to_the_gluon_kernel_where_it_applies_unless_gradients_are_needed(monkeypatch):
     dense = table_mask(torch.ones(1, 1, 1, 1, dtype=torch.bool), 64, block_size=128)
-    q = type("T", (), {"device": torch.device("cuda"), "shape": (1, 1, 64, 64), "stride": lambda self, i: 1,
-                       "requires_grad": False})()
-    grad_q = type(q)()
-    grad_q.requires_grad = True
+    q, grad_q = _on_cuda(), _on_cuda(requires_grad=True)
     monkeypatch.setattr(attention_module, "_gluon_unsupported_reason", lambda *args: None)  # as on an H200
     assert not attention_module.runs_dense_sdpa(q, q, q, dense, None)
     assert attention_module.runs_dense_sdpa(q, grad_q, q, dense, None)
