@@ -14,7 +14,7 @@ esac
 source scripts/device_env.sh
 runs=/tmp/evalruns && rm -rf $runs && mkdir -p $runs && cd /tmp  # never resume an earlier call's samples
 python - <<'PY' >$runs/args.sh
-from accel.eval.cli import QUICKSTART_IMAGE_PROMPTS, QUICKSTART_METHODS, QUICKSTART_VIDEO_PROMPTS
+from accel.eval.harness.cli import QUICKSTART_IMAGE_PROMPTS, QUICKSTART_METHODS, QUICKSTART_VIDEO_PROMPTS
 open("/tmp/evalruns/shapes-image.txt", "w").write("\n".join(QUICKSTART_IMAGE_PROMPTS) + "\n")
 open("/tmp/evalruns/shapes-video.txt", "w").write("\n".join(QUICKSTART_VIDEO_PROMPTS) + "\n")
 print("methods=(--method baseline " + " ".join(f"--method '{m}'" for m in QUICKSTART_METHODS) + ")")

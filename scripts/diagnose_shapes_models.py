@@ -37,7 +37,7 @@ from accel.pipelines.shapes.report import (
 )
 from accel.pipelines.shapes.train import training_record
 
-WEIGHTS = os.path.join(os.path.dirname(__file__), "..", "pipelines", "weights")
+WEIGHTS = os.path.join(os.path.dirname(__file__), "..", "pipelines", "shapes", "weights")
 
 
 def _predicted_clean(transformer, model_input, text, t: float) -> np.ndarray:

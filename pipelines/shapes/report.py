@@ -1,6 +1,6 @@
 """Measure the shipped shapes models: the figures and pictures their model cards show.
 
-    python -m accel.pipelines.shapes.report [--weights pipelines/weights] [--samples 96]
+    python -m accel.pipelines.shapes.report [--weights pipelines/shapes/weights] [--samples 96]
 
 Measures, on held-out data (seed 1000, never used in training): the classifier's accuracy; for samples
 generated at the pipelines' default steps and guidance, how often the classifier agrees with the caption;
@@ -225,7 +225,7 @@ def _write_json_atomic(path: str, obj) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--weights", default=os.path.join(os.path.dirname(__file__), "..", "weights"))
+    p.add_argument("--weights", default=os.path.join(os.path.dirname(__file__), "weights"))
     p.add_argument("--samples", type=int, default=96)
     p.add_argument("--text-gaps", action="store_true", help="only print the video text encoder's direction_word_gaps")
     args = p.parse_args(argv)

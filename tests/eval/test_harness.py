@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from accel.eval.cli import main
+from accel.eval.harness.cli import main
 from accel.pipelines.shapes.models import image_transformer
 from accel.pipelines.shapes.pipelines import ShapesImagePipeline
 
@@ -117,9 +117,9 @@ def test_two_processes_give_the_same_numbers_as_one(setup):
 
 
 def test_mag_cache_takes_its_ratios_and_the_runs_steps_from_the_command_line(setup):
-    from accel.eval.cli import _check_configs
-    from accel.eval.generate import load_pipeline
-    from accel.eval.spec import RunSpec, parse_method
+    from accel.eval.harness.cli import _check_configs
+    from accel.eval.harness.generate import load_pipeline
+    from accel.eval.harness.spec import RunSpec, parse_method
 
     config = parse_method("mag_cache:mag_ratios=[1.0,0.95,0.9,0.9],threshold=0.1")
     assert dict(config.options) == {"mag_ratios": [1.0, 0.95, 0.9, 0.9], "threshold": 0.1}

@@ -5,7 +5,7 @@ import open_clip
 import pytest
 import torch
 
-from accel.eval import metrics
+from accel.eval.harness import metrics
 
 
 def _images(n=16, seed=0):

@@ -3,7 +3,7 @@
 import json
 import os
 
-from accel.eval import cli
+from accel.eval.harness import cli
 
 
 def test_quickstart_runs_offline_and_writes_tables_and_plots(tmp_path, capsys, monkeypatch):

@@ -9,9 +9,9 @@ import torch
 
 import accel
 from accel.kernels.linear_attention import ops as linear_attention_ops
-from accel.pipelines import reference as reference_module
+from accel.pipelines.shapes import reference as reference_module
 from accel.pipelines import reference_classifier, reference_names, reference_pipeline
-from accel.pipelines.reference import weights_dir
+from accel.pipelines.shapes.reference import weights_dir
 from accel.pipelines.shapes.data import image_batch, video_batch, video_caption
 from accel.pipelines.shapes.report import (
     HELD_OUT_SEED, caption_agreement, chunk_consistency, classifier_accuracy, motion_across_chunks,

@@ -74,7 +74,7 @@ def test_a_trained_step_exports_a_pipeline_that_reloads_identically(tmp_path):
 
 
 def test_the_eval_harness_runs_a_saved_long_video_pipeline(pipe, tmp_path, capsys):
-    from accel.eval.cli import main
+    from accel.eval.harness.cli import main
 
     pipe.save_pretrained(tmp_path / "pipe")
     (tmp_path / "prompts.txt").write_text("a red circle moving left\n")

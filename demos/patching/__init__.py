@@ -55,6 +55,3 @@ def main(argv=None) -> None:
         diff = (video - baseline).abs().max().item()
         print(f"{label:26s} {stats['computed']:8d} {stats['predicted']:9d} {seconds:8.2f} {diff:10.4f}")
 
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,9 @@
-"""Triton kernels (IO-aware attention). Each op lives in its own module with a PyTorch reference beside it."""
+"""Triton kernels (IO-aware attention): the index of `accel.kernels`.
+
+The ops live in the repository's top-level `kernels/` folder, one sub-package per op with its PyTorch reference
+beside it (see `pyproject.toml`: that folder has no `__init__.py` of its own, so it never shadows an installed
+top-level `kernels` package, such as Hugging Face's, when Python runs from the repository root).
+"""
 
 from .linear_attention import block_causal_linear_attention, linear_attention
 

@@ -17,7 +17,7 @@ CLASSIFIER = "shapes-classifier"
 
 
 def _folder(name: str) -> str:
-    return os.fspath(resources.files("accel.pipelines") / "weights" / name)
+    return os.fspath(resources.files("accel.pipelines.shapes") / "weights" / name)
 
 
 def _installed(name: str) -> bool:
@@ -51,7 +51,7 @@ def reference_pipeline(name: str, device: str | torch.device | None = None, dtyp
 
 def reference_classifier(device: str | torch.device | None = None):
     """The shipped shapes classifier (caption agreement and FID features offline)."""
-    from .shapes.models import ShapesClassifier
+    from .models import ShapesClassifier
 
     model = ShapesClassifier.from_pretrained(weights_dir(CLASSIFIER), dtype=torch.float32).eval()
     return model.to(device) if device is not None else model

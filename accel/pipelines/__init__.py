@@ -1,0 +1,20 @@
+"""Generators built on diffusers: the shipped reference models and long video. The index of `accel.pipelines`.
+
+The code lives in the repository's top-level `pipelines/` folder, which has no `__init__.py` of its own (see
+`pyproject.toml`): so it never shadows an installed top-level package of the same name when Python runs from
+the repository root.
+"""
+
+from .shapes.reference import reference_classifier, reference_names, reference_pipeline
+
+
+def __getattr__(name: str):
+    # The long-video pipeline pulls in the Triton kernels: imported on first use only.
+    if name == "LongSanaVideoPipeline":
+        from .long_sana_video import LongSanaVideoPipeline
+
+        return LongSanaVideoPipeline
+    raise AttributeError(name)
+
+
+__all__ = ["reference_names", "reference_pipeline", "reference_classifier", "LongSanaVideoPipeline"]

@@ -1,1 +1,0 @@
-"""Quality-vs-speed evaluation harness."""

@@ -1,0 +1,1 @@
+"""The harness: spec parsing, generation, metrics, report, and the `accel-eval` command line."""
