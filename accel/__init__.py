@@ -1,15 +1,27 @@
 """accel: faster diffusers pipelines, measurably, without giving up quality.
 
     import accel
-    handle = accel.patch(pipe, method="cg_taylor")
+    handle = accel.patch(pipe, accel.CGTaylorConfig(threshold=0.05))   # or accel.patch(pipe, method="cg_taylor")
     image = pipe(prompt).images[0]
     print(handle.stats())
     handle.remove()
 """
 
 from .cg_taylor import PRESETS, CGTaylorConfig
+from .methods import (
+    METHODS,
+    FirstBlockCacheConfig,
+    LinearAttentionKernelsConfig,
+    MagCacheConfig,
+    SparseAttentionConfig,
+    TaylorSeerCacheConfig,
+    make_config,
+)
 from .models import register_model
-from .patch import METHODS, PatchHandle, patch
+from .patch import PatchHandle, patch
 
-__all__ = ["patch", "PatchHandle", "METHODS", "CGTaylorConfig", "PRESETS", "register_model"]
+__all__ = [
+    "patch", "PatchHandle", "METHODS", "make_config", "CGTaylorConfig", "FirstBlockCacheConfig", "TaylorSeerCacheConfig",
+    "MagCacheConfig", "SparseAttentionConfig", "LinearAttentionKernelsConfig", "PRESETS", "register_model",
+]
 __version__ = "0.1.0"

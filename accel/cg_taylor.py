@@ -17,11 +17,12 @@ from dataclasses import dataclass
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
-from diffusers.hooks.hooks import BaseState, StateManager
 
+from .diffusers_internals import BaseState, StateManager
 from .models import Block, block_input, blocks_of
 from .steps import Step, StepClock
 from .taylor import TaylorSeries
+from .validation import check_int, check_real
 
 CG_TAYLOR_HOOK = "accel_cg_taylor"
 
@@ -33,40 +34,40 @@ class CGTaylorConfig:
         expert warms up on its own first steps).
     first_block_order / last_block_order: Taylor orders of the block-0 and last-block series.
     max_consecutive_predicted: cap on predicted steps in a row.
+    A field left None takes the value of the model family's preset (PRESETS) when the method is installed.
     """
 
-    threshold: float = 0.05
-    warmup_steps: int = 4
-    first_block_order: int = 1
-    last_block_order: int = 1
-    max_consecutive_predicted: int = 5
+    threshold: float | None = None
+    warmup_steps: int | None = None
+    first_block_order: int | None = None
+    last_block_order: int | None = None
+    max_consecutive_predicted: int | None = None
 
     def __post_init__(self):
-        if not self.threshold >= 0:
-            raise ValueError(f"threshold must be >= 0, got {self.threshold}")
+        if self.threshold is not None:
+            check_real("CGTaylorConfig", "threshold", self.threshold, minimum=0)
         for name in ("warmup_steps", "first_block_order", "last_block_order", "max_consecutive_predicted"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+            if getattr(self, name) is not None:
+                check_int("CGTaylorConfig", name, getattr(self, name), minimum=0)
+
+    def resolved(self, family: str) -> "CGTaylorConfig":
+        """Every field set: the fields left None from the preset of the model family."""
+        preset = PRESETS[family]
+        return dataclasses.replace(preset, **{k: v for k, v in dataclasses.asdict(self).items() if v is not None})
 
 
+_GENERIC = dict(threshold=0.05, warmup_steps=4, first_block_order=1, last_block_order=1, max_consecutive_predicted=5)
 # Released settings of the paper (threshold, warm-up, orders) for FLUX, DiT and Wan; the cap on consecutive
-# predictions, DiT's warm-up and the presets of the other families are ours.
+# predictions, DiT's warm-up and the presets of the other families (the generic one, until measured) are ours.
 PRESETS: dict[str, CGTaylorConfig] = {
-    "flux": CGTaylorConfig(threshold=0.03, warmup_steps=5, first_block_order=1, last_block_order=1),
-    "wan": CGTaylorConfig(threshold=0.36, warmup_steps=6, first_block_order=3, last_block_order=1),
-    "dit": CGTaylorConfig(threshold=0.008, warmup_steps=4, first_block_order=3, last_block_order=1),
-    "generic": CGTaylorConfig(),
+    "flux": CGTaylorConfig(**{**_GENERIC, "threshold": 0.03, "warmup_steps": 5}),
+    "wan": CGTaylorConfig(**{**_GENERIC, "threshold": 0.36, "warmup_steps": 6, "first_block_order": 3}),
+    "dit": CGTaylorConfig(**{**_GENERIC, "threshold": 0.008, "first_block_order": 3}),
+    "sana": CGTaylorConfig(**_GENERIC),
+    "sana_video": CGTaylorConfig(**_GENERIC),
+    "pixart": CGTaylorConfig(**_GENERIC),
+    "generic": CGTaylorConfig(**_GENERIC),
 }
-
-
-def config_for(family: str, options: dict) -> CGTaylorConfig:
-    base = PRESETS.get(family, PRESETS["generic"])
-    valid = {f.name for f in dataclasses.fields(CGTaylorConfig)}
-    unknown = set(options) - valid
-    if unknown:
-        raise TypeError(f"unknown cg_taylor option(s) {sorted(unknown)}; valid: {sorted(valid)}")
-    return dataclasses.replace(base, **options)
 
 
 class _BranchSeries(BaseState):
@@ -106,11 +107,13 @@ def _cond_slice(x: torch.Tensor, cond_half: str | None) -> torch.Tensor:
 
 
 def gate_error(forecast: torch.Tensor, actual: torch.Tensor, cond_half: str | None = None) -> float:
-    """mean|forecast - actual| / mean|actual| (as a ratio of L1 norms: fewer kernels, float32 accumulation)."""
+    """mean|forecast - actual| / mean|actual| (as a ratio of L1 norms: fewer kernels; accumulated in float32 at
+    least)."""
     forecast, actual = _cond_slice(forecast, cond_half).detach(), _cond_slice(actual, cond_half).detach()
-    num = torch.linalg.vector_norm(forecast - actual, ord=1, dtype=torch.float32)
-    den = torch.linalg.vector_norm(actual, ord=1, dtype=torch.float32)
-    return float(num / den.clamp_min(torch.finfo(torch.float32).tiny))  # the one host sync per step
+    dtype = torch.promote_types(actual.dtype, torch.float32)
+    num = torch.linalg.vector_norm(forecast - actual, ord=1, dtype=dtype)
+    den = torch.linalg.vector_norm(actual, ord=1, dtype=dtype)
+    return float(num / den.clamp_min(torch.finfo(dtype).tiny))  # the one host sync per step
 
 
 class _Shared:

@@ -7,27 +7,19 @@ step, so `handle.stats()` reports computed / predicted steps for diffusers' cach
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from diffusers.hooks import (
-    FirstBlockCacheConfig,
-    HookRegistry,
-    MagCacheConfig,
-    TaylorSeerCacheConfig,
-    apply_first_block_cache,
-    apply_mag_cache,
-    apply_taylorseer_cache,
-)
-from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS, _ATTENTION_CLASSES, _FEEDFORWARD_CLASSES
-from diffusers.hooks.first_block_cache import _FBC_BLOCK_HOOK, _FBC_LEADER_BLOCK_HOOK
-from diffusers.hooks.mag_cache import _MAG_CACHE_BLOCK_HOOK, _MAG_CACHE_LEADER_BLOCK_HOOK, FLUX_MAG_RATIOS
-from diffusers.hooks.taylorseer_cache import _BLOCK_IDENTIFIERS, _PROJ_OUT_IDENTIFIERS, _TAYLORSEER_CACHE_HOOK
+from diffusers.hooks import apply_first_block_cache, apply_mag_cache, apply_taylorseer_cache
+from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
 from diffusers.models.transformers.sana_transformer import GLUMBConv
 from diffusers.models.transformers.transformer_sana_video import GLUMBTempConv
 
+from . import diffusers_internals as internals
+from .methods import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
 from .models import blocks_of, spec_for
 
 
@@ -41,48 +33,48 @@ class DiffusersCache:
     observed: torch.nn.Module
 
 
-def _build_config(cls: type, defaults: dict, options: dict):
-    try:
-        return cls(**{**defaults, **options})
-    except TypeError as err:
-        fields = sorted(cls.__dataclass_fields__)
-        raise TypeError(f"bad option for {cls.__name__}: {err}; valid: {fields}") from None
-
-
 # SANA's feed-forwards are convolutions, which diffusers' list of feed-forward classes leaves out.
-_FEEDFORWARDS = _FEEDFORWARD_CLASSES + (GLUMBConv, GLUMBTempConv)
+_FEEDFORWARDS = internals.FEEDFORWARD_CLASSES + (GLUMBConv, GLUMBTempConv)
 
 
 def _check_diffusers_finds_the_blocks(model: torch.nn.Module, method: str) -> None:
     """diffusers' block caches look for blocks under fixed attribute names: a model whose blocks live elsewhere
     (`accel.register_model`) would be left uncached (mag_cache) or crash (first_block_cache)."""
-    elsewhere = [name for name in spec_for(model).block_lists if name not in _ALL_TRANSFORMER_BLOCK_IDENTIFIERS]
+    elsewhere = [name for name in spec_for(model).block_lists if name not in internals.ALL_TRANSFORMER_BLOCK_IDENTIFIERS]
     if elsewhere:
         raise ValueError(
             f"{method}: diffusers finds transformer blocks only in attributes named "
-            f"{sorted(_ALL_TRANSFORMER_BLOCK_IDENTIFIERS)}, and {type(model).__name__} keeps them in {elsewhere}; "
+            f"{sorted(internals.ALL_TRANSFORMER_BLOCK_IDENTIFIERS)}, and {type(model).__name__} keeps them in {elsewhere}; "
             "method='cg_taylor' takes the block lists given to accel.register_model"
         )
 
 
-def _first_block_cache(model: torch.nn.Module, options: dict, steps: int | None) -> DiffusersCache:
+def _first_block_cache(model: torch.nn.Module, config: FirstBlockCacheConfig, steps: int | None) -> DiffusersCache:
     _check_diffusers_finds_the_blocks(model, "first_block_cache")
-    config = _build_config(FirstBlockCacheConfig, {}, options)
-    return DiffusersCache(config, apply_first_block_cache, (_FBC_LEADER_BLOCK_HOOK, _FBC_BLOCK_HOOK), blocks_of(model)[-1].module)
+    hooks = (internals.FBC_LEADER_BLOCK_HOOK, internals.FBC_BLOCK_HOOK)
+    return DiffusersCache(config, apply_first_block_cache, hooks, blocks_of(model)[-1].module)
 
 
-def _mag_cache(model: torch.nn.Module, options: dict, steps: int | None) -> DiffusersCache:
+def _mag_cache(model: torch.nn.Module, config: MagCacheConfig, steps: int | None) -> DiffusersCache:
     _check_diffusers_finds_the_blocks(model, "mag_cache")
-    defaults = {"mag_ratios": FLUX_MAG_RATIOS} if spec_for(model).family == "flux" else {}
-    if "mag_ratios" not in {**defaults, **options} and not options.get("calibrate"):
+    ratios = config.mag_ratios
+    if ratios is None and spec_for(model).family == "flux":
+        ratios = FLUX_MAG_RATIOS
+    if ratios is None and not config.calibrate:
         raise ValueError(
             f"mag_cache needs per-model magnitude ratios for {type(model).__name__} (diffusers ships FLUX's only): "
             "pass mag_ratios=[...] or run once with calibrate=True to print them"
         )
+    if None not in (steps, config.num_inference_steps) and steps != config.num_inference_steps:
+        raise ValueError(f"mag_cache: num_inference_steps={steps} given to accel.patch, but its config says "
+                         f"{config.num_inference_steps}")
+    steps = steps or config.num_inference_steps
     if steps is None:
-        raise ValueError("mag_cache needs accel.patch(..., num_inference_steps=N) to lay out its ratios")
-    config = _build_config(MagCacheConfig, {**defaults, "num_inference_steps": steps}, options)
-    return DiffusersCache(config, apply_mag_cache, (_MAG_CACHE_LEADER_BLOCK_HOOK, _MAG_CACHE_BLOCK_HOOK), blocks_of(model)[-1].module)
+        raise ValueError("mag_cache needs accel.patch(..., num_inference_steps=N) (or the config's field) to lay out "
+                         "its ratios")
+    config = dataclasses.replace(config, mag_ratios=ratios, num_inference_steps=steps)
+    hooks = (internals.MAG_CACHE_LEADER_BLOCK_HOOK, internals.MAG_CACHE_BLOCK_HOOK)
+    return DiffusersCache(config, apply_mag_cache, hooks, blocks_of(model)[-1].module)
 
 
 def _taylorseer_targets(model: torch.nn.Module) -> list[str]:
@@ -90,33 +82,28 @@ def _taylorseer_targets(model: torch.nn.Module) -> list[str]:
     names = []
     for block in blocks_of(model):
         for child_name, child in block.module.named_children():
-            if isinstance(child, _ATTENTION_CLASSES + _FEEDFORWARDS):
+            if isinstance(child, internals.ATTENTION_CLASSES + _FEEDFORWARDS):
                 names.append(re.escape(f"{block.name}.{child_name}"))
     return names
 
 
-def _taylorseer(model: torch.nn.Module, options: dict, steps: int | None) -> DiffusersCache:
-    defaults = {"cache_identifiers": _taylorseer_targets(model)}
-    config = _build_config(TaylorSeerCacheConfig, defaults, options)
+def _taylorseer(model: torch.nn.Module, config: TaylorSeerCacheConfig, steps: int | None) -> DiffusersCache:
+    if config.cache_identifiers is None:
+        config = dataclasses.replace(config, cache_identifiers=_taylorseer_targets(model))
     if config.use_lite_mode:
-        patterns = list(_BLOCK_IDENTIFIERS) + list(_PROJ_OUT_IDENTIFIERS)
+        patterns = list(internals.TAYLORSEER_BLOCK_IDENTIFIERS) + list(internals.TAYLORSEER_PROJ_OUT_IDENTIFIERS)
     else:
-        patterns = list(config.cache_identifiers or []) + list(config.skip_predict_identifiers or [])
+        patterns = list(config.cache_identifiers) + list(config.skip_predict_identifiers or [])
     hooked = [(n, m) for n, m in model.named_modules() if any(re.fullmatch(p, n) for p in patterns)]
     if not hooked:
         raise ValueError(f"taylorseer: the identifiers {patterns} match no module of {type(model).__name__}")
     # The last hooked module runs for real exactly on the full steps.
-    return DiffusersCache(config, apply_taylorseer_cache, (_TAYLORSEER_CACHE_HOOK,), hooked[-1][1])
+    return DiffusersCache(config, apply_taylorseer_cache, (internals.TAYLORSEER_CACHE_HOOK,), hooked[-1][1])
 
 
-DIFFUSERS_METHODS: dict[str, Callable[[torch.nn.Module, dict, int | None], DiffusersCache]] = {
+DIFFUSERS_METHODS: dict[str, Callable[[torch.nn.Module, object, int | None], DiffusersCache]] = {
     "first_block_cache": _first_block_cache,
     "taylorseer": _taylorseer,
     "mag_cache": _mag_cache,
 }
 
-
-def remove_diffusers_cache(model: torch.nn.Module, cache: DiffusersCache) -> None:
-    registry = HookRegistry.check_if_exists_or_initialize(model)
-    for name in cache.hook_names:
-        registry.remove_hook(name, recurse=True)

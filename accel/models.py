@@ -10,8 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import diffusers
 import torch
-from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
+
+from . import diffusers_internals as internals
+from .diffusers_internals import TransformerBlockMetadata, TransformerBlockRegistry
 
 # (args, kwargs, model) -> which half of the batch is the conditional branch when the pipeline batches CFG
 # ("first" / "last"), or None when the batch is not a CFG pair.
@@ -42,7 +45,7 @@ def _dit_cond_half(args: tuple, kwargs: dict, model: torch.nn.Module) -> str | N
     return "first" if bool((labels[labels.shape[0] // 2 :] == null_id).all()) else None
 
 
-_SPECS: dict[str, ModelSpec] = {
+_BUILTIN_SPECS: dict[str, ModelSpec] = {  # diffusers class name -> spec; resolved to the classes on first use
     "FluxTransformer2DModel": ModelSpec(("transformer_blocks", "single_transformer_blocks"), "flux"),
     "DiTTransformer2DModel": ModelSpec(("transformer_blocks",), "dit", _dit_cond_half),
     "WanTransformer3DModel": ModelSpec(("blocks",), "wan"),
@@ -50,9 +53,20 @@ _SPECS: dict[str, ModelSpec] = {
     "SanaVideoTransformer3DModel": ModelSpec(("transformer_blocks",), "sana_video"),
     "PixArtTransformer2DModel": ModelSpec(("transformer_blocks",), "pixart"),
 }
+_SPECS: dict[type, ModelSpec] = {}  # keyed by class, never by name: a user class may share a diffusers name
 
 # Pipelines that batch CFG as [uncond, cond] and expose `do_classifier_free_guidance`.
 COND_LAST_PIPELINES = ("SanaPipeline", "SanaSprintPipeline", "SanaVideoPipeline", "SanaImageToVideoPipeline")
+
+
+def _specs() -> dict[type, ModelSpec]:
+    if not _SPECS:
+        _SPECS.update({getattr(diffusers, name): spec for name, spec in _BUILTIN_SPECS.items()})
+    return _SPECS
+
+
+def is_cond_last_pipeline(pipeline) -> bool:
+    return isinstance(pipeline, tuple(getattr(diffusers, name) for name in COND_LAST_PIPELINES))
 
 
 def _register_sana_blocks() -> None:
@@ -60,8 +74,28 @@ def _register_sana_blocks() -> None:
     from diffusers.models.transformers.transformer_sana_video import SanaVideoTransformerBlock
 
     for cls in (SanaTransformerBlock, SanaVideoTransformerBlock):
-        if cls not in TransformerBlockRegistry._registry:
+        if not internals.block_is_registered(cls):
             TransformerBlockRegistry.register(cls, TransformerBlockMetadata(return_hidden_states_index=0))
+
+
+def _check_registration(model_cls, block_lists, family, cond_half, block_metadata) -> None:
+    from .cg_taylor import PRESETS
+
+    if not (isinstance(model_cls, type) and issubclass(model_cls, torch.nn.Module)):
+        raise TypeError(f"register_model: model_cls must be a class (a torch.nn.Module subclass), got {model_cls!r}")
+    if isinstance(block_lists, str) or not isinstance(block_lists, (tuple, list)) or not block_lists or not all(
+        isinstance(name, str) and name.isidentifier() for name in block_lists
+    ):
+        raise TypeError(f"register_model: block_lists must be a non-empty tuple of attribute names, got "
+                        f"{block_lists!r} (one list: ({block_lists!r},))")
+    if family not in PRESETS:
+        raise ValueError(f"register_model: family must name a CG-Taylor preset ({', '.join(PRESETS)}), got {family!r}")
+    if cond_half is not None and not callable(cond_half):
+        raise TypeError(f"register_model: cond_half must be None or a callable (args, kwargs, model), got {cond_half!r}")
+    for block_cls, metadata in (block_metadata or {}).items():
+        if not isinstance(block_cls, type) or not isinstance(metadata, TransformerBlockMetadata):
+            raise TypeError(f"register_model: block_metadata maps block classes to TransformerBlockMetadata, got "
+                            f"{block_cls!r}: {metadata!r}")
 
 
 def register_model(
@@ -73,19 +107,22 @@ def register_model(
 ) -> None:
     """Teach accel a transformer class it does not know.
 
-    `block_lists` names its `nn.ModuleList`s of blocks in execution order; `block_metadata` describes, for block
-    classes diffusers has not registered, which output index holds the hidden states (and the text tokens).
+    `block_lists` names its `nn.ModuleList`s of blocks in execution order; `family` picks the CG-Taylor preset;
+    `block_metadata` describes, for block classes diffusers has not registered, which output index holds the hidden
+    states (and the text tokens).
     """
+    _check_registration(model_cls, block_lists, family, cond_half, block_metadata)
     for block_cls, metadata in (block_metadata or {}).items():
         TransformerBlockRegistry.register(block_cls, metadata)
-    _SPECS[model_cls.__name__] = ModelSpec(tuple(block_lists), family, cond_half)
+    _specs()[model_cls] = ModelSpec(tuple(block_lists), family, cond_half)
 
 
 def spec_for(model: torch.nn.Module) -> ModelSpec:
+    specs = _specs()
     for cls in type(model).__mro__:
-        if cls.__name__ in _SPECS:
-            return _SPECS[cls.__name__]
-    known = ", ".join(sorted(_SPECS))
+        if cls in specs:
+            return specs[cls]
+    known = ", ".join(sorted(cls.__name__ for cls in specs))
     raise NotImplementedError(
         f"accel does not know how to walk the blocks of {type(model).__name__}. Known: {known}. Describe it with "
         f"accel.register_model({type(model).__name__}, block_lists=('blocks',), block_metadata={{BlockClass: "
@@ -126,4 +163,4 @@ def block_input(block: Block, name: str, args: tuple, kwargs: dict) -> Any:
     """An argument of a block call by its role ("hidden_states" / "encoder_hidden_states")."""
     meta = block.metadata
     arg = meta.hidden_states_argument_name if name == "hidden_states" else meta.encoder_hidden_states_argument_name
-    return meta._get_parameter_from_args_kwargs(arg, args, kwargs)
+    return internals.block_argument(meta, arg, args, kwargs)

@@ -22,7 +22,8 @@ from typing import Any, Callable
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
-from diffusers.hooks.hooks import BaseState, CacheContext, StateManager, _set_cache_context
+
+from .diffusers_internals import BaseState, CacheContext, StateManager, set_cache_context
 
 logger = logging.getLogger("accel")
 
@@ -195,11 +196,11 @@ class StepHook(ModelHook):
         try:
             self.records.context
         except ValueError:  # the pipeline set no cache context
-            _set_cache_context(module, CacheContext(self._branch_without_context(args, kwargs)))
+            set_cache_context(module, CacheContext(self._branch_without_context(args, kwargs)))
             try:
                 return self._step(module, args, kwargs)
             finally:
-                _set_cache_context(module, None)
+                set_cache_context(module, None)
         return self._step(module, args, kwargs)
 
     def _branch_without_context(self, args: tuple, kwargs: dict) -> str:
@@ -217,7 +218,7 @@ class StepHook(ModelHook):
         record = self.records.get_state()
         if record.seen and self._new_generation(context, record, args, kwargs):
             HookRegistry.check_if_exists_or_initialize(module).reset_stateful_hooks(recurse=True)
-            _set_cache_context(module, context)  # the reset cleared every branch's context
+            set_cache_context(module, context)  # the reset cleared every branch's context
             record = self.records.get_state()
         if not self.clock.in_generation:
             self.clock.start_generation()

@@ -22,7 +22,7 @@ def _hooks(model):
         ({"threshold": -0.1}, ValueError, "threshold"),
         ({"first_block_order": -1}, ValueError, "first_block_order"),
         ({"last_block_order": -2}, ValueError, "last_block_order"),
-        ({"warmup_steps": 1.5}, ValueError, "warmup_steps"),
+        ({"warmup_steps": 1.5}, TypeError, "warmup_steps"),
         ({"treshold": 0.1}, TypeError, "unknown cg_taylor option"),
         ({"method": "first_block_cache", "thresh": 1}, TypeError, "valid"),
         ({"method": "mag_cache", "num_inference_steps": 10}, ValueError, "mag_ratios"),

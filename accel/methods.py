@@ -1,0 +1,166 @@
+"""The acceleration methods: one typed config per method, validated at construction, and the registry that maps
+each method's name to its config class.
+
+    accel.patch(pipe, CGTaylorConfig(threshold=0.05))            # typed, as diffusers' enable_cache(config)
+    accel.patch(pipe, method="cg_taylor", threshold=0.05)        # short form: make_config("cg_taylor", ...)
+
+The configs of diffusers' caches are diffusers' own config classes with validation added (they are still accepted
+by diffusers' `enable_cache`); a plain diffusers config passed to `accel.patch` is validated the same way.
+How each method is installed on a model lives in `accel.patch`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import hooks as diffusers_hooks
+
+from .cg_taylor import CGTaylorConfig
+from .validation import check_bool, check_int, check_real
+
+
+@dataclass
+class FirstBlockCacheConfig(diffusers_hooks.FirstBlockCacheConfig):
+    """diffusers' FirstBlockCache: block 0 always runs; the rest is skipped while its output's relative change since
+    the last full step stays under `threshold` (0 never skips)."""
+
+    def __post_init__(self):
+        check_real(type(self).__name__, "threshold", self.threshold, minimum=0)
+
+
+def _check_patterns(owner: str, name: str, patterns) -> None:
+    if patterns is None:
+        return
+    if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"{owner}: {name} must be a list of regular expressions (str), got {patterns!r}")
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"{owner}: {name} holds an invalid regular expression {pattern!r}: {err}") from None
+
+
+@dataclass
+class TaylorSeerCacheConfig(diffusers_hooks.TaylorSeerCacheConfig):
+    """diffusers' TaylorSeer: the hooked modules run every `cache_interval`-th step and are forecast by a Taylor
+    series of `max_order` in between, outside [disable_cache_before_step, disable_cache_after_step)."""
+
+    def __post_init__(self):
+        owner = type(self).__name__
+        check_int(owner, "cache_interval", self.cache_interval, minimum=1)
+        check_int(owner, "disable_cache_before_step", self.disable_cache_before_step, minimum=0)
+        if self.disable_cache_after_step is not None:
+            check_int(owner, "disable_cache_after_step", self.disable_cache_after_step, minimum=self.disable_cache_before_step)
+        check_int(owner, "max_order", self.max_order, minimum=0)
+        if self.taylor_factors_dtype is not None and not (
+            isinstance(self.taylor_factors_dtype, torch.dtype) and self.taylor_factors_dtype.is_floating_point
+        ):
+            raise TypeError(f"{owner}: taylor_factors_dtype must be None or a floating torch.dtype, got {self.taylor_factors_dtype!r}")
+        _check_patterns(owner, "cache_identifiers", self.cache_identifiers)
+        _check_patterns(owner, "skip_predict_identifiers", self.skip_predict_identifiers)
+        check_bool(owner, "use_lite_mode", self.use_lite_mode)
+
+
+@dataclass
+class MagCacheConfig(diffusers_hooks.MagCacheConfig):
+    """diffusers' MagCache: skips while the accumulated magnitude-ratio error stays under `threshold`.
+
+    `mag_ratios` may be left out for FLUX (diffusers ships its ratios); `num_inference_steps` may come from
+    `accel.patch(..., num_inference_steps=)`; both are filled in when the method is installed.
+    """
+
+    num_inference_steps: int | None = None
+
+    def __post_init__(self):
+        owner = type(self).__name__
+        check_real(owner, "threshold", self.threshold, minimum=0)
+        check_int(owner, "max_skip_steps", self.max_skip_steps, minimum=0)
+        check_real(owner, "retention_ratio", self.retention_ratio, minimum=0, maximum=1)
+        if self.num_inference_steps is not None:
+            check_int(owner, "num_inference_steps", self.num_inference_steps, minimum=1)
+        check_bool(owner, "calibrate", self.calibrate)
+        if self.mag_ratios is not None:
+            ratios = torch.as_tensor(self.mag_ratios, dtype=torch.float64) if not isinstance(self.mag_ratios, str) else None
+            if ratios is None or ratios.ndim != 1 or ratios.numel() == 0 or not bool((ratios.isfinite() & (ratios > 0)).all()):
+                raise ValueError(f"{owner}: mag_ratios must be a non-empty sequence of finite numbers > 0, got {self.mag_ratios!r}")
+        if self.num_inference_steps is not None and (self.mag_ratios is not None or self.calibrate):
+            super().__post_init__()  # diffusers lays the ratios out over the steps
+
+
+@dataclass(frozen=True)
+class SparseAttentionConfig:
+    """Block-sparse self-attention (WanTransformer3DModel). pattern: "local_3d", "strided_shards", "dense", a
+    pattern from the factories of the same names in `accel.attention.sparse`, a callable
+    (grid, heads, device) -> BlockSparseMask, or a fixed BlockSparseMask."""
+
+    pattern: Any = "local_3d"
+
+    def __post_init__(self):
+        from .attention.sparse import _as_pattern  # the kernels load only when the method is used
+
+        _as_pattern(self.pattern)
+
+
+@dataclass(frozen=True)
+class LinearAttentionKernelsConfig:
+    """accel's Triton linear-attention kernels in SANA's and SANA-Video's linear self-attention layers."""
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    config_cls: type
+    attention: bool  # swaps attention processors (composes with one cache) rather than skipping steps
+    diffusers_config_cls: type | None = None  # diffusers' own config class, also accepted
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("cg_taylor", CGTaylorConfig, False),
+        Method("first_block_cache", FirstBlockCacheConfig, False, diffusers_hooks.FirstBlockCacheConfig),
+        Method("taylorseer", TaylorSeerCacheConfig, False, diffusers_hooks.TaylorSeerCacheConfig),
+        Method("mag_cache", MagCacheConfig, False, diffusers_hooks.MagCacheConfig),
+        Method("sparse_attention", SparseAttentionConfig, True),
+        Method("linear_attention_kernels", LinearAttentionKernelsConfig, True),
+    )
+}
+
+
+def _fields(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.init]
+
+
+def make_config(method: str, **options):
+    """The typed config of `method` from keyword options: the short form of `accel.patch`."""
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a method name (str) or a config object, got {method!r}")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+    cls = METHODS[method].config_cls
+    unknown = sorted(set(options) - set(_fields(cls)))
+    if unknown:
+        raise TypeError(f"unknown {method} option(s) {unknown}; valid: {_fields(cls)}")
+    return cls(**options)
+
+
+def method_of(config) -> Method:
+    """The method a config object belongs to (accel's configs, or diffusers' plain ones)."""
+    for method in METHODS.values():
+        if isinstance(config, tuple(c for c in (method.config_cls, method.diffusers_config_cls) if c is not None)):
+            return method
+    names = ", ".join(m.config_cls.__name__ for m in METHODS.values())
+    raise TypeError(f"accel.patch takes a method name or one of its configs ({names}), got {type(config).__name__}")
+
+
+def validated(config):
+    """`config` as its accel config class: a plain diffusers config is re-built, and so checked, field by field."""
+    cls = method_of(config).config_cls
+    if type(config) is cls:
+        return config
+    return cls(**{name: getattr(config, name) for name in _fields(type(config))})
+
