@@ -53,16 +53,12 @@ TransformerBlockRegistry = _private("diffusers.hooks._helpers", "TransformerBloc
 CacheMixin = _private("diffusers.models.cache_utils", "CacheMixin")
 
 # Private attributes used below (the tests check each on a live object): TransformerBlockRegistry._registry,
-# TransformerBlockMetadata._get_parameter_from_args_kwargs, HookRegistry._hook_order / _fn_refs and each
-# HookFunctionReference's forward / original_forward, CacheMixin._cache_config (its "a cache is enabled" marker).
+# HookRegistry._hook_order / _fn_refs and each HookFunctionReference's forward / original_forward,
+# CacheMixin._cache_config (its "a cache is enabled" marker).
 
 
 def block_is_registered(block_cls: type) -> bool:
     return block_cls in TransformerBlockRegistry._registry
-
-
-def block_argument(metadata, name: str, args: tuple, kwargs: dict):
-    return metadata._get_parameter_from_args_kwargs(name, args, kwargs)
 
 
 def enabled_cache_config(model: torch.nn.Module):

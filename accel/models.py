@@ -7,6 +7,7 @@ SANA block classes that diffusers does not.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -136,6 +137,7 @@ class Block:
     name: str  # qualified name inside the model, e.g. "blocks.3"
     module: torch.nn.Module
     metadata: TransformerBlockMetadata
+    positions: dict[str, int]  # forward's parameter names -> positional index, read once outside torch.compile
 
 
 def blocks_of(model: torch.nn.Module) -> list[Block]:
@@ -155,12 +157,18 @@ def blocks_of(model: torch.nn.Module) -> list[Block]:
                     f"block class {type(block).__name__} of {type(model).__name__} is not in diffusers' "
                     "TransformerBlockRegistry; pass block_metadata to accel.register_model"
                 ) from None
-            blocks.append(Block(f"{list_name}.{i}", block, metadata))
+            blocks.append(Block(f"{list_name}.{i}", block, metadata, _positions(type(block))))
     return blocks
+
+
+def _positions(block_cls: type) -> dict[str, int]:
+    # Read here, eagerly: diffusers reads the signature on a hook's first call, which under torch.compile is a
+    # graph break (Dynamo cannot trace inspect.signature).
+    return {name: i for i, name in enumerate(list(inspect.signature(block_cls.forward).parameters)[1:])}
 
 
 def block_input(block: Block, name: str, args: tuple, kwargs: dict) -> Any:
     """An argument of a block call by its role ("hidden_states" / "encoder_hidden_states")."""
     meta = block.metadata
     arg = meta.hidden_states_argument_name if name == "hidden_states" else meta.encoder_hidden_states_argument_name
-    return internals.block_argument(meta, arg, args, kwargs)
+    return kwargs[arg] if arg in kwargs else args[block.positions[arg]]

@@ -133,13 +133,19 @@ def test_bf16_model():
         assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all() and h.stats()["predicted"] > 0
 
 
-def test_works_under_torch_compile():
+def test_works_under_torch_compile_with_the_gate_as_the_only_graph_break():
+    from torch._dynamo.utils import counters
+
     model = tm.wan()
     x = tm.inputs(model)
     with accel.patch(model, threshold=1e9, warmup_steps=2, num_inference_steps=STEPS):
         eager = denoise(model, x)
+    torch._dynamo.reset()
+    counters.clear()
     compiled = torch.compile(model, backend="aot_eager")
     with accel.patch(compiled, threshold=1e9, warmup_steps=2, num_inference_steps=STEPS) as h:
         out = denoise(compiled, x)
         assert h.stats()["predicted"] > 0
     torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-5)
+    breaks = list(counters["graph_break"])
+    assert breaks and all("CGTaylorHeadHook._decide" in reason for reason in breaks), breaks

@@ -33,10 +33,20 @@ def generate(pipe, kwargs, steps):
     return video, time.perf_counter() - start
 
 
+def _at_least(minimum: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="accel.patch on a tiny offline WanPipeline")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--steps", type=_at_least(2), default=20, help="denoising steps (>= 2)")
+    parser.add_argument("--layers", type=_at_least(2), default=6, help="transformer blocks (>= 2: CG-Taylor's head and tail)")
     args = parser.parse_args(argv)
     pipe, kwargs = tiny_wan_pipeline(args.layers)
     pipe.set_progress_bar_config(disable=True)
