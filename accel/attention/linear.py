@@ -102,6 +102,8 @@ def apply_linear_attention_kernels(model: torch.nn.Module) -> Callable[[], None]
     SANA linear attention, on one already patched, and on head dims the kernels do not support.
     """
     model = getattr(model, "_orig_mod", model)  # torch.compile wraps the module
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (a diffusers transformer), got {type(model).__name__}")
     layers = [m for m in model.modules() if hasattr(m, "set_processor") and hasattr(m, "processor")]
     if any(isinstance(m.processor, _OURS) for m in layers):
         raise RuntimeError(f"{type(model).__name__} already runs accel's linear-attention kernels; restore it first")

@@ -20,7 +20,8 @@ import torch
 from diffusers.models.transformers.transformer_wan import _get_qkv_projections
 
 from accel.kernels.block_sparse import BlockSparseMask, block_sparse_attention, local_3d_mask, strided_shards_mask, table_mask
-from accel.kernels.block_sparse.mask import num_blocks
+from accel.kernels.block_sparse.mask import check_block_size, num_blocks
+from accel.kernels.block_sparse.patterns import check_shards, check_window
 
 Grid = tuple[int, int, int]
 Pattern = Callable[[Grid, int, torch.device], BlockSparseMask]  # (grid, heads, device) -> mask
@@ -29,17 +30,23 @@ SUPPORTED = ("WanTransformer3DModel",)
 
 def local_3d(radius: tuple[int, int, int] = (2, 8, 8), block_size: int = 128) -> Pattern:
     """Each latent token sees the tokens within `radius` (frames, rows, cols) of it (video DiT locality)."""
+    check_window(None, radius)  # here, not at the first forward
+    check_block_size(block_size)
     return lambda grid, heads, device: local_3d_mask(grid, radius, block_size, device=device)
 
 
 def strided_shards(num_shards: int = 4, local_blocks: int = 1, block_size: int = 128) -> Pattern:
-    """S2-Attention-style: head h sees key blocks j = h (mod num_shards), plus the blocks around the diagonal."""
+    """S2-Attention-style: head h sees key blocks j = h (mod num_shards), plus the blocks around the diagonal.
+    num_shards must not exceed the model's head count (checked when the mask is built)."""
+    check_shards(num_shards, local_blocks)
+    check_block_size(block_size)
     return lambda grid, heads, device: strided_shards_mask(heads, math.prod(grid), num_shards, local_blocks, block_size, device)
 
 
 def dense(block_size: int = 128) -> Pattern:
     """Every block: exact dense attention, for checks and baselines (on CUDA block_sparse_attention hands a mask
     that allows every pair to SDPA; the interpreter runs the kernel)."""
+    check_block_size(block_size)
 
     def build(grid: Grid, heads: int, device: torch.device) -> BlockSparseMask:
         m = num_blocks(math.prod(grid), block_size)
@@ -54,14 +61,15 @@ PATTERNS: dict[str, Callable[[], Pattern]] = {"local_3d": local_3d, "strided_sha
 def _as_pattern(pattern: Union[str, Pattern, BlockSparseMask]) -> Pattern:
     if isinstance(pattern, str):
         if pattern not in PATTERNS:
-            raise ValueError(f"unknown sparse attention pattern {pattern!r}; available: {', '.join(PATTERNS)}")
+            raise ValueError(f"unknown sparse attention pattern {pattern!r}; available: {', '.join(map(repr, PATTERNS))}")
         return PATTERNS[pattern]()
     if isinstance(pattern, BlockSparseMask):
         return lambda grid, heads, device: pattern.to(device)
     if callable(pattern):
         return pattern
     raise TypeError(
-        f"pattern must be a name, a BlockSparseMask or a callable (grid, heads, device) -> mask, got {type(pattern).__name__}"
+        f"pattern must be a name ({', '.join(map(repr, PATTERNS))}), a BlockSparseMask or a callable "
+        f"(grid, heads, device) -> mask, got {type(pattern).__name__}"
     )
 
 
@@ -83,6 +91,8 @@ class _GridState:
         key = (self.grid, heads, device)
         if key not in self.masks:
             mask = self.pattern(self.grid, heads, device)
+            if not isinstance(mask, BlockSparseMask):
+                raise TypeError(f"the sparse attention pattern must return a BlockSparseMask, got {type(mask).__name__}")
             if (mask.q_len, mask.kv_len) != (num_tokens, num_tokens):
                 raise ValueError(f"pattern built a mask for {(mask.q_len, mask.kv_len)} tokens, the layer has {num_tokens}")
             self.masks[key] = mask
@@ -134,8 +144,13 @@ def apply_sparse_attention(
     Returns `restore()`, which puts back the original processor objects and removes the grid hook.
     """
     model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (a diffusers transformer), got {type(model).__name__}")
     if type(model).__name__ not in SUPPORTED:
-        raise NotImplementedError(f"sparse attention supports {', '.join(SUPPORTED)}, not {type(model).__name__}")
+        raise NotImplementedError(
+            f"sparse attention supports {', '.join(SUPPORTED)}, not model={type(model).__name__} (for a pipeline, use "
+            f"accel.patch(pipe, method='sparse_attention') or pass pipe.transformer)"
+        )
     layers = [block.attn1 for block in model.blocks]
     if any(isinstance(layer.processor, WanSparseAttnProcessor) for layer in layers):
         raise RuntimeError(f"{type(model).__name__} already runs sparse attention; call the restore function first")

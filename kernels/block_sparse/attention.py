@@ -34,6 +34,7 @@ import dataclasses
 import functools
 import logging
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -47,7 +48,7 @@ try:  # host-side tensor descriptors (TMA), triton >= 3.4
 except ImportError:
     TensorDescriptor = None
 
-from .mask import RULES, BlockSparseMask, table_mask, table_strides
+from .mask import RULES, BlockSparseMask, is_int, table_mask, table_strides
 from .reference import block_sparse_attention_reference
 
 try:  # the Gluon kernel for Hopper (triton >= 3.5)
@@ -260,6 +261,16 @@ class KernelConfig:
     longest_first: bool = True
     gluon: bool = False
 
+    def __post_init__(self):
+        for name in ("block_m", "block_n"):  # tensor-core tiles: powers of two of at least 16
+            value = getattr(self, name)
+            if not is_int(value) or value < 16 or value & (value - 1):
+                raise ValueError(f"KernelConfig.{name} must be a power of two >= 16, got {value!r}")
+        for name in ("num_warps", "num_stages"):
+            value = getattr(self, name)
+            if not is_int(value) or value < 1:
+                raise ValueError(f"KernelConfig.{name} must be a positive int, got {value!r}")
+
 
 GLUON_CONFIGS = tuple(KernelConfig(m, n, w, s, use_tma=True, gluon=True)
                       for m, n, w in (hopper.TILES if hopper else ()) for s in hopper.RING_STAGES)
@@ -359,6 +370,20 @@ def runs_dense_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Blo
     return torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
 
 
+def check_inputs(q, k, v, block_mask, scale, block_size, out, config) -> tuple[BlockSparseMask, float]:
+    """Every argument of `block_sparse_attention`, before anything runs: (the mask, the scale) on success.
+
+    Cheap attribute checks only (no device syncs), except building a mask from a bool block table."""
+    _check_tensors(q, k, v, out)
+    mask = _as_mask(block_mask, q, k, block_size)
+    _check_mask(mask, q, k)
+    if config is not None and not isinstance(config, KernelConfig):
+        raise TypeError(f"config must be a KernelConfig or None, got {type(config).__name__}")
+    if config is not None:
+        _check_config(config, q, k, v, out, mask)
+    return mask, _check_scale(scale, q.shape[-1])
+
+
 def _as_mask(block_mask, q: torch.Tensor, k: torch.Tensor, block_size: int) -> BlockSparseMask:
     if isinstance(block_mask, BlockSparseMask):
         if block_mask.device != q.device:
@@ -371,8 +396,10 @@ def _as_mask(block_mask, q: torch.Tensor, k: torch.Tensor, block_size: int) -> B
 
 def _check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.ndim != 4:
-            raise ValueError(f"{name} must be a 4-D tensor (B, H, N, D), got {getattr(t, 'shape', type(t))}")
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor (B, H, N, D), got {type(t).__name__}")
+        if t.ndim != 4:
+            raise ValueError(f"{name} must be a 4-D tensor (B, H, N, D), got shape {tuple(t.shape)}")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"q, k, v must all be float16 or all bfloat16, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
@@ -384,11 +411,15 @@ def _check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
         raise ValueError(
             f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} (want k = v = (B, H, N_k, D))"
         )
-    if not 1 <= dim <= MAX_HEAD_DIM or n_q < 1 or n_k < 1:
-        raise ValueError(f"need 1 <= head dim <= {MAX_HEAD_DIM} and non-empty sequences, got D={dim}, N_q={n_q}, N_k={n_k}")
-    like_q = isinstance(out, torch.Tensor) and (out.shape, out.dtype, out.device) == (q.shape, q.dtype, q.device)
-    if out is not None and not like_q:
-        raise ValueError(f"out must be a tensor like q {tuple(q.shape)} {q.dtype} on {q.device}")
+    if min(bsz, heads, n_q, n_k) < 1:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}: batch, heads and sequences must not be empty")
+    if not 1 <= dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim D={dim} is not supported: 1 <= D <= {MAX_HEAD_DIM}")
+    if out is not None and not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a tensor like q or None, got {type(out).__name__}")
+    if out is not None and (out.shape, out.dtype, out.device) != (q.shape, q.dtype, q.device):
+        raise ValueError(f"out must be a tensor like q {tuple(q.shape)} {q.dtype} on {q.device}, "
+                         f"got {tuple(out.shape)} {out.dtype} on {out.device}")
     # Offsets inside one (batch, head) are int32 in the kernel (cheaper tile addresses); only huge tensors can overflow.
     for t in (q, k, v) if max(q.numel(), k.numel()) > _INT32_MAX else ():
         if (t.shape[2] - 1) * abs(t.stride(2)) + (t.shape[3] - 1) * abs(t.stride(3)) > _INT32_MAX:
@@ -403,12 +434,40 @@ def _check_mask(mask: BlockSparseMask, q: torch.Tensor, k: torch.Tensor) -> None
         raise ValueError(f"block_mask batch/head dims {(mb, mh)} must be 1 or match (B, H) = {tuple(q.shape[:2])}")
 
 
+def _check_config(config: KernelConfig, q, k, v, out, mask: BlockSparseMask) -> None:
+    if config.gluon:  # checked on every device, so that none silently ignores it
+        reason = _gluon_unsupported_reason(q, k, v, out, mask, config)
+        if reason is not None:
+            raise ValueError(f"config.gluon: the Gluon kernel cannot take this call: {reason}") from HOPPER_IMPORT_ERROR
+    elif mask.block_size % config.block_m or mask.block_size % config.block_n:
+        raise ValueError(f"config tiles {config.block_m}x{config.block_n} must divide the mask's block_size={mask.block_size}")
+
+
+def _check_scale(scale, dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(dim)
+    if not isinstance(scale, numbers.Real) or isinstance(scale, bool):  # a tensor would need a device sync
+        raise TypeError(f"scale must be a Python float or None, got {type(scale).__name__}")
+    if not 0.0 < scale < math.inf:  # the kernels take the row max of S before scaling: it must keep the order
+        raise ValueError(f"scale must be positive and finite, got {scale}")
+    return float(scale)
+
+
+def _check_no_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """The kernels are forward-only: refuse, rather than return an output cut off from the graph."""
+    needing = [name for name, t in (("q", q), ("k", k), ("v", v)) if t.requires_grad]
+    if needing and torch.is_grad_enabled():
+        raise NotImplementedError(
+            f"block_sparse_attention has no backward yet, and {', '.join(needing)} "
+            f"{'requires' if len(needing) == 1 else 'require'} grad (requires_grad=True) "
+            f"with grad mode on; call it under torch.no_grad() or torch.inference_mode(), or detach the inputs"
+        )
+
+
 def _launch(q, k, v, out, mask: BlockSparseMask, scale: float, cfg: KernelConfig) -> None:
     if cfg.gluon:
         return hopper.launch(q, k, v, out, mask, scale, cfg.num_stages)
     bs = mask.block_size
-    if bs % cfg.block_m or bs % cfg.block_n or min(cfg.block_m, cfg.block_n) < 16:
-        raise ValueError(f"kernel tiles {cfg.block_m}x{cfg.block_n} must be >= 16 and divide block_size={bs}")
     bsz, heads, n_q, dim = q.shape
     block_d = max(16, triton.next_power_of_2(dim))
     descs = _tma_descriptors(k, v, cfg.block_n, block_d) if cfg.use_tma else None
@@ -452,23 +511,15 @@ def block_sparse_attention(
     config: kernel tiles / warps / stages, or the Gluon kernel (default: `choose_config`).
     On CUDA, and on CPU under TRITON_INTERPRET=1, runs a kernel; on CPU otherwise the PyTorch reference.
     A mask that allows every pair is dense attention: on CUDA it runs through SDPA (logged once), unless `config`
-    is given or the Gluon kernel takes it (`runs_dense_sdpa`). Forward only: the kernels have no backward (SDPA's
-    autograd then applies to dense masks alone).
+    is given or the Gluon kernel takes it (`runs_dense_sdpa`). Forward only: the kernels have no backward, so inputs
+    that require grad with grad mode on raise NotImplementedError, except dense masks on CUDA (SDPA's autograd).
     """
-    _check_tensors(q, k, v, out)
-    mask = _as_mask(block_mask, q, k, block_size)
-    _check_mask(mask, q, k)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if not 0.0 < scale < math.inf:  # the kernels take the row max of S before scaling: it must keep the order
-        raise ValueError(f"scale must be positive and finite, got {scale}")
-    if config is not None and config.gluon:  # checked here, so that no device silently ignores it
-        reason = _gluon_unsupported_reason(q, k, v, out, mask, config)
-        if reason is not None:
-            raise ValueError(f"config.gluon: the Gluon kernel cannot take this call: {reason}") from HOPPER_IMPORT_ERROR
+    mask, scale = check_inputs(q, k, v, block_mask, scale, block_size, out, config)
     if runs_dense_sdpa(q, k, v, mask, config, out):
         _log_once(logging.INFO, DENSE_MESSAGE)
         dense = F.scaled_dot_product_attention(q, k, v, scale=scale)
         return dense if out is None else out.copy_(dense)
+    _check_no_grad(q, k, v)
     out = torch.empty_like(q) if out is None else out
     if q.device.type == "cpu" and not INTERPRETED:
         _log_once(logging.WARNING, FALLBACK_MESSAGE)

@@ -33,10 +33,24 @@ def num_blocks(length: int, block_size: int) -> int:
     return -(-length // block_size)
 
 
+def is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def check_block_size(block_size: int) -> None:
     # Power of two so that kernel tiles (powers of two, >= 16 for tensor cores) divide it.
-    if not isinstance(block_size, int) or block_size < 16 or block_size > 256 or block_size & (block_size - 1):
+    if not is_int(block_size):
+        raise TypeError(f"block_size must be an int (a power of two in [16, 256]), got {block_size!r}")
+    if block_size < 16 or block_size > 256 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of two in [16, 256], got {block_size!r}")
+
+
+def check_length(name: str, length: int) -> None:
+    """A sequence length: a positive int (an empty sequence has no blocks to list)."""
+    if not is_int(length):
+        raise TypeError(f"{name} must be an int, got {length!r}")
+    if length < 1:
+        raise ValueError(f"{name} must be >= 1, got {length}")
 
 
 @dataclass(frozen=True)
@@ -56,20 +70,30 @@ class BlockSparseMask:
     radius: tuple[int, int, int] = (0, 0, 0)  # box3d: window half-extents along (frames, height, width)
 
     def __post_init__(self):
+        check_length("q_len", self.q_len)
+        check_length("kv_len", self.kv_len)
         check_block_size(self.block_size)
         if self.rule not in RULES:
             raise ValueError(f"rule must be one of {RULES}, got {self.rule!r}")
-        lead = tuple(self.full_counts.shape)
-        if len(lead) != 3 or lead[2] != self.num_q_blocks:
-            raise ValueError(f"counts must have shape (B', H', {self.num_q_blocks}), got {lead}")
-        for name in ("full_counts", "full_indices", "partial_counts", "partial_indices"):
-            t = getattr(self, name)
-            ndim = 4 if name.endswith("indices") else 3
-            if t.dtype != torch.int32 or t.device != self.device or tuple(t.shape[:3]) != lead or t.ndim != ndim:
-                raise ValueError(f"{name} must be int32 on {self.device} with leading shape {lead} (indices: one more dim)")
+        self._check_tables()
         self._check_lists()
         self._check_aux()
         self.allows_all_pairs  # noqa: B018  (computed here, where the checks sync anyway: never inside a compiled call)
+
+    def _check_tables(self) -> None:
+        for name in ("full_counts", "full_indices", "partial_counts", "partial_indices"):
+            t = getattr(self, name)
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.int32:
+                raise TypeError(f"{name} must be an int32 tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+        lead = tuple(self.full_counts.shape)
+        if len(lead) != 3 or lead[2] != self.num_q_blocks:
+            raise ValueError(f"full_counts must have shape (B', H', {self.num_q_blocks}), got {lead}")
+        for name in ("full_counts", "full_indices", "partial_counts", "partial_indices"):
+            t = getattr(self, name)
+            ndim = 4 if name.endswith("indices") else 3
+            if t.device != self.device or tuple(t.shape[:3]) != lead or t.ndim != ndim:
+                raise ValueError(f"{name} must be on {self.device} with shape {lead}{' + (W,)' * (ndim == 4)}, "
+                                 f"got {tuple(t.shape)} on {t.device}")
 
     def _check_lists(self) -> None:
         # The kernel trusts the lists: indices in range, and full blocks never past the sequence end.
@@ -90,9 +114,11 @@ class BlockSparseMask:
         want = {"none": (None, None), "interval": ((self.q_len, 2), None), "box3d": ((self.q_len,), (self.kv_len,))}
         for name, shape in zip(("q_aux", "k_aux"), want[self.rule]):
             t = getattr(self, name)
-            if (t is None) != (shape is None) or (t is not None and (tuple(t.shape) != shape or t.dtype != torch.int32)):
-                got = None if t is None else tuple(t.shape)
-                raise ValueError(f"rule {self.rule!r} needs {name} of shape {shape} (int32), got {got}")
+            fits = t is None if shape is None else (
+                isinstance(t, torch.Tensor) and (tuple(t.shape), t.dtype, t.device) == (shape, torch.int32, self.device))
+            if not fits:
+                got = f"{t.dtype} {tuple(t.shape)} on {t.device}" if isinstance(t, torch.Tensor) else repr(t)
+                raise ValueError(f"rule {self.rule!r} needs {name} of shape {shape} (int32, on {self.device}), got {got}")
         # The kernel relies on these bounds (one unsigned compare per pair).
         if self.rule == "interval":
             lo, hi = self.q_aux[:, 0], self.q_aux[:, 1]
@@ -273,9 +299,13 @@ def table_mask(table: torch.Tensor, q_len: int, kv_len: int | None = None, block
     Every token pair of a listed block pair is allowed.
     """
     kv_len = q_len if kv_len is None else kv_len
-    if not isinstance(table, torch.Tensor) or table.dtype != torch.bool or table.ndim != 4:
-        raise ValueError(f"block table must be a 4-D bool tensor (B, H, Mq, Mk), got {getattr(table, 'dtype', type(table))}")
+    check_length("q_len", q_len)
+    check_length("kv_len", kv_len)
     check_block_size(block_size)
+    if not isinstance(table, torch.Tensor) or table.dtype != torch.bool:
+        raise TypeError(f"block table must be a bool tensor (B, H, Mq, Mk), got {getattr(table, 'dtype', type(table).__name__)}")
+    if table.ndim != 4:
+        raise ValueError(f"block table must be 4-D (B, H, Mq, Mk), got shape {tuple(table.shape)}")
     want = (num_blocks(q_len, block_size), num_blocks(kv_len, block_size))
     if tuple(table.shape[2:]) != want:
         raise ValueError(

@@ -14,7 +14,10 @@ from typing import Sequence
 
 import torch
 
-from .mask import COORD_BITS, COORD_LIMIT, BlockSparseMask, check_block_size, from_block_tables, num_blocks, pad_to_blocks
+from .mask import (
+    COORD_BITS, COORD_LIMIT, BlockSparseMask, check_block_size, check_length, from_block_tables, is_int, num_blocks,
+    pad_to_blocks,
+)
 
 _CHUNK_ELEMENTS = 1 << 22  # bounds the temporaries of the exact classifications below
 
@@ -24,9 +27,12 @@ def interval_mask(
 ) -> BlockSparseMask:
     """Query i sees the keys j with lo[i] <= j < hi[i] (clamped to [0, kv_len]); shared by batches and heads."""
     check_block_size(block_size)
+    check_length("kv_len", kv_len)
     lo, hi = torch.as_tensor(lo), torch.as_tensor(hi)
-    if lo.ndim != 1 or lo.shape != hi.shape or lo.is_floating_point() or hi.is_floating_point():
-        raise ValueError(f"lo and hi must be 1-D integer tensors of equal length, got {tuple(lo.shape)}, {tuple(hi.shape)}")
+    if lo.is_floating_point() or hi.is_floating_point() or torch.bool in (lo.dtype, hi.dtype):
+        raise TypeError(f"lo and hi must be integer tensors, got {lo.dtype}, {hi.dtype}")
+    if lo.ndim != 1 or lo.shape != hi.shape or len(lo) == 0:
+        raise ValueError(f"lo and hi must be non-empty 1-D tensors of equal length, got {tuple(lo.shape)}, {tuple(hi.shape)}")
     lo = lo.long().clamp(0, kv_len)
     hi = torch.maximum(hi.long().clamp(0, kv_len), lo)
     q_len, device = lo.shape[0], lo.device
@@ -97,6 +103,18 @@ def _grid_pair_counts(grid: tuple[int, int, int], radius: tuple[int, int, int], 
     return counts
 
 
+def _int_triple(x) -> bool:
+    return isinstance(x, (tuple, list)) and len(x) == 3 and all(is_int(i) for i in x)
+
+
+def check_window(grid, radius) -> None:
+    """A (frames, height, width) token grid and window radii; the grid may be None (checking a radius alone)."""
+    if grid is not None and not (_int_triple(grid) and 1 <= min(grid) and max(grid) <= COORD_LIMIT):
+        raise ValueError(f"grid must be 3 ints (frames, height, width) in [1, {COORD_LIMIT}], got {grid!r}")
+    if not (_int_triple(radius) and min(radius) >= 0):
+        raise ValueError(f"radius must be 3 ints >= 0 (frames, height, width), got {radius!r}")
+
+
 def local_3d_mask(
     grid: tuple[int, int, int],
     radius: tuple[int, int, int],
@@ -112,13 +130,10 @@ def local_3d_mask(
     are seen by every query. Shared by batches and heads.
     """
     check_block_size(block_size)
-    grid, radius = tuple(int(g) for g in grid), tuple(int(r) for r in radius)
-    if len(grid) != 3 or min(grid) < 1 or max(grid) > COORD_LIMIT:
-        raise ValueError(f"grid must be 3 positive sizes <= {COORD_LIMIT}, got {grid}")
-    if len(radius) != 3 or min(radius) < 0:
-        raise ValueError(f"radius must be 3 integers >= 0, got {radius}")
-    if num_global < 0:
-        raise ValueError(f"num_global must be >= 0, got {num_global}")
+    check_window(grid, radius)
+    if not is_int(num_global) or num_global < 0:
+        raise ValueError(f"num_global must be an int >= 0, got {num_global!r}")
+    grid, radius = tuple(grid), tuple(radius)
     n_grid = grid[0] * grid[1] * grid[2]
     seq_len, offset = n_grid + num_global, (num_global if global_first else 0)
 
@@ -139,6 +154,14 @@ def local_3d_mask(
     return from_block_tables(full[None, None], partial[None, None], seq_len, seq_len, bs, "box3d", coords, coords, radius)
 
 
+def check_shards(num_shards: int, local_blocks: int) -> None:
+    """The head-independent arguments of `strided_shards_mask`."""
+    if not is_int(num_shards) or num_shards < 1:
+        raise ValueError(f"num_shards must be an int >= 1, got {num_shards!r}")
+    if not is_int(local_blocks) or local_blocks < 0:
+        raise ValueError(f"local_blocks must be an int >= 0, got {local_blocks!r}")
+
+
 def strided_shards_mask(
     num_heads: int, seq_len: int, num_shards: int, local_blocks: int = 1, block_size: int = 128, device=None
 ) -> BlockSparseMask:
@@ -147,12 +170,12 @@ def strided_shards_mask(
     heads covers every key block.
     """
     check_block_size(block_size)
-    if not 1 <= num_shards <= num_heads:
+    check_length("seq_len", seq_len)
+    check_shards(num_shards, local_blocks)
+    if not is_int(num_heads) or num_shards > num_heads:
         raise ValueError(
-            f"num_shards must be in [1, num_heads={num_heads}] so the heads' union covers all keys, got {num_shards}"
+            f"num_shards must be in [1, num_heads={num_heads!r}] so the heads' union covers all keys, got {num_shards}"
         )
-    if local_blocks < 0:
-        raise ValueError(f"local_blocks must be >= 0, got {local_blocks}")
     m = num_blocks(seq_len, block_size)
     i = torch.arange(m, device=device)
     heads = torch.arange(num_heads, device=device)

@@ -65,7 +65,8 @@ def _fused_query_kernel(
         row_ok = rows < end
         mask = row_ok[:, None] & col_ok[None, :]
         q = tl.load(q_base + rows[:, None] * stride_qn + cols[None, :] * stride_qd, mask=mask, other=0.0)
-        phi = tl.maximum(q.to(tl.float32), 0.0)
+        q = q.to(tl.float32)
+        phi = tl.where(q < 0, 0.0, q)  # ReLU that keeps NaN as torch.relu does (tl.maximum drops it; state.py)
         denominator = tl.sum(phi * k_sum[None, :], axis=1) + eps
         if ROPE:
             cos, sin = load_tables(COS, SIN, rows, row_ok, D, D_PAD)

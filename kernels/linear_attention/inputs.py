@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import NamedTuple
 
 import torch
+
+from .rotary import RotaryTables, as_tables
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128  # the kernels keep a D x D float32 state tile in registers
@@ -21,11 +25,26 @@ class LinearAttentionState(NamedTuple):
     k_sum: torch.Tensor
 
 
+def check_inputs(q, k, v, eps, rotary, out) -> RotaryTables | None:
+    """The arguments both entry points share, before anything runs; returns the rotary tables (or None).
+    Attribute checks only: no device syncs."""
+    check_qkv(q, k, v)
+    check_out(out, q)
+    if not isinstance(eps, numbers.Real) or isinstance(eps, bool):
+        raise TypeError(f"eps must be a Python float, got {type(eps).__name__}")
+    if not 0.0 <= eps < math.inf:
+        raise ValueError(f"eps must be finite and >= 0, got {eps}")
+    if rotary is not None and q.shape[2] != k.shape[2]:
+        raise ValueError(f"rotary embeddings need as many queries as keys: {q.shape[2]} vs {k.shape[2]}")
+    return as_tables(rotary, k.shape[2], k.shape[3], k.device)
+
+
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"{name} must be a 4-D (B, H, N, D) tensor, got {got}")
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a 4-D (B, H, N, D) tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D (B, H, N, D) tensor, got shape {tuple(t.shape)}")
     if not q.dtype == k.dtype == v.dtype or q.dtype not in DTYPES:
         raise TypeError(f"q, k, v must share one dtype among fp16, bf16, fp32; got {q.dtype}, {k.dtype}, {v.dtype}")
     if not q.device == k.device == v.device:
@@ -43,6 +62,8 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 
 
 def check_out(out: torch.Tensor | None, q: torch.Tensor) -> None:
+    if out is not None and not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a tensor like q or None, got {type(out).__name__}")
     if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device):
         raise ValueError(
             f"out must match q: {q.dtype} {tuple(q.shape)} on {q.device}; "

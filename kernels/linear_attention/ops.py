@@ -10,9 +10,8 @@ import torch
 
 from . import naive
 from .fused import _fused_query_kernel, fused_query
-from .inputs import LinearAttentionState, check_out, check_qkv, check_state
+from .inputs import LinearAttentionState, check_inputs, check_state
 from .launch import is_interpreted
-from .rotary import as_tables
 from .state import chunk_state
 
 logger = logging.getLogger("accel")
@@ -72,11 +71,7 @@ def linear_attention(
     eps: 1e-15 as diffusers. out: optional output buffer shaped like q (any strides).
     q may have another number of tokens than k and v when there is no rotary embedding.
     """
-    check_qkv(q, k, v)
-    check_out(out, q)
-    if rotary is not None and q.shape[2] != k.shape[2]:
-        raise ValueError(f"rotary embeddings need as many queries as keys: {q.shape[2]} vs {k.shape[2]}")
-    tables = as_tables(rotary, k.shape[2], k.shape[3], k.device)
+    tables = check_inputs(q, k, v, eps, rotary, out)
     if not _use_kernels(q.device, q, k, v):
         return _finish(naive.linear_attention(q, k, v, eps, tables), q, out)
     state = chunk_state(k, v, tables)
@@ -94,12 +89,10 @@ def block_causal_linear_attention(
     Feeding a sequence chunk by chunk equals the whole-sequence block-causal computation. rotary: as in
     `linear_attention`, for this chunk's positions (absolute positions, so later chunks continue the sequence).
     """
-    check_qkv(q, k, v)
-    check_out(out, q)
+    tables = check_inputs(q, k, v, eps, rotary, out)
     if q.shape != k.shape:
         raise ValueError(f"a chunk's queries and keys are the same tokens: q {tuple(q.shape)} vs k {tuple(k.shape)}")
     prior = None if state is None else check_state(state, k)
-    tables = as_tables(rotary, k.shape[2], k.shape[3], k.device)
     if not _use_kernels(q.device, q, k, v, *(prior or ())):
         result, new_state = naive.block_causal_linear_attention(q, k, v, prior, eps, tables)
         return _finish(result, q, out), new_state

@@ -26,7 +26,9 @@ class RotaryTables(NamedTuple):
     def from_diffusers(cls, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor, n: int, d: int) -> "RotaryTables":
         """From diffusers' repeat-interleaved tables, shaped (N, D) or (1, N, 1, D) as SANA-Video passes them."""
         for name, t in (("cos", freqs_cos), ("sin", freqs_sin)):
-            if t.shape[-1] != d or t.numel() != n * d:
+            if not t.is_floating_point():
+                raise TypeError(f"rotary {name} table must be floating point, got {t.dtype}")
+            if t.ndim == 0 or t.shape[-1] != d or t.numel() != n * d:
                 raise ValueError(
                     f"rotary {name} table of shape {tuple(t.shape)} does not fit {n} tokens x head dim {d}: expected "
                     f"(N, D) or (1, N, 1, D); tables that differ per batch row or head are not supported"
@@ -48,6 +50,10 @@ def as_tables(rotary, n: int, d: int, device: torch.device) -> RotaryTables | No
     """Accept None, RotaryTables, or diffusers' (freqs_cos, freqs_sin) pair."""
     if rotary is None:
         return None
+    pair = isinstance(rotary, (tuple, list)) and len(rotary) == 2 and all(isinstance(t, torch.Tensor) for t in rotary)
+    if not pair:  # RotaryTables is a pair of tensors too
+        got = type(rotary).__name__ if not isinstance(rotary, (tuple, list)) else f"a {len(rotary)}-element {type(rotary).__name__}"
+        raise TypeError(f"rotary must be None, RotaryTables or a (freqs_cos, freqs_sin) pair of tensors, got {got}")
     if d % 2:
         raise ValueError(f"rotary embeddings rotate pairs of channels: head dim {d} must be even")
     tables = rotary if isinstance(rotary, RotaryTables) else RotaryTables.from_diffusers(*rotary, n, d)

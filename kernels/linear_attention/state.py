@@ -72,7 +72,9 @@ def _chunk_state_kernel(
         mask = row_ok[:, None] & col_ok[None, :]
         k = tl.load(k_base + rows[:, None] * stride_kn + cols[None, :] * stride_kd, mask=mask, other=0.0)
         v = tl.load(v_base + rows[:, None] * stride_vn + cols[None, :] * stride_vd, mask=mask, other=0.0)
-        k = tl.where(k > 0, k, 0.0)  # ReLU in the input dtype; padding loads as 0 and adds nothing
+        # ReLU in the input dtype, NaN kept as torch.relu keeps it (a NaN fails `k < 0`; `k > 0 ? k : 0` and
+        # tl.maximum would turn it into 0 and hide a broken input); padding loads as 0 and adds nothing.
+        k = tl.where(k < 0, 0.0, k)
         k_sum += tl.sum(k.to(tl.float32), axis=0)
         if ROPE:
             cos, sin = load_tables(COS, SIN, rows, row_ok, D, D_PAD)

@@ -293,44 +293,7 @@ def test_strided_shards_union_covers_everything():
     _check(mask, h=heads, d=128, dtype=torch.float16, config=KernelConfig(16, 16, 4, 2))
 
 
-# ------------------------------------------------------------------------------------------------------- errors
-
-
-def test_bad_inputs_raise_clear_errors():
-    gen = torch.Generator().manual_seed(0)
-    q, k, v = _qkv(1, 2, 40, 40, 64, torch.bfloat16, gen)
-    table = torch.ones(1, 2, 3, 3, dtype=torch.bool)
-    with pytest.raises(ValueError, match="blocks"):
-        block_sparse_attention(q, k, v, torch.ones(1, 2, 2, 3, dtype=torch.bool), block_size=16)
-    with pytest.raises(TypeError, match="float16 or all bfloat16"):
-        block_sparse_attention(q.float(), k.float(), v.float(), table, block_size=16)
-    with pytest.raises(ValueError, match="shape mismatch"):
-        block_sparse_attention(q, k[..., :32], v, table, block_size=16)
-    with pytest.raises(ValueError, match="head dim"):
-        block_sparse_attention(*[torch.zeros(1, 2, 40, 160, dtype=torch.bfloat16)] * 3, table, block_size=16)
-    with pytest.raises(ValueError, match="N_q, N_k"):
-        block_sparse_attention(q[:, :, :20], k, v, table_mask(table, 40, block_size=16))
-    with pytest.raises(ValueError, match="batch/head"):
-        block_sparse_attention(q, k, v, torch.ones(1, 3, 3, 3, dtype=torch.bool), block_size=16)
-    with pytest.raises(ValueError, match="power of two"):
-        table_mask(table, 40, block_size=24)
-    with pytest.raises(ValueError, match="bool"):
-        table_mask(table.int(), 40, block_size=16)
-    with pytest.raises(TypeError, match="block table or a BlockSparseMask"):
-        block_sparse_attention(q, k, v, [[True]], block_size=16)
-    with pytest.raises(ValueError, match="divide"):
-        block_sparse_attention(q, k, v, table, block_size=16, config=KernelConfig(32, 16, 4, 2))
-    with pytest.raises(ValueError, match="out"):
-        block_sparse_attention(q, k, v, table, block_size=16, out=torch.empty(1, 2, 40, 64))
-    for scale in (0.0, -0.5, float("nan")):
-        with pytest.raises(ValueError, match="scale must be positive"):
-            block_sparse_attention(q, k, v, table, scale=scale, block_size=16)
-    with pytest.raises(ValueError, match="segment lengths"):
-        block_diagonal_mask([4, 0, 3], 16)
-    with pytest.raises(ValueError, match="num_shards"):
-        strided_shards_mask(2, 64, 3, block_size=16)
-    with pytest.raises(ValueError, match="grid"):
-        local_3d_mask((2, 2048, 2), (1, 1, 1), 16)
+# ------------------------------------------------------------------- errors (the catalogue: test_bad_inputs.py)
 
 
 def test_hand_built_masks_are_validated():

@@ -180,34 +180,3 @@ def test_gradients_flow_through_the_differentiable_reference(gen, monkeypatch, c
         assert_close(g, e, 1e-5, gen, f"d loss / d {name}")
     with torch.no_grad():  # no gradients needed: the kernels again
         assert block_causal_linear_attention(q, k, v)[0].grad_fn is None
-
-
-def _state(b=1, h=2, d=16, dtype=torch.float32):
-    return LinearAttentionState(torch.zeros(b, h, d, d, dtype=dtype), torch.zeros(b, h, d, dtype=dtype))
-
-
-@pytest.mark.parametrize(
-    "call, error, match",
-    [
-        (lambda q, k, v: linear_attention(q[0], k, v), ValueError, "4-D"),
-        (lambda q, k, v: linear_attention(q, k.half(), v), TypeError, "one dtype"),
-        (lambda q, k, v: linear_attention(q.int(), k.int(), v.int()), TypeError, "fp16, bf16, fp32"),
-        (lambda q, k, v: linear_attention(q, k[:, :1], v[:, :1]), ValueError, "heads"),
-        (lambda q, k, v: linear_attention(q, k, v[:, :, :3]), ValueError, "same shape"),
-        (lambda q, k, v: linear_attention(*(torch.zeros(1, 1, 4, 130),) * 3), ValueError, "head dim 130"),
-        (lambda q, k, v: linear_attention(q[:0], k[:0], v[:0]), ValueError, "must not be empty"),
-        (lambda q, k, v: linear_attention(q, k, v, out=q.half()), ValueError, "out must match"),
-        (lambda q, k, v: linear_attention(q[..., :15], k[..., :15], v[..., :15], rotary=(q, q)), ValueError, "even"),
-        (lambda q, k, v: linear_attention(q, k, v, rotary=(torch.ones(5, 16),) * 2), ValueError, "8 tokens"),
-        (lambda q, k, v: linear_attention(q[:, :, :3], k, v, rotary=(torch.ones(8, 16),) * 2), ValueError, "as many"),
-        (lambda q, k, v: block_causal_linear_attention(q[:, :, :3], k, v), ValueError, "same tokens"),
-        (lambda q, k, v: block_causal_linear_attention(q, k, v, state=_state(d=8)), ValueError, "state.kv"),
-        (lambda q, k, v: block_causal_linear_attention(q, k, v, state=_state(h=3)), ValueError, "state.kv"),
-        (lambda q, k, v: block_causal_linear_attention(q, k, v, state=_state(dtype=torch.half)), ValueError, "float32"),
-        (lambda q, k, v: block_causal_linear_attention(q, k, v, state=_state()[0]), TypeError, "LinearAttentionState"),
-    ],
-)
-def test_clear_errors(call, error, match):
-    q, k, v = (torch.randn(1, 2, 8, 16) for _ in range(3))
-    with pytest.raises(error, match=match):
-        call(q, k, v)
