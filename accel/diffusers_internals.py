@@ -52,6 +52,10 @@ TransformerBlockMetadata = _private("diffusers.hooks._helpers", "TransformerBloc
 TransformerBlockRegistry = _private("diffusers.hooks._helpers", "TransformerBlockRegistry")
 CacheMixin = _private("diffusers.models.cache_utils", "CacheMixin")
 
+# Model internals reused rather than copied: Wan attention's q/k/v projections (fused or not), Wan VAE's unpatchify.
+get_wan_qkv_projections = _private("diffusers.models.transformers.transformer_wan", "_get_qkv_projections")
+wan_vae_unpatchify = _private("diffusers.models.autoencoders.autoencoder_kl_wan", "unpatchify")
+
 # Private attributes used below (the tests check each on a live object): TransformerBlockRegistry._registry,
 # HookRegistry._hook_order / _fn_refs and each HookFunctionReference's forward / original_forward,
 # CacheMixin._cache_config (its "a cache is enabled" marker).

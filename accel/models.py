@@ -67,7 +67,9 @@ def _specs() -> dict[type, ModelSpec]:
 
 
 def is_cond_last_pipeline(pipeline) -> bool:
-    return isinstance(pipeline, tuple(getattr(diffusers, name) for name in COND_LAST_PIPELINES))
+    # The class itself, not its subclasses: accel's long-video pipelines derive from SanaVideoPipeline but run the
+    # two branches as separate calls in cache contexts.
+    return type(pipeline) in tuple(getattr(diffusers, name) for name in COND_LAST_PIPELINES)
 
 
 def _register_sana_blocks() -> None:

@@ -37,6 +37,14 @@ def test_class_lists_hold_classes(name):
     assert isinstance(value, tuple) and value and all(isinstance(c, type) for c in value)
 
 
+FUNCTIONS = ["get_wan_qkv_projections", "wan_vae_unpatchify", "set_cache_context"]
+
+
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_functions_are_callable(name):
+    assert callable(getattr(internals, name))
+
+
 @pytest.mark.parametrize("name", CLASSES)
 def test_classes_are_classes(name):
     assert isinstance(getattr(internals, name), type)
@@ -52,8 +60,8 @@ def test_cache_context_setter_sets_the_state_managers_context():
 def test_block_registry():
     from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 
+    assert internals.TransformerBlockRegistry.get(WanTransformerBlock).return_hidden_states_index == 0  # registers
     assert internals.block_is_registered(WanTransformerBlock)
-    assert internals.TransformerBlockRegistry.get(WanTransformerBlock).return_hidden_states_index == 0
 
 
 def test_cache_mixin_marker_makes_enable_cache_refuse():

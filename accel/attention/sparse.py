@@ -17,8 +17,8 @@ import math
 from typing import Callable, Union
 
 import torch
-from diffusers.models.transformers.transformer_wan import _get_qkv_projections
 
+from accel.diffusers_internals import get_wan_qkv_projections
 from accel.kernels.block_sparse import BlockSparseMask, block_sparse_attention, local_3d_mask, strided_shards_mask, table_mask
 from accel.kernels.block_sparse.mask import check_block_size, num_blocks
 from accel.kernels.block_sparse.patterns import check_shards, check_window
@@ -122,7 +122,7 @@ class WanSparseAttnProcessor:
             raise TypeError(
                 f"sparse attention needs float16 or bfloat16 activations, got {hidden_states.dtype}: run the model in bf16"
             )
-        query, key, value = _get_qkv_projections(attn, hidden_states, None)
+        query, key, value = get_wan_qkv_projections(attn, hidden_states, None)
         query, key = attn.norm_q(query), attn.norm_k(key)
         query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
         if rotary_emb is not None:

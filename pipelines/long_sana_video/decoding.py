@@ -12,7 +12,8 @@ import logging
 
 import torch
 from diffusers import AutoencoderKLWan
-from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+
+from accel.diffusers_internals import wan_vae_unpatchify as unpatchify
 
 logger = logging.getLogger("accel")
 

@@ -20,14 +20,13 @@ from dataclasses import dataclass, field
 
 import torch
 from diffusers import ModelMixin, SanaVideoTransformer3DModel
-from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
-from diffusers.models.cache_utils import CacheMixin
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.attention_processor import Attention
 from diffusers.models.transformers.transformer_sana_video import GLUMBTempConv, SanaVideoTransformerBlock
 from torch.nn import functional as F
 
 from accel.attention.linear import EPS, _output, _project
+from accel.diffusers_internals import CacheMixin, TransformerBlockMetadata, TransformerBlockRegistry
 from accel.kernels.linear_attention import RotaryTables, block_causal_linear_attention
 from accel.kernels.linear_attention.inputs import LinearAttentionState
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from diffusers import ConfigMixin, DiTTransformer2DModel, ModelMixin, WanTransformer3DModel
 from diffusers.configuration_utils import register_to_config
-from diffusers.models.cache_utils import CacheMixin
 from torch import nn
 from torch.nn import functional as F
+
+from accel.diffusers_internals import CacheMixin
 
 from .data import CLIP_FRAMES, COLOURS, DIRECTIONS, SHAPES
 

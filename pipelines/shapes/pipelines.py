@@ -2,7 +2,9 @@
 
 Both follow WanPipeline's conventions: classifier-free guidance with the conditional and unconditional
 transformer calls under `cache_context("cond")` / `("uncond")`, `num_inference_steps`, generators, a progress
-bar, `callback_on_step_end`, `output_type` "pil" / "np" / "pt", `save_pretrained` / `from_pretrained`.
+bar, `callback_on_step_end`, `output_type` "pil" / "np" / "pt" / "latent" (pixels are the latents: the raw output in
+[-1, 1]), `save_pretrained` / `from_pretrained`. `check_inputs` refuses bad arguments before any work, and
+`from_pretrained` a folder whose configs and weights disagree.
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 from transformers import PreTrainedTokenizerFast, UMT5EncoderModel
 
+from ..checks import (
+    OUTPUT_TYPES, check_bool, check_callback, check_choice, check_fixed_size, check_generator, check_int, check_latents,
+    check_real, check_step_count, load_checked,
+)
 from .models import NUM_CLASSES, ShapesDiTTransformer, with_positions
 from .text import IMAGE_CAPTIONS, VIDEO_CAPTIONS, check_captions, embed_captions
 
@@ -26,6 +32,24 @@ class _FlowMatchingPipeline(DiffusionPipeline):
     """The denoising loop both pipelines share: Euler steps on the flow, CFG with the branches in cache contexts."""
 
     _callback_tensor_inputs = ["latents"]
+    SIZE = 32  # pixels: both models make 32x32 frames only
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' loading, with `dtype` also taken by name and the folder's configs checked against its weights."""
+        parent = super()
+        return load_checked(cls, pretrained_model_name_or_path, kwargs, lambda folder, kw: parent.from_pretrained(folder, **kw))
+
+    def _check_sampling(self, num_inference_steps, guidance_scale, batch_size: int, generator, output_type, return_dict,
+                        callback_on_step_end, callback_on_step_end_tensor_inputs) -> None:
+        """The arguments both pipelines take alike."""
+        owner = type(self).__name__
+        check_step_count(owner, num_inference_steps)
+        check_real(owner, "guidance_scale", guidance_scale, minimum=0.0)
+        check_generator(owner, generator, batch_size)
+        check_choice(owner, "output_type", output_type, OUTPUT_TYPES)
+        check_bool(owner, "return_dict", return_dict)
+        check_callback(owner, callback_on_step_end, callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
 
     def _transformer_input(self, latents: torch.Tensor) -> torch.Tensor:
         return latents
@@ -65,17 +89,39 @@ class ShapesImagePipeline(_FlowMatchingPipeline):
         self.register_modules(transformer=transformer, scheduler=scheduler)
         self.image_processor = VaeImageProcessor(vae_scale_factor=1)
 
+    def _latent_shape(self, batch_size: int) -> tuple[int, ...]:
+        size = self.transformer.config.sample_size
+        return batch_size, self.transformer.config.in_channels, size, size
+
+    def check_inputs(self, prompt, num_inference_steps, guidance_scale, num_images_per_prompt, height, width, generator,
+                     latents, output_type, return_dict, callback_on_step_end, callback_on_step_end_tensor_inputs) -> list[str]:
+        """Refuses bad arguments before any work; returns the normalised captions."""
+        owner = type(self).__name__
+        captions = check_captions(prompt, IMAGE_CAPTIONS)
+        check_int(owner, "num_images_per_prompt", num_images_per_prompt, minimum=1)
+        batch_size = len(captions) * num_images_per_prompt
+        check_fixed_size(owner, "height", height, self.transformer.config.sample_size)
+        check_fixed_size(owner, "width", width, self.transformer.config.sample_size)
+        check_latents(owner, latents, self._latent_shape(batch_size))
+        self._check_sampling(num_inference_steps, guidance_scale, batch_size, generator, output_type, return_dict,
+                             callback_on_step_end, callback_on_step_end_tensor_inputs)
+        return captions
+
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], num_inference_steps: int = 20, guidance_scale: float = 3.0,
-                 num_images_per_prompt: int = 1, generator: torch.Generator | list[torch.Generator] | None = None,
+                 num_images_per_prompt: int = 1, height: int | None = None, width: int | None = None,
+                 generator: torch.Generator | list[torch.Generator] | None = None,
                  latents: torch.Tensor | None = None, output_type: str = "pil", return_dict: bool = True,
                  callback_on_step_end: Callable | None = None, callback_on_step_end_tensor_inputs: list[str] = ("latents",)):
-        captions = check_captions(prompt, IMAGE_CAPTIONS)
+        """`height` / `width`: None or the model's size (32). `output_type` "latent": the raw (B, 3, 32, 32) in [-1, 1]."""
+        captions = self.check_inputs(prompt, num_inference_steps, guidance_scale, num_images_per_prompt, height, width,
+                                     generator, latents, output_type, return_dict, callback_on_step_end,
+                                     callback_on_step_end_tensor_inputs)
         device, dtype = self._execution_device, self.transformer.dtype
         labels = torch.tensor([IMAGE_CAPTIONS[c] for c in captions], device=device).repeat_interleave(num_images_per_prompt)
-        size = self.transformer.config.sample_size
-        shape = (labels.shape[0], self.transformer.config.in_channels, size, size)
-        latents = latents if latents is not None else randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        shape = self._latent_shape(labels.shape[0])
+        latents = (latents.to(device, dtype) if latents is not None
+                   else randn_tensor(shape, generator=generator, device=device, dtype=dtype))
         null = torch.full_like(labels, NUM_CLASSES)  # the class-dropout label the model learned as "unconditional"
         images = self._denoise(latents, {"class_labels": labels}, {"class_labels": null}, num_inference_steps,
                                guidance_scale, callback_on_step_end, list(callback_on_step_end_tensor_inputs))
@@ -100,21 +146,48 @@ class ShapesVideoPipeline(_FlowMatchingPipeline):
     def _transformer_input(self, latents: torch.Tensor) -> torch.Tensor:
         return with_positions(self.transformer, latents)
 
+    def _latent_shape(self, batch_size: int, num_frames: int) -> tuple[int, ...]:
+        return batch_size, self.transformer.config.out_channels, num_frames, self.SIZE, self.SIZE
+
+    def check_inputs(self, prompt, num_inference_steps, guidance_scale, num_frames, num_videos_per_prompt, height, width,
+                     generator, latents, output_type, return_dict, callback_on_step_end,
+                     callback_on_step_end_tensor_inputs) -> list[str]:
+        """Refuses bad arguments before any work; returns the normalised captions."""
+        owner = type(self).__name__
+        captions = check_captions(prompt, VIDEO_CAPTIONS)
+        max_frames = self.transformer.config.rope_max_seq_len * self.transformer.config.patch_size[0]  # RoPE's table
+        check_int(owner, "num_frames", num_frames, minimum=1)
+        if num_frames > max_frames:
+            raise ValueError(f"{owner}: num_frames must be between 1 and {max_frames} (the transformer's RoPE table; "
+                             f"it was trained on 17), got {num_frames}")
+        check_int(owner, "num_videos_per_prompt", num_videos_per_prompt, minimum=1)
+        batch_size = len(captions) * num_videos_per_prompt
+        check_fixed_size(owner, "height", height, self.SIZE)
+        check_fixed_size(owner, "width", width, self.SIZE)
+        check_latents(owner, latents, self._latent_shape(batch_size, num_frames))
+        self._check_sampling(num_inference_steps, guidance_scale, batch_size, generator, output_type, return_dict,
+                             callback_on_step_end, callback_on_step_end_tensor_inputs)
+        return captions
+
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], num_inference_steps: int = 20, guidance_scale: float = 4.0,
-                 num_frames: int = 17, num_videos_per_prompt: int = 1,
-                 generator: torch.Generator | list[torch.Generator] | None = None, latents: torch.Tensor | None = None,
-                 output_type: str = "np", return_dict: bool = True, callback_on_step_end: Callable | None = None,
-                 callback_on_step_end_tensor_inputs: list[str] = ("latents",)):
-        captions = check_captions(prompt, set(VIDEO_CAPTIONS))
+                 num_frames: int = 17, num_videos_per_prompt: int = 1, height: int | None = None,
+                 width: int | None = None, generator: torch.Generator | list[torch.Generator] | None = None,
+                 latents: torch.Tensor | None = None, output_type: str = "np", return_dict: bool = True,
+                 callback_on_step_end: Callable | None = None, callback_on_step_end_tensor_inputs: list[str] = ("latents",)):
+        """`height` / `width`: None or 32. `output_type` "latent": the raw (B, 3, F, 32, 32) in [-1, 1]."""
+        captions = self.check_inputs(prompt, num_inference_steps, guidance_scale, num_frames, num_videos_per_prompt,
+                                     height, width, generator, latents, output_type, return_dict, callback_on_step_end,
+                                     callback_on_step_end_tensor_inputs)
         device, dtype = self._execution_device, self.transformer.dtype
         cond = self.encode_prompt(captions, device).to(dtype).repeat_interleave(num_videos_per_prompt, dim=0)
         uncond = torch.zeros_like(cond)
-        size = 32
-        shape = (cond.shape[0], self.transformer.config.out_channels, num_frames, size, size)
-        latents = latents if latents is not None else randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        shape = self._latent_shape(cond.shape[0], num_frames)
+        latents = (latents.to(device, dtype) if latents is not None
+                   else randn_tensor(shape, generator=generator, device=device, dtype=dtype))
         video = self._denoise(latents, {"encoder_hidden_states": cond}, {"encoder_hidden_states": uncond},
                               num_inference_steps, guidance_scale, callback_on_step_end,
                               list(callback_on_step_end_tensor_inputs))
-        frames = self.video_processor.postprocess_video(video.float(), output_type=output_type)
+        frames = (video if output_type == "latent"
+                  else self.video_processor.postprocess_video(video.float(), output_type=output_type))
         return WanPipelineOutput(frames=frames) if return_dict else (frames,)

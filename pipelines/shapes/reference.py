@@ -39,19 +39,23 @@ def reference_names() -> list[str]:
     return sorted(name for name in _REFERENCES if _installed(name))
 
 
-def reference_pipeline(name: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
-    """A shipped reference pipeline, loaded from the package with no network access."""
+def reference_pipeline(name: str, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None):
+    """A shipped reference pipeline, loaded from the package with no network access; `dtype` (default float32) a
+    floating-point torch.dtype or its name."""
     if name not in _REFERENCES:
         raise ValueError(f"unknown reference model {name!r}; known: {sorted(_REFERENCES)}, shipped: {reference_names()}")
     module, class_name = _REFERENCES[name]
     cls = getattr(importlib.import_module(f"accel.pipelines.shapes.{module}"), class_name)
-    pipe = cls.from_pretrained(weights_dir(name), dtype=dtype or torch.float32, local_files_only=True)
+    dtype = torch.float32 if dtype is None else dtype
+    pipe = cls.from_pretrained(weights_dir(name), dtype=dtype, local_files_only=True)
     return pipe.to(device) if device is not None else pipe
 
 
 def reference_classifier(device: str | torch.device | None = None):
     """The shipped shapes classifier (caption agreement and FID features offline)."""
+    from ..checks import check_module_weights
     from .models import ShapesClassifier
 
     model = ShapesClassifier.from_pretrained(weights_dir(CLASSIFIER), dtype=torch.float32).eval()
+    check_module_weights(model, weights_dir(CLASSIFIER))
     return model.to(device) if device is not None else model

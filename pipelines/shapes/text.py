@@ -20,18 +20,20 @@ def normalise(caption: str) -> str:
 
 
 def check_captions(prompt: str | list[str], known) -> list[str]:
-    """The normalised captions of a prompt or list of prompts, or a ValueError that says what the model knows."""
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else []
-    if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
-        raise ValueError("prompt must be a non-empty caption or a list of them")
+    """The normalised captions of a prompt or list of prompts, or an error that says what the model knows."""
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"prompt must be a caption (str) or a list of them, got {prompt!r}")
+    if not prompts or any(not p.strip() for p in prompts):
+        raise ValueError(f"prompt must be a non-empty caption or a non-empty list of them, got {prompt!r}")
     normalised = [normalise(p) for p in prompts]
     unknown = [p for p, n in zip(prompts, normalised) if n not in known]
     if unknown:
+        video = "moving" in next(iter(known))
         raise ValueError(
-            f"caption(s) {unknown} are outside what this model knows. It knows captions of the form "
-            f"'a <colour> <shape>{' moving <direction>' if 'moving' in next(iter(known)) else ''}' with colours "
-            f"{list(COLOUR_NAMES)}, shapes {list(SHAPES)}"
-            + (f", directions {list(DIRECTIONS)}" if "moving" in next(iter(known)) else "")
+            f"prompt: caption(s) {unknown} are outside what this model knows. It knows captions of the form "
+            f"'a <colour> <shape>{' moving <direction>' if video else ''}' with colours {list(COLOUR_NAMES)}, "
+            f"shapes {list(SHAPES)}" + (f", directions {list(DIRECTIONS)}" if video else "")
         )
     return normalised
 

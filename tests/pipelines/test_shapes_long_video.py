@@ -45,11 +45,13 @@ def test_earlier_chunks_do_not_depend_on_later_ones(pipe):
     np.testing.assert_allclose(long[:, :CHUNK_FRAMES], short, atol=1e-6)
 
 
-@pytest.mark.parametrize("kw, match", [(dict(prompt="a red circle moving sideways"), "directions"),
-                                       (dict(prompt=""), "non-empty"), (dict(prompt=[]), "non-empty"),
-                                       (dict(prompt=None), "non-empty"), (dict(negative_prompt="blurry"), "captions only")])
-def test_bad_input_is_refused(pipe, kw, match):
-    with pytest.raises(ValueError, match=match):
+@pytest.mark.parametrize("kw, error, match", [(dict(prompt="a red circle moving sideways"), ValueError, "directions"),
+                                              (dict(prompt=""), ValueError, "non-empty"),
+                                              (dict(prompt=[]), ValueError, "non-empty"),
+                                              (dict(prompt=None), TypeError, "caption"),
+                                              (dict(negative_prompt="blurry"), ValueError, "captions only")])
+def test_bad_input_is_refused(pipe, kw, error, match):
+    with pytest.raises(error, match=match):
         _run(pipe, **kw)
 
 
