@@ -81,16 +81,17 @@ def _where(reason: str) -> str:
     return line.strip()[:160]
 
 
-def bench(name: str, deadline: float) -> dict:
+def bench(name: str, deadline: float, configs: list[str]) -> dict:
     model, x, _, _ = build(name)
     out = {"steps": STEPS[name]}
-    for config, (compiled, method, options) in CONFIGS.items():
+    for config in configs:
+        compiled, method, options = CONFIGS[config]
         if time.perf_counter() > deadline:
             out[config] = "skipped: deadline"
             continue
         out[config] = measure(model, x, name, compiled, method, options)
         print(name, config, {k: v for k, v in out[config].items() if k not in ("graph_breaks", "frames_compiled")}, flush=True)
-    ok = [c for c in CONFIGS if isinstance(out.get(c), dict)]
+    ok = [c for c in configs if isinstance(out.get(c), dict)]
     base = out["eager"]["total_s"]
     out["summary"] = {c: {"speedup_vs_eager": base / out[c]["total_s"], "computed": out[c]["computed"],
                           "graph_break_kinds": len(out[c]["graph_breaks"])} for c in ok}
@@ -103,6 +104,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="wan,flux")
     p.add_argument("--deadline", type=float, default=540, help="seconds; later configurations are skipped")
+    p.add_argument("--configs", default=",".join(CONFIGS), help=f"a subset of {','.join(CONFIGS)} (eager first)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     import diffusers
@@ -115,7 +117,7 @@ def main():
                    "python": platform.python_version(), "date": datetime.date.today().isoformat(), "dtype": "bfloat16"},
            "models": {}}
     for name in args.models.split(","):
-        res["models"][name] = bench(name, deadline)
+        res["models"][name] = bench(name, deadline, args.configs.split(","))
         print(name, json.dumps(res["models"][name]["summary"], indent=1), flush=True)
         os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
         json.dump(res, open(out + ".tmp", "w"), indent=1)

@@ -5,19 +5,22 @@
     accel-eval report DIR                             rebuild table and plots from a run folder
     accelerate launch -m accel.eval run ...           shard the prompts over processes / GPUs
 
-Bad input gets a one-line message and exit code 2. A run folder resumes where it stopped.
+Bad input gets a one-line message and exit code 2, before anything is generated or written: the arguments, the
+output folder, the pipeline, every prompt (the pipeline is run up to its first denoising step) and every method
+configuration (patched and removed) are checked first. A run folder resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import sys
 
 import torch
 
-from .spec import RunSpec, SpecError, load_prompts, parse_method
+from .spec import RunSpec, SpecError, load_prompts, parse_method, read_spec
 
 QUICKSTART_METHODS = ["cg_taylor", "cg_taylor:threshold=0.1", "first_block_cache:threshold=0.05",
                       "first_block_cache:threshold=0.1", "taylorseer:cache_interval=3,disable_cache_before_step=3"]
@@ -26,8 +29,15 @@ QUICKSTART_IMAGE_PROMPTS = ["a red circle", "a blue square", "a green triangle",
 QUICKSTART_VIDEO_PROMPTS = ["a red circle moving left", "a blue square moving up", "a green cross moving right"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's errors as a SpecError: one line, exit code 2 (argparse itself prints the usage too)."""
+
+    def error(self, message):
+        raise SpecError(message)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="accel-eval", description="Quality vs speed of diffusion accelerators.")
+    p = _Parser(prog="accel-eval", description="Quality vs speed of diffusion accelerators.")
     sub = p.add_subparsers(dest="command", required=True)
     q = sub.add_parser("quickstart", help="the shipped reference pipelines, baseline and several methods, on the CPU")
     q.add_argument("--out", default="accel-quickstart")
@@ -42,9 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--width", type=int)
     r.add_argument("--frames", type=int, help="num_frames (video pipelines)")
     r.add_argument("--guidance", type=float, help="guidance_scale")
-    r.add_argument("--device", default="cpu")
+    r.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     r.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    r.add_argument("--repeats", type=int, default=3, help="timed repeats per configuration")
+    r.add_argument("--repeats", type=int, default=3, help="timed rounds (all configurations, interleaved) after a warm-up")
     r.add_argument("--out", required=True)
     rep = sub.add_parser("report", help="rebuild the table and plots of a run folder")
     rep.add_argument("dir")
@@ -59,41 +69,99 @@ def _spec_from_args(args) -> RunSpec:
                    device=args.device, dtype=args.dtype, repeats=args.repeats)
 
 
-def _check_configs(pipe, spec: RunSpec) -> None:
-    """The call's arguments, and each configuration patched and unpatched once: bad input fails before any file is
-    written."""
-    from .generate import check_call_arguments, patch_config
+def _check_device_present(device: str) -> None:
+    if device.startswith("cuda"):
+        count = torch.cuda.device_count()
+        index = torch.device(device).index or 0
+        if index >= count:
+            raise SpecError(f"--device {device}: this machine has {count} CUDA device(s) (torch {torch.__version__}); "
+                            f"allowed: cpu{', cuda' if count else ''}{f', cuda:0..{count - 1}' if count > 1 else ''}")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise SpecError(f"--device {device}: MPS is not available on this machine; allowed: cpu")
 
-    check_call_arguments(pipe, spec.call)
+
+def _has_results(run_dir: str) -> bool:
+    """Whether the folder holds samples or timings that a changed spec would leave unexplained."""
+    return bool(glob.glob(os.path.join(run_dir, "samples", "*", "*.npy"))) or os.path.exists(os.path.join(run_dir, "timing.json"))
+
+
+def _spec_differences(old, new: dict) -> str:
+    if not isinstance(old, dict):
+        return "unreadable"
+    return "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
+
+
+def _check_out(run_dir: str, spec: RunSpec) -> None:
+    """--out: a new folder that can be created, an empty one, or a run folder of this spec (resumed), or one of
+    another spec that holds no samples yet (a run refused or stopped before generating: taken over)."""
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise SpecError(f"--out {run_dir}: exists and is not a folder; allowed: a new, empty or run folder")
+    if not os.path.isdir(run_dir):
+        parent = os.path.dirname(os.path.abspath(run_dir))
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+            raise SpecError(f"--out {run_dir}: cannot be created ({parent} is not a writable folder)")
+        return
+    spec_path = os.path.join(run_dir, "spec.json")
+    if not os.path.exists(spec_path):
+        if os.listdir(run_dir):
+            raise SpecError(f"--out {run_dir}: holds other files and no spec.json; allowed: a new, empty or run folder")
+    elif _has_results(run_dir):
+        try:
+            old = json.load(open(spec_path, encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            old = None
+        if old != spec.to_json():
+            raise SpecError(f"--out {run_dir}: holds the samples of another run ({_spec_differences(old, spec.to_json())}); "
+                            "pick another --out, or give that run's arguments to resume it")
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise SpecError(f"--out {run_dir}: the folder is not writable")
+
+
+def _check_configs(pipe, spec: RunSpec) -> None:
+    """Each configuration patched and unpatched once on the loaded pipeline (options that only the model can judge,
+    models a method does not support)."""
+    from .generate import patch_config
+
     for config in spec.configs[1:]:
         try:
             patch_config(pipe, config, spec).remove()
         except (TypeError, ValueError, NotImplementedError) as err:
-            raise SpecError(f"{config.label}: {err}") from None
+            raise SpecError(f"--method {config.label!r}: {err}") from None
 
 
-def execute(spec: RunSpec, run_dir: str) -> str | None:
-    """Generate (sharded over accelerate processes), then, on the main process, measure and report."""
+def prepare(spec: RunSpec, run_dir: str):
+    """Every check of the run, before anything is generated or written; returns the loaded pipeline."""
     from accelerate import PartialState
 
-    from .generate import atomic_json, generate, load_pipeline
+    from .generate import check_inputs, load_pipeline
+
+    _check_device_present(spec.device)
+    _check_out(run_dir, spec)
+    device = PartialState(cpu=spec.device == "cpu").device.type if spec.device == "cuda" else spec.device
+    pipe = load_pipeline(spec.pipeline, device, spec.dtype)
+    check_inputs(pipe, spec)
+    _check_configs(pipe, spec)
+    return pipe
+
+
+def execute(pipe, spec: RunSpec, run_dir: str) -> str | None:
+    """Generate (sharded over accelerate processes), then, on the main process, time, measure and report."""
+    from accelerate import PartialState
+
+    from .generate import atomic_json, generate, time_configs
     from .report import evaluate, sample_grids, write_report
 
-    if spec.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SpecError(f"--device {spec.device}: this machine has no CUDA device (torch {torch.__version__})")
     state = PartialState(cpu=spec.device == "cpu")
-    spec_path = os.path.join(run_dir, "spec.json")
-    if os.path.exists(spec_path) and json.load(open(spec_path)) != json.loads(json.dumps(spec.to_json())):
-        raise SpecError(f"{run_dir} holds another run (spec.json differs): pick another --out")
-    pipe = load_pipeline(spec.pipeline, spec.device if spec.device != "cuda" else state.device.type, spec.dtype)
-    _check_configs(pipe, spec)
     if state.is_main_process:
-        atomic_json(spec_path, spec.to_json())
+        atomic_json(os.path.join(run_dir, "spec.json"), spec.to_json())  # all checks passed: the folder is this run's
     with state.split_between_processes(spec.jobs()) as jobs:
-        generate(pipe, spec, run_dir, jobs, time_it=state.is_main_process)
+        generate(pipe, spec, run_dir, jobs)
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
+    time_configs(pipe, spec, run_dir)  # alone on the machine: the other processes are done
     results = evaluate(run_dir, spec)
     sample_grids(run_dir, spec, run_dir)
     return write_report(run_dir, results)
@@ -102,10 +170,7 @@ def execute(spec: RunSpec, run_dir: str) -> str | None:
 def report(run_dir: str) -> str:
     from .report import evaluate, sample_grids, write_report
 
-    spec_path = os.path.join(run_dir, "spec.json")
-    if not os.path.isfile(spec_path):
-        raise SpecError(f"{run_dir} is not a run folder (no spec.json)")
-    spec = RunSpec.from_json(json.load(open(spec_path)))
+    spec = read_spec(run_dir)
     results = evaluate(run_dir, spec)
     sample_grids(run_dir, spec, run_dir)
     return write_report(run_dir, results)
@@ -113,23 +178,25 @@ def report(run_dir: str) -> str:
 
 def quickstart(out: str, device: str = "cpu") -> str:
     configs = [parse_method(m) for m in QUICKSTART_METHODS]
-    image = RunSpec("shapes-image", configs, QUICKSTART_IMAGE_PROMPTS, repeats=3, device=device)
-    video = RunSpec("shapes-video", configs, QUICKSTART_VIDEO_PROMPTS, repeats=1, device=device)
-    tables = [f"## {s.pipeline}\n\n{execute(s, os.path.join(out, s.pipeline))}" for s in (image, video)]
+    runs = [(RunSpec("shapes-image", configs, QUICKSTART_IMAGE_PROMPTS, repeats=3, device=device), "shapes-image"),
+            (RunSpec("shapes-video", configs, QUICKSTART_VIDEO_PROMPTS, repeats=2, device=device), "shapes-video")]
+    prepared = [(prepare(spec, os.path.join(out, name)), spec, name) for spec, name in runs]  # both checked first
+    tables = [f"## {name}\n\n{execute(pipe, spec, os.path.join(out, name))}" for pipe, spec, name in prepared]
     return "\n\n".join(tables) + f"\n\nResults, plots and samples: {out}/"
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
     try:
+        args = _parser().parse_args(argv)
         if args.command == "quickstart":
             text = quickstart(args.out, args.device)
         elif args.command == "run":
-            text = execute(_spec_from_args(args), args.out)
+            spec = _spec_from_args(args)
+            text = execute(prepare(spec, args.out), spec, args.out)
         else:
             text = report(args.dir)
-    except (SpecError, FileNotFoundError) as err:
-        print(f"accel-eval: error: {err}", file=sys.stderr)
+    except SpecError as err:
+        print(f"accel-eval: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     if text:
         print(text)

@@ -4,8 +4,9 @@ Layout of a run folder:
     spec.json                         what was asked
     samples/<config>/<prompt>-<seed>.npy    uint8 (H, W, 3) or (T, H, W, 3), written through a temporary file
     samples/<config>/<prompt>-<seed>.json   the accelerator's stats for that sample
-    timing/<config>.json              latencies of the timed repeats, peak memory
-A sample already on disk is never generated again, so an interrupted run resumes where it stopped.
+    timing.json                       every configuration's latencies over the interleaved rounds, peak memory
+A sample already on disk is never generated again, so an interrupted run resumes where it stopped; the timing is
+written once, whole, after the samples.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import inspect
 import json
 import os
 import platform
-import statistics
 import time
 
 import numpy as np
@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 import accel
 from accel.pipelines import reference_names, reference_pipeline
 
-from .spec import MethodConfig, RunSpec, SpecError
+from .spec import CALL_FLAGS, MethodConfig, RunSpec, SpecError
 
 
 _OWN_PIPELINES = {  # class name in a saved model_index.json -> the accel module defining it
@@ -38,6 +38,11 @@ _OWN_PIPELINES = {  # class name in a saved model_index.json -> the accel module
 
 def load_pipeline(name: str, device: str, dtype: str):
     """A shipped reference name, a local folder, or a model id already in the local HF cache. Never downloads."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()  # loading bars would break the one-line error of a refused run
+    transformers.utils.logging.disable_progress_bar()
     torch_dtype = getattr(torch, dtype)
     index = os.path.join(name, "model_index.json")
     own = json.load(open(index)).get("_class_name") if os.path.isfile(index) else None
@@ -73,20 +78,16 @@ def atomic_json(path: str, obj) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1, default=str).encode()))
 
 
-_FLAGS = {"num_inference_steps": "--steps", "height": "--height", "width": "--width", "num_frames": "--frames",
-          "guidance_scale": "--guidance"}  # the command-line flag behind each pipeline argument
-
-
 def check_call_arguments(pipe, call: dict) -> dict:
     """The pipeline call's arguments from the run's options; a SpecError for those the pipeline cannot take."""
     params = inspect.signature(pipe.__call__).parameters
     kwargs = {k: v for k, v in call.items() if v is not None}
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        unknown = [_FLAGS.get(k, k) for k in kwargs if k not in params]
+        unknown = [CALL_FLAGS.get(k, k) for k in kwargs if k not in params]
         if unknown:
-            raise SpecError(f"{type(pipe).__name__} takes no {', '.join(unknown)}")
+            raise SpecError(f"{', '.join(unknown)}: {type(pipe).__name__} takes no such argument")
     if "num_chunks" in params and "num_frames" not in kwargs:
-        raise SpecError(f"{type(pipe).__name__} makes videos of any length: give --frames")
+        raise SpecError(f"--frames: {type(pipe).__name__} makes videos of any length: give --frames")
     return kwargs
 
 
@@ -104,6 +105,51 @@ def _call(pipe, prompt: str, seed: int, call: dict, device: str) -> np.ndarray:
     out = pipe(**kwargs, generator=generator)
     pixels = out.frames if hasattr(out, "frames") else out.images
     return (np.asarray(pixels)[0] * 255).round().clip(0, 255).astype(np.uint8)
+
+
+class _Probed(Exception):
+    """Raised at the denoiser's first call: the pipeline has accepted its inputs, and no step has run."""
+
+
+def _stop(module, args, kwargs):
+    raise _Probed
+
+
+def _refusal(pipe, prompt: str, call: dict, device: str) -> str | None:
+    """Why the pipeline refuses this call (its own checks, the prompt's encoding), found by running the call up to
+    the denoiser's first step only; None if it accepts it."""
+    denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
+    if not isinstance(denoiser, torch.nn.Module):
+        return None  # nothing to stop at: the pipeline's checks run at generation
+    hook = denoiser.register_forward_pre_hook(_stop, with_kwargs=True)
+    try:
+        _call(pipe, prompt, 0, call, device)
+    except _Probed:
+        return None
+    except (ValueError, TypeError) as err:  # what pipelines raise on arguments they refuse
+        return " ".join(str(err).split())
+    finally:
+        hook.remove()
+    return None
+
+
+def check_inputs(pipe, spec: RunSpec) -> None:
+    """Every prompt, with the run's call settings, as the pipeline will get them: a refusal names the prompt or the
+    settings (the prompt is to blame when the pipeline also refuses it with its default settings)."""
+    check_call_arguments(pipe, spec.call)
+    essential = {k: v for k, v in spec.call.items() if k == "num_frames"}  # a long video needs its length
+    owner = type(pipe).__name__
+    first_index: dict[str, int] = {}
+    for index, prompt in enumerate(spec.prompts):
+        first_index.setdefault(prompt, index)
+    for prompt, index in first_index.items():
+        why = _refusal(pipe, prompt, spec.call, spec.device)
+        if why is None:
+            continue
+        if essential != spec.call and _refusal(pipe, prompt, essential, spec.device) is None:
+            given = " ".join(f"{CALL_FLAGS[k]} {v}" for k, v in spec.call.items())
+            raise SpecError(f"{given}: {owner} refuses these settings: {why}")
+        raise SpecError(f"--prompts: prompt {index + 1} of {len(spec.prompts)} ({prompt!r}): {owner} refuses it: {why}")
 
 
 def _sync(device: str) -> None:
@@ -127,29 +173,6 @@ def environment(spec: RunSpec) -> dict:
             "call": spec.call, "pipeline": spec.pipeline, "prompts": len(spec.prompts), "seeds": spec.seeds}
 
 
-def _time_config(pipe, spec: RunSpec, handle, path: str) -> None:
-    """Warm-up, then `repeats` timed calls of the first prompt; median latency and peak memory."""
-    if os.path.exists(path):
-        return
-    prompt = spec.prompts[0]
-    _call(pipe, prompt, 0, spec.call, spec.device)  # warm-up: allocations, kernels, caches
-    if handle:
-        handle.reset()
-    if spec.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats(torch.device(spec.device))
-    latencies = []
-    for _ in range(spec.repeats):
-        _sync(spec.device)
-        start = time.perf_counter()
-        _call(pipe, prompt, 0, spec.call, spec.device)
-        _sync(spec.device)
-        latencies.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated(torch.device(spec.device)) / 1e9 if spec.device.startswith("cuda") else None
-    stats = handle.totals() if handle else None  # over the timed calls
-    atomic_json(path, {"latencies_s": latencies, "median_s": statistics.median(latencies), "peak_memory_gb": peak,
-                       "stats": stats, "environment": environment(spec)})
-
-
 def patch_config(pipe, config: MethodConfig, spec: RunSpec):
     """accel.patch with the configuration's options; mag_cache lays its ratios out over the run's --steps."""
     options = dict(config.options)
@@ -158,29 +181,81 @@ def patch_config(pipe, config: MethodConfig, spec: RunSpec):
     return accel.patch(pipe, method=config.method, **options)
 
 
-def generate(pipe, spec: RunSpec, run_dir: str, jobs: list[tuple[int, int]], time_it: bool = True) -> None:
-    """All samples of `jobs` for every configuration (skipping those on disk), and each configuration's timing."""
+def generate(pipe, spec: RunSpec, run_dir: str, jobs: list[tuple[int, int]]) -> None:
+    """All samples of `jobs` for every configuration, skipping those on disk."""
     todo = [(c, j) for c in spec.configs for j in jobs if not os.path.exists(sample_path(run_dir, c, *j))]
     bar = tqdm(total=len(todo), desc="samples", disable=not todo)
     for config in spec.configs:
+        missing = [j for j in jobs if not os.path.exists(sample_path(run_dir, config, *j))]
+        if not missing:
+            continue
         handle = patch_config(pipe, config, spec) if config.method else None
         try:
-            for prompt_index, seed in jobs:
-                path = sample_path(run_dir, config, prompt_index, seed)
-                if os.path.exists(path):
-                    continue
+            for prompt_index, seed in missing:
                 if handle:
                     handle.reset()  # the totals then count this sample's generations (a long video: one per chunk)
                 pixels = _call(pipe, spec.prompts[prompt_index], seed, spec.call, spec.device)
+                path = sample_path(run_dir, config, prompt_index, seed)
                 atomic_json(path[:-4] + ".json", handle.totals() if handle else {})
                 atomic_write(path, lambda f: np.save(f, pixels))  # last: its presence marks the sample done
                 bar.update()
-            if time_it:
-                _time_config(pipe, spec, handle, os.path.join(run_dir, "timing", f"{config.slug}.json"))
         finally:
             if handle:
                 handle.remove()
     bar.close()
+
+
+def timing_path(run_dir: str) -> str:
+    return os.path.join(run_dir, "timing.json")
+
+
+def _timed_call(pipe, spec: RunSpec, config: MethodConfig) -> tuple[float, dict | None, float | None]:
+    """Seconds of one call of the first prompt under the configuration (patching excluded), its accelerator stats and
+    peak GPU memory."""
+    handle = patch_config(pipe, config, spec) if config.method else None
+    cuda = torch.device(spec.device) if spec.device.startswith("cuda") else None
+    try:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(cuda)
+        _sync(spec.device)
+        start = time.perf_counter()
+        _call(pipe, spec.prompts[0], 0, spec.call, spec.device)
+        _sync(spec.device)
+        seconds = time.perf_counter() - start
+        return seconds, handle.totals() if handle else None, torch.cuda.max_memory_allocated(cuda) / 1e9 if cuda else None
+    finally:
+        if handle:
+            handle.remove()
+
+
+def timing_rounds(configs: list[MethodConfig], repeats: int) -> list[list[MethodConfig]]:
+    """A warm-up round, then `repeats` timed rounds, each configuration once per round. The order turns by one each
+    round, so no configuration is always first (cold caches) or always after the same one; the rounds pair each
+    configuration's latency with the baseline's of the same moment."""
+    return [configs[r % len(configs):] + configs[: r % len(configs)] for r in range(repeats + 1)]
+
+
+def time_configs(pipe, spec: RunSpec, run_dir: str) -> None:
+    """Latencies of every configuration, interleaved (see `timing_rounds`), in timing.json (skipped if there)."""
+    path = timing_path(run_dir)
+    if os.path.exists(path):
+        return
+    rounds = timing_rounds(spec.configs, spec.repeats)
+    record = {c.label: {"latencies_s": [], "stats": [], "peak_memory_gb": None} for c in spec.configs}
+    bar = tqdm(total=sum(map(len, rounds)), desc="timing (round 0: warm-up)")
+    for round_index, order in enumerate(rounds):
+        for config in order:
+            seconds, stats, peak = _timed_call(pipe, spec, config)
+            bar.update()
+            if round_index == 0:
+                continue
+            entry = record[config.label]
+            entry["latencies_s"].append(seconds)
+            entry["stats"].append(stats)
+            entry["peak_memory_gb"] = max(filter(None, [entry["peak_memory_gb"], peak]), default=None)
+    bar.close()
+    atomic_json(path, {"rounds": [[c.label for c in order] for order in rounds[1:]], "warm_up_rounds": 1,
+                       "configs": record, "environment": environment(spec)})
 
 
 def load_samples(run_dir: str, spec: RunSpec, config: MethodConfig) -> tuple[np.ndarray, list[dict]]:
@@ -190,6 +265,10 @@ def load_samples(run_dir: str, spec: RunSpec, config: MethodConfig) -> tuple[np.
         path = sample_path(run_dir, config, prompt_index, seed)
         if not os.path.exists(path):
             raise SpecError(f"{run_dir}: sample {path} is missing; run `accel-eval run` again to finish it")
-        pixels.append(np.load(path))
-        stats.append(json.load(open(path[:-4] + ".json")))
+        try:
+            pixels.append(np.load(path))
+            stats.append(json.load(open(path[:-4] + ".json")))
+        except (OSError, ValueError, EOFError) as err:  # edited or damaged by hand: atomic writes leave none
+            raise SpecError(f"{run_dir}: sample {path} is unreadable ({err}); delete it and run `accel-eval run` "
+                            "again to regenerate it") from None
     return np.stack(pixels), stats

@@ -94,27 +94,67 @@ def feature_extractor(pipeline_name: str, inception_path: str | None = None) -> 
     return FeatureExtractor(NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=path), "inception")
 
 
-def fid_kid(samples: np.ndarray, reference: np.ndarray, extractor: FeatureExtractor) -> dict[str, float]:
-    """FID and KID (torchmetrics) of the samples' frames against a reference set's frames."""
+# Sample-count rules (n: independent samples a side; a video counts once, its frames are not independent).
+KID_MIN_SAMPLES = 10
+KID_SUBSETS = 100
+STATISTICS_RULES = (
+    "FID and KID compare two independent sets: each configuration's odd-numbered samples against the baseline's "
+    "even-numbered ones (the same seeds would be paired, near-duplicate samples), so the baseline row gives the value "
+    "two sets of one distribution show at this sample count: the floor. "
+    "FID needs more samples a side than the feature size d (n > d); with fewer, the feature covariance is singular "
+    "and FID is mostly estimator bias. "
+    f"KID needs n >= {KID_MIN_SAMPLES} a side: it is the mean +- std over {KID_SUBSETS} random subsets of n/2 samples "
+    "(frames, for videos); smaller subsets make it mostly noise. "
+    "Latency and speedup: median (min-max) over the timed rounds."
+)
+
+
+def independent_halves(samples: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The samples' odd-numbered and the reference's even-numbered members: sets with no seed in common."""
+    return samples[1::2], reference[0::2]
+
+
+def _frames_uint8(pixels: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(pixels).reshape(-1, *pixels.shape[-3:]).permute(0, 3, 1, 2).contiguous()
+
+
+def feature_size(extractor: FeatureExtractor, pixels: np.ndarray) -> int:
+    with torch.no_grad():
+        return int(extractor.module(_frames_uint8(pixels[:1])).shape[-1])
+
+
+def fid(samples: np.ndarray, reference: np.ndarray, extractor: FeatureExtractor) -> dict[str, float]:
+    """FID (torchmetrics) of the samples' frames against the reference's, where the sample count supports it."""
     from torchmetrics.image.fid import FrechetInceptionDistance
+
+    n, d = min(len(samples), len(reference)), feature_size(extractor, samples)
+    if n <= d:
+        raise Unavailable(f"FID needs more samples a side than the {extractor.name}'s {d} feature dimensions; "
+                          f"this run has {n}")
+    metric = FrechetInceptionDistance(feature=extractor.module, normalize=False, sync_on_compute=False)
+    metric.update(_frames_uint8(reference), real=True)
+    metric.update(_frames_uint8(samples), real=False)
+    with _one_thread():
+        return {"fid": float(metric.compute()), "fid_n": n}
+
+
+def kid(samples: np.ndarray, reference: np.ndarray, extractor: FeatureExtractor) -> dict[str, float]:
+    """KID (torchmetrics), mean and std over random subsets of half the frames, where the sample count supports it."""
     from torchmetrics.image.kid import KernelInceptionDistance
 
-    x, y = (torch.from_numpy(p).reshape(-1, *p.shape[-3:]).permute(0, 3, 1, 2).contiguous() for p in (samples, reference))
-    if min(len(x), len(y)) < 2:
-        raise Unavailable(f"FID/KID need at least 2 images (frames) a side; this run has {min(len(x), len(y))}")
-    subset = min(len(x), len(y), 50)
+    n = min(len(samples), len(reference))
+    if n < KID_MIN_SAMPLES:
+        raise Unavailable(f"KID needs at least {KID_MIN_SAMPLES} samples a side; this run has {n}")
+    x, y = _frames_uint8(samples), _frames_uint8(reference)
     # Only the main process measures, on every sample: no syncing with the other processes of an accelerate run.
-    local = dict(normalize=False, sync_on_compute=False)
-    fid = FrechetInceptionDistance(feature=extractor.module, **local)  # sums kept in float64
-    kid = KernelInceptionDistance(feature=extractor.module, subset_size=subset, subsets=20, **local)
-    for metric in (fid, kid):
-        metric.update(y, real=True)
-        metric.update(x, real=False)
+    metric = KernelInceptionDistance(feature=extractor.module, subset_size=min(len(x), len(y)) // 2,
+                                     subsets=KID_SUBSETS, normalize=False, sync_on_compute=False)
+    metric.update(y, real=True)
+    metric.update(x, real=False)
     with torch.random.fork_rng(devices=[]), _one_thread():  # KID's random subsets: the same in every run and process
         torch.manual_seed(0)
-        kid_mean, _ = kid.compute()
-        fid_value = fid.compute()
-    return {"fid": float(fid_value), "kid": float(kid_mean)}
+        mean, std = metric.compute()
+    return {"kid": float(mean), "kid_std": float(std), "kid_n": n}
 
 
 @contextlib.contextmanager
@@ -167,4 +207,5 @@ def caption_agreement(samples: np.ndarray, prompts: list[str]) -> dict[str, floa
 
     x = torch.from_numpy(samples).float() / 255 * 2 - 1
     x = x.permute(0, 4, 1, 2, 3) if x.dim() == 5 else x.permute(0, 3, 1, 2)
-    return {"agreement": float(np.mean(agree(reference_classifier(), x, prompts, video=x.dim() == 5)))}
+    agreed = agree(reference_classifier(), x, prompts, video=x.dim() == 5)
+    return {"agreement": float(np.mean(agreed)), "agreement_n": len(agreed)}

@@ -1,17 +1,33 @@
-"""What an evaluation run is: a pipeline, the configurations to compare, prompts, seeds and call settings."""
+"""What an evaluation run is: a pipeline, the configurations to compare, prompts, seeds and call settings.
+
+Everything a user gives is checked here, once, whether it comes from the command line or from a run folder's
+spec.json: a bad value is a SpecError whose message names the argument, its value and what is allowed.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, field
 
+import torch
+
+import accel
 from accel.patch import METHODS
 
 
 class SpecError(ValueError):
     """Bad input to the harness: reported as a one-line message, exit code 2."""
+
+
+# The pipeline call's arguments a run may set, and the command-line flag behind each.
+CALL_FLAGS = {"num_inference_steps": "--steps", "height": "--height", "width": "--width", "num_frames": "--frames",
+              "guidance_scale": "--guidance"}
+DTYPES = ("float32", "float16", "bfloat16")
+METRICS = ("fidelity", "fid", "clip", "agreement", "flicker")
 
 
 @dataclass(frozen=True)
@@ -25,8 +41,11 @@ class MethodConfig:
     def label(self) -> str:
         if self.method is None:
             return "baseline"
-        opts = ",".join(f"{k}={v}" for k, v in self.options)
-        return f"{self.method}({opts})" if opts else self.method
+        return f"{self.method}({self.options_text})" if self.options else self.method
+
+    @property
+    def options_text(self) -> str:
+        return ",".join(f"{k}={v}" for k, v in self.options)
 
     @property
     def slug(self) -> str:
@@ -41,7 +60,7 @@ def _value(text: str):
         return text
 
 
-def _split_options(text: str) -> list[str]:
+def _split_options(text: str, given: str) -> list[str]:
     """At the commas outside brackets and quotes: "mag_ratios=[1.0,0.9],threshold=0.1" is two options."""
     items, depth, quote, start = [], 0, None, 0
     for i, char in enumerate(text):
@@ -56,45 +75,89 @@ def _split_options(text: str) -> list[str]:
         elif char == "," and depth == 0:
             items.append(text[start:i])
             start = i + 1
+    if depth or quote:
+        raise SpecError(f"--method {given!r}: unbalanced brackets or quotes in the options")
     return [*items, text[start:]]
+
+
+def method_config(name: str | None, options: dict, given: str) -> MethodConfig:
+    """A checked configuration: a known method whose options its typed config accepts (`given`: for messages)."""
+    if name is None or name == "baseline":
+        if options:
+            raise SpecError(f"--method {given!r}: baseline takes no options")
+        return MethodConfig(None)
+    if name not in METHODS:
+        raise SpecError(f"--method {given!r}: unknown method {name!r}; allowed: baseline, {', '.join(METHODS)}")
+    try:  # the typed config checks each option's name and value (mag_cache's steps come from --steps later)
+        accel.make_config(name, **options)
+    except (ValueError, TypeError) as err:
+        raise SpecError(f"--method {given!r}: {err}") from None
+    return MethodConfig(name, tuple(options.items()))
 
 
 def parse_method(text: str) -> MethodConfig:
     """"baseline", "cg_taylor", or "cg_taylor:threshold=0.1,warmup_steps=4"."""
     name, _, opts = text.strip().partition(":")
-    if name == "baseline":
-        if opts:
-            raise SpecError("baseline takes no options")
-        return MethodConfig(None)
-    if name not in METHODS:
-        raise SpecError(f"unknown method {name!r}; available: baseline, {', '.join(METHODS)}")
-    options = []
-    for item in filter(None, _split_options(opts)):
+    options = {}
+    for item in filter(str.strip, _split_options(opts, text)):
         key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            raise SpecError(f"malformed option {item!r} in {text!r}: expected key=value")
-        options.append((key.strip(), _value(value.strip())))
-    return MethodConfig(name, tuple(options))
+        key = key.strip()
+        if not eq or not key:
+            raise SpecError(f"--method {text!r}: malformed option {item!r}: expected METHOD:key=value,key=value")
+        if key in options:
+            raise SpecError(f"--method {text!r}: option {key!r} given twice")
+        options[key] = _value(value.strip())
+    return method_config(name.strip(), options, text)
 
 
 def load_prompts(path: str) -> list[str]:
     """One prompt per line, or a JSON list of strings."""
     if not os.path.isfile(path):
-        raise SpecError(f"prompts file not found: {path}")
-    text = open(path, encoding="utf-8").read()
+        raise SpecError(f"--prompts {path}: not an existing file (expected a text file, one prompt per line, or a JSON list)")
+    try:
+        text = open(path, encoding="utf-8").read()
+    except (OSError, UnicodeDecodeError) as err:
+        raise SpecError(f"--prompts {path}: cannot be read as UTF-8 text ({err})") from None
     if text.lstrip().startswith("["):
         try:
             prompts = json.loads(text)
         except json.JSONDecodeError as err:
-            raise SpecError(f"{path}: not a valid JSON list ({err})") from None
+            raise SpecError(f"--prompts {path}: not a valid JSON list ({err})") from None
         if not all(isinstance(p, str) for p in prompts):
-            raise SpecError(f"{path}: the JSON list must hold strings only")
+            raise SpecError(f"--prompts {path}: the JSON list must hold strings only")
     else:
-        prompts = [line.strip() for line in text.splitlines()]
-    prompts = [p for p in prompts if p.strip()]
+        prompts = text.splitlines()
+    prompts = [p.strip() for p in prompts if p.strip()]
     if not prompts:
-        raise SpecError(f"{path}: no prompts")
+        raise SpecError(f"--prompts {path}: holds no prompts (expected one prompt per line, or a JSON list)")
     return prompts
+
+
+def _check_int(flag: str, value, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise SpecError(f"{flag} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_call(call: dict) -> None:
+    unknown = sorted(set(call) - set(CALL_FLAGS))
+    if unknown:
+        raise SpecError(f"call settings {unknown} are not among {sorted(CALL_FLAGS)}")
+    for key, value in call.items():
+        if key != "guidance_scale":
+            _check_int(CALL_FLAGS[key], value)
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise SpecError(f"--guidance must be a finite number >= 0, got {value!r}")
+
+
+def check_device(device) -> None:
+    """The device's spelling (its presence on this machine is checked only where samples are generated)."""
+    allowed = "cpu, cuda, cuda:N or mps"
+    try:
+        kind = torch.device(device).type if isinstance(device, str) else None
+    except RuntimeError:
+        kind = None
+    if kind not in ("cpu", "cuda", "mps"):
+        raise SpecError(f"--device must be one of {allowed}, got {device!r}")
 
 
 @dataclass
@@ -103,17 +166,34 @@ class RunSpec:
     configs: list[MethodConfig]
     prompts: list[str]
     seeds: int = 1
-    call: dict = field(default_factory=dict)  # num_inference_steps, height, width, num_frames, guidance_scale...
+    call: dict = field(default_factory=dict)  # num_inference_steps, height, width, num_frames, guidance_scale
     device: str = "cpu"
     dtype: str = "float32"
-    repeats: int = 3  # timed repeats of one sample per configuration, after a warm-up
-    metrics: tuple[str, ...] = ("fidelity", "fid", "clip", "agreement", "flicker")
+    repeats: int = 3  # timed rounds: each configuration once per round, interleaved, after a warm-up round
+    metrics: tuple[str, ...] = METRICS
 
     def __post_init__(self):
-        if not self.configs or self.configs[0].method is not None:
-            self.configs = [MethodConfig(None)] + [c for c in self.configs if c.method is not None]
-        if self.seeds < 1 or self.repeats < 1:
-            raise SpecError("seeds and repeats must be >= 1")
+        self.configs = [MethodConfig(None)] + [c for c in self.configs if c.method is not None]
+        self._check()
+
+    def _check(self) -> None:
+        if not isinstance(self.pipeline, str) or not self.pipeline.strip():
+            raise SpecError(f"--pipeline must name a pipeline (a reference name, a folder or a cached id), got {self.pipeline!r}")
+        labels = [c.label for c in self.configs]
+        twice = sorted({label for label in labels if labels.count(label) > 1})
+        if twice:
+            raise SpecError(f"--method: configuration(s) {twice} given twice; each must differ")
+        if not self.prompts or not all(isinstance(p, str) and p.strip() for p in self.prompts):
+            raise SpecError(f"--prompts must give at least one non-empty prompt, got {self.prompts!r}")
+        _check_int("--seeds", self.seeds)
+        _check_int("--repeats", self.repeats)
+        _check_call(self.call)
+        check_device(self.device)
+        if self.dtype not in DTYPES:
+            raise SpecError(f"--dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+        unknown = sorted(set(self.metrics) - set(METRICS))
+        if unknown:
+            raise SpecError(f"metrics {unknown} are not among {list(METRICS)}")
 
     def jobs(self) -> list[tuple[int, int]]:
         """(prompt index, seed) pairs; a sample's seed depends on its prompt index, never on the process."""
@@ -122,11 +202,45 @@ class RunSpec:
     def to_json(self) -> dict:
         d = asdict(self)
         d["configs"] = [{"method": c.method, "options": dict(c.options), "label": c.label} for c in self.configs]
+        d["metrics"] = list(self.metrics)
         return d
 
     @classmethod
-    def from_json(cls, d: dict) -> "RunSpec":
+    def from_json(cls, d) -> "RunSpec":
+        """A spec.json, checked as the command line is (it may be hand-edited, truncated or from another version)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        required = {f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        if not isinstance(d, dict) or required - set(d) or set(d) - names:
+            raise SpecError(f"expected an object with the keys {sorted(required)} and optionally "
+                            f"{sorted(names - required)}, got {_describe_keys(d)}")
         d = dict(d)
-        d["configs"] = [MethodConfig(c["method"], tuple(c["options"].items())) for c in d["configs"]]
-        d["metrics"] = tuple(d["metrics"])
+        if not isinstance(d["configs"], list) or not all(isinstance(c, dict) and isinstance(c.get("options", {}), dict)
+                                                         for c in d["configs"]):
+            raise SpecError(f"configs must be a list of {{method, options}} objects, got {d['configs']!r}")
+        d["configs"] = [method_config(c.get("method"), c.get("options", {}), c.get("label", str(c.get("method"))))
+                        for c in d["configs"]]
+        for key, kind in (("prompts", list), ("call", dict), ("metrics", list)):
+            if key in d and not isinstance(d[key], kind):
+                raise SpecError(f"{key} must be a JSON {kind.__name__}, got {d[key]!r}")
+        d["metrics"] = tuple(d.get("metrics", METRICS))
         return cls(**d)
+
+
+def _describe_keys(d) -> str:
+    return f"the keys {sorted(d)}" if isinstance(d, dict) else f"a JSON {type(d).__name__}"
+
+
+def read_spec(run_dir: str) -> RunSpec:
+    """The spec.json of a run folder, or a SpecError saying what is wrong with it."""
+    path = os.path.join(run_dir, "spec.json")
+    if not os.path.isfile(path):
+        raise SpecError(f"{run_dir} is not a run folder (no spec.json)")
+    try:
+        data = json.load(open(path, encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SpecError(f"{path} is corrupt ({err}); rerun `accel-eval run` into a new --out") from None
+    try:
+        return RunSpec.from_json(data)
+    except SpecError as err:
+        raise SpecError(f"{path} is not a valid run spec: {err}") from None

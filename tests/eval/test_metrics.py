@@ -41,19 +41,31 @@ def test_psnr_pools_the_error_so_one_identical_sample_does_not_make_it_inf():
     assert metrics.fidelity(mixed, x)["psnr"] == pytest.approx(metrics.fidelity(other[1:], x[1:])["psnr"] + 10 * np.log10(2))
 
 
-def test_fid_and_kid_of_a_single_image_are_unavailable_not_a_crash():
-    with pytest.raises(metrics.Unavailable, match="at least 2"):
-        metrics.fid_kid(_images(1), _images(4), _extractor())
+def test_fid_and_kid_are_left_out_below_their_sample_counts_with_the_reason():
+    extractor = _extractor()  # 8 feature dimensions
+    with pytest.raises(metrics.Unavailable, match="more samples a side than the test's 8 feature dimensions; this run has 8"):
+        metrics.fid(_images(8), _images(8, seed=1), extractor)
+    assert metrics.fid(_images(9), _images(9, seed=1), extractor)["fid_n"] == 9
+    with pytest.raises(metrics.Unavailable, match="at least 10 samples a side; this run has 9"):
+        metrics.kid(_images(9), _images(20, seed=1), extractor)
+    kid = metrics.kid(_images(10), _images(10, seed=1), extractor)
+    assert kid["kid_n"] == 10 and kid["kid_std"] > 0  # subsets of half the samples differ: a spread
+
+
+def test_fid_and_kid_compare_sets_without_a_seed_in_common():
+    samples, reference = _images(6), _images(6, seed=1)
+    odd, even = metrics.independent_halves(samples, reference)
+    assert np.array_equal(odd, samples[1::2]) and np.array_equal(even, reference[0::2])
 
 
 def test_fid_of_a_set_with_itself_is_zero_and_grows_with_noise():
     x = np.concatenate([_images(32, s) for s in range(4)])
     extractor = _extractor()
-    assert abs(metrics.fid_kid(x, x, extractor)["fid"]) < 1e-3
+    assert abs(metrics.fid(x, x, extractor)["fid"]) < 1e-3
     fids = []
     for sigma in (10, 40, 120):
         noisy = np.clip(x.astype(float) + np.random.default_rng(2).normal(0, sigma, x.shape), 0, 255).astype(np.uint8)
-        fids.append(metrics.fid_kid(noisy, x, extractor)["fid"])
+        fids.append(metrics.fid(noisy, x, extractor)["fid"])
     assert 0 < fids[0] < fids[1] < fids[2]
 
 
@@ -64,7 +76,7 @@ def test_fid_and_kid_are_computed_on_one_thread_whatever_the_process_has(monkeyp
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        metrics.fid_kid(_images(8), _images(8, seed=1), _extractor())
+        metrics.fid(_images(16), _images(16, seed=1), _extractor())
         assert seen == [1] and torch.get_num_threads() == 2  # and the caller's count is back
     finally:
         torch.set_num_threads(threads)
