@@ -51,18 +51,7 @@ class TrainConfig:
     seed: int = 0
     max_minutes: float | None = None  # stop early (checkpointed and exported) when the wall-clock budget is spent
     init: str | None = None  # start from this saved model's weights (a save_pretrained folder) instead of random ones
-    # With init (video kinds): keep the transformer, start the text encoder afresh. An encoder trained where two
-    # captions showed the same videos has merged their words; a fresh one tells every word apart again.
-    new_text_encoder: bool = False
-    # With init (video): the input weights of all position channels drawn afresh at the scale of the pixel channels'
-    # (trained ones too). Channels widened in at zero weight barely grew: the frame channel of stages 6-10 reached a
-    # norm of 0.42 against 7.3 per pixel channel (the shapes-video card).
-    redraw_position_channels: bool = False
     compile: bool = False  # torch.compile the network: fuses the elementwise work that bounds these small models
-    # Mean of the logit-normal noise level t = sigmoid(N(mean, 1)). At 0, t > 0.9 in 1.4% of samples; a video's sense
-    # of motion is decided mostly there (at lower noise the shape's path already shows in x_t), so a positive mean
-    # gives the caption's direction word more of the loss.
-    timestep_logit_mean: float = 0.0
     # The share of each batch drawn instead at t ~ U(HIGH_NOISE, 1), where x_t barely shows the sample and the caption
     # alone decides it: the video's direction word pays only there (the shapes-video card), where logit-normal draws
     # at mean 0 fall for 1.4% of samples. A share of the batch, not a shifted mean, keeps training at low noise too.
@@ -103,18 +92,14 @@ def build(kind: str) -> torch.nn.Module:
     return {"image": image_transformer, "video": _VideoModel, "classifier": ShapesClassifier}[kind]()
 
 
-def _initialise(model: torch.nn.Module, kind: str, folder: str, new_text_encoder: bool = False) -> None:
-    """Load the weights of an earlier exported model (continued training; the optimizer starts afresh), all but the
-    text encoder if `new_text_encoder`."""
+def _initialise(model: torch.nn.Module, kind: str, folder: str) -> None:
+    """Load the weights of an earlier exported model (continued training; the optimizer starts afresh)."""
     # (attribute of the training model, or "" for the model itself) -> (subfolder, weights file) of the export
     parts = {
         "image": {"": ("transformer", "diffusion_pytorch_model.safetensors")},
         "classifier": {"": (".", "diffusion_pytorch_model.safetensors")},
     }.get(kind, {"transformer": ("transformer", "diffusion_pytorch_model.safetensors"),
                  "text_encoder": ("text_encoder", "model.safetensors")})
-    if new_text_encoder:
-        logger.info("initialising from %s: the transformer only, the text encoder starts afresh", folder)
-        del parts["text_encoder"]
     for attr, (sub, file) in parts.items():
         module = getattr(model, attr) if attr else model
         path = os.path.join(folder, sub, file)
@@ -140,15 +125,6 @@ def _widen_patch_embedding(weights: dict, state: dict) -> dict:
     wide = torch.zeros(state[key].shape, dtype=old.dtype)
     wide[:, : old.shape[1]] = old
     return {**weights, key: wide}
-
-
-def _redraw_position_channels(transformer: torch.nn.Module) -> None:
-    """Draw the patch embedding's weights for the position channels (the input channels past the output's) afresh,
-    normal at the standard deviation of the pixel channels' weights."""
-    weight = transformer.patch_embedding.weight  # (width, channels, frames, height, width) of the patch kernel
-    pixels = transformer.config.out_channels
-    with torch.no_grad():
-        weight[:, pixels:].normal_(0.0, float(weight[:, :pixels].std()))
 
 
 def training_record(folder: str) -> dict | None:
@@ -178,12 +154,12 @@ def _step_seed(cfg: TrainConfig, step: int, stream: int = 0) -> int:
     return ((cfg.seed * 1_000_003 + step) * 4 + stream) % 2**63
 
 
-def _noised(x0: torch.Tensor, g: torch.Generator, logit_mean: float = 0.0,
+def _noised(x0: torch.Tensor, g: torch.Generator,
             high_noise_share: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x_t, t, target): x_t = (1 - t) x0 + t noise, t logit-normal around sigmoid(logit_mean) (or, for a share of
-    the samples, uniform in [HIGH_NOISE, 1)), target velocity noise - x0."""
+    """(x_t, t, target): x_t = (1 - t) x0 + t noise, t logit-normal around 1/2 (or, for a share of the samples,
+    uniform in [HIGH_NOISE, 1)), target velocity noise - x0."""
     noise = torch.randn(x0.shape, generator=g, device=x0.device)
-    t = torch.sigmoid(torch.randn(x0.shape[0], generator=g, device=x0.device) + logit_mean)
+    t = torch.sigmoid(torch.randn(x0.shape[0], generator=g, device=x0.device))
     if high_noise_share:  # no draws at 0: runs from before the option go on exactly as they ran
         high = torch.rand(x0.shape[0], generator=g, device=x0.device) < high_noise_share
         t = torch.where(high, HIGH_NOISE + (1 - HIGH_NOISE) * torch.rand(x0.shape[0], generator=g, device=x0.device), t)
@@ -198,7 +174,7 @@ def _flow_matching_loss(model, kind: str, step: int, cfg: TrainConfig, device) -
     else:
         batch = video_batch(cfg.seed, step, cfg.batch_size, trail=cfg.motion_trail, device=device)
     g = torch.Generator(device=device).manual_seed(_step_seed(cfg, step))
-    xt, t, target = _noised(batch.pixels, g, cfg.timestep_logit_mean, cfg.high_noise_share)
+    xt, t, target = _noised(batch.pixels, g, cfg.high_noise_share)
     if kind == "image":
         labels = batch.shape * 6 + batch.colour  # DiT's label embedding drops 10% to the null class in train mode
         pred = model(xt, timestep=t * 1000, class_labels=labels).sample
@@ -235,7 +211,7 @@ def _long_video_loss(model, step: int, cfg: TrainConfig, device) -> torch.Tensor
     for i, chunk in enumerate(batch.pixels.split(CHUNK_FRAMES, dim=2)):
         denoise, write = i > 0 or start == 0, i + 1 < LONG_CHUNKS
         if denoise:
-            xt, t, target = _noised(chunk, g, cfg.timestep_logit_mean, cfg.high_noise_share)
+            xt, t, target = _noised(chunk, g, cfg.high_noise_share)
         if denoise and write:
             pred = model.transformer(torch.cat([xt, chunk]), torch.cat([text, text]), torch.cat([t * 1000, zero]),
                                      memory=memory, write_memory=True, return_dict=False)[0][:b]
@@ -363,28 +339,17 @@ def compile_network(model: torch.nn.Module, kind: str) -> None:
 
 
 def train(cfg: TrainConfig, out: str, device: str = "cpu", resume: bool = True) -> dict:
-    if cfg.new_text_encoder and not cfg.init:
-        raise ValueError("new_text_encoder replaces the text encoder of an --init model: give --init too")
-    if cfg.new_text_encoder and cfg.kind not in ("video", "long-video"):
-        raise ValueError(f"new_text_encoder is for the video models: a {cfg.kind} model has no text encoder")
-    if cfg.redraw_position_channels and cfg.kind != "video":
-        raise ValueError(f"redraw_position_channels is for the video model: a {cfg.kind} model has no position channels")
-    if cfg.redraw_position_channels and not cfg.init:
-        raise ValueError("redraw_position_channels redraws channels of an --init model: give --init too")
     if cfg.motion_trail and cfg.kind != "video":
         raise ValueError(f"motion_trail is for the video model's data, not a {cfg.kind} model's")
-    if (cfg.timestep_logit_mean or cfg.high_noise_share) and cfg.kind == "classifier":
-        raise ValueError("timestep_logit_mean and high_noise_share are for the diffusion models: the classifier sees "
-                         "clean samples")
+    if cfg.high_noise_share and cfg.kind == "classifier":
+        raise ValueError("high_noise_share is for the diffusion models: the classifier sees clean samples")
     if not 0 <= cfg.high_noise_share < 1:
         raise ValueError(f"high_noise_share is a share of each batch, in [0, 1): got {cfg.high_noise_share}")
     os.makedirs(out, exist_ok=True)
     torch.manual_seed(cfg.seed)
     model = build(cfg.kind).to(device).train()
     if cfg.init:
-        _initialise(model, cfg.kind, cfg.init, cfg.new_text_encoder)
-        if cfg.redraw_position_channels:
-            _redraw_position_channels(model.transformer)
+        _initialise(model, cfg.kind, cfg.init)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     if cfg.compile:
         compile_network(model, cfg.kind)
@@ -451,13 +416,7 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-minutes", type=float, help="stop (checkpointed, exported) after this much wall time")
     p.add_argument("--init", help="start from the weights of this exported model folder (continued training)")
-    p.add_argument("--new-text-encoder", action="store_true",
-                   help="with --init (video models): the transformer from the folder, a fresh text encoder")
-    p.add_argument("--redraw-position-channels", action="store_true",
-                   help="with --init (video model): all position channels' input weights drawn afresh, trained ones too")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (GPU training)")
-    p.add_argument("--timestep-logit-mean", type=float, default=0.0,
-                   help="noise levels t = sigmoid(N(mean, 1)) (diffusion models; > 0 trains more at high noise)")
     p.add_argument("--high-noise-share", type=float, default=0.0,
                    help="share of each batch trained at noise levels t in [0.9, 1) (diffusion models)")
     p.add_argument("--motion-trail", action="store_true",
@@ -466,8 +425,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}
     cfg = TrainConfig(kind=args.kind, seed=args.seed, max_minutes=args.max_minutes, init=args.init,
-                      new_text_encoder=args.new_text_encoder, redraw_position_channels=args.redraw_position_channels,
-                      compile=args.compile, timestep_logit_mean=args.timestep_logit_mean, motion_trail=args.motion_trail,
+                      compile=args.compile, motion_trail=args.motion_trail,
                       high_noise_share=args.high_noise_share,
                       **{**DEFAULTS[args.kind], **overrides})
     if args.device.startswith("cuda"):

@@ -86,25 +86,6 @@ def test_init_refuses_weights_of_another_model(tmp_path):
               str(tmp_path / "image"))
 
 
-def test_init_with_a_new_text_encoder_keeps_the_transformer_only(tmp_path):
-    cfg = dict(kind="video", batch_size=4, lr=1e-3, log_every=1)
-    train(TrainConfig(steps=2, seed=1, **cfg), str(tmp_path / "first"))
-    train(TrainConfig(steps=0, **cfg), str(tmp_path / "fresh"))  # seed 0's untrained weights
-    first = tmp_path / "first" / "model"
-    report = train(TrainConfig(steps=0, init=str(first), new_text_encoder=True, **cfg), str(tmp_path / "second"))
-    assert report["config"]["new_text_encoder"]
-    second = tmp_path / "second" / "model"
-    for sub, expected in (("transformer", first), ("text_encoder", tmp_path / "fresh" / "model")):
-        for file in (second / sub).glob("*.safetensors"):
-            a, b = load_file(str(file)), load_file(str(expected / sub / file.name))
-            assert all(torch.equal(a[k], b[k]) for k in a), sub
-    with pytest.raises(ValueError, match="give --init"):
-        train(TrainConfig(steps=0, new_text_encoder=True, **cfg), str(tmp_path / "third"))
-    with pytest.raises(ValueError, match="no text encoder"):
-        train(TrainConfig(kind="image", steps=0, batch_size=2, lr=1e-3, init=str(first), new_text_encoder=True),
-              str(tmp_path / "image"))
-
-
 def test_a_resumed_run_gets_its_own_time_budget_and_refuses_another_configuration(tmp_path):
     cfg = dict(kind="classifier", batch_size=4, lr=1e-3, log_every=1)
     assert train(TrainConfig(steps=2, max_minutes=5, **cfg), str(tmp_path))["steps_done"] == 2
@@ -170,15 +151,6 @@ def test_the_long_video_loss_weighs_the_chunk_without_memory_as_all_the_others()
     assert _weigh_chunk_losses(losses[1:], start=8).item() == 2.0  # a context-only first chunk: plain mean
 
 
-def test_a_positive_timestep_logit_mean_trains_more_at_high_noise(tmp_path):
-    x0 = torch.zeros(4096, 1)
-    levels = {m: _noised(x0, torch.Generator().manual_seed(0), logit_mean=m)[1] for m in (0.0, 1.0)}
-    assert abs(levels[0.0].median() - 0.5) < 0.02 and abs(levels[1.0].median() - torch.sigmoid(torch.tensor(1.0))) < 0.02
-    assert (levels[1.0] > 0.9).float().mean() > 5 * (levels[0.0] > 0.9).float().mean()
-    with pytest.raises(ValueError, match="diffusion models"):
-        train(TrainConfig(kind="classifier", steps=1, batch_size=4, lr=1e-3, timestep_logit_mean=1.0), str(tmp_path))
-
-
 def test_motion_trail_reaches_the_video_data_and_is_part_of_the_run(tmp_path, monkeypatch):
     from accel.pipelines.shapes import train as train_module
 
@@ -211,31 +183,12 @@ def test_a_high_noise_share_trains_that_share_in_the_top_tenth_of_noise(tmp_path
             train(TrainConfig(steps=1, batch_size=2, lr=1e-3, **bad), str(tmp_path / "x"))
 
 
-def test_redraw_position_channels_gives_them_the_pixel_channels_scale_and_keeps_the_rest(tmp_path):
-    _save_older_video_pipeline(tmp_path / "old")
-    init = str(tmp_path / "old")
-    for name, redraw in (("widened", False), ("redrawn", True)):
-        train(TrainConfig(kind="video", steps=0, batch_size=2, lr=1e-3, init=init, redraw_position_channels=redraw),
-              str(tmp_path / name))
-    key = "patch_embedding.weight"
-    widened, redrawn = (load_file(str(tmp_path / name / "model" / "transformer" / "diffusion_pytorch_model.safetensors"))
-                        for name in ("widened", "redrawn"))
-    assert all(torch.equal(redrawn[k], widened[k]) for k in widened if k != key)
-    assert torch.equal(redrawn[key][:, :3], widened[key][:, :3])
-    assert not widened[key][:, 3:].any()  # widening starts the channels at zero: the saddle
-    for channel in range(3, 6):
-        assert abs(redrawn[key][:, channel].float().std() / redrawn[key][:, :3].float().std() - 1) < 0.1
-    for bad, message in ((dict(kind="video"), "give --init"), (dict(kind="long-video", init=init), "no position channels")):
-        with pytest.raises(ValueError, match=message):
-            train(TrainConfig(steps=0, batch_size=2, lr=1e-3, redraw_position_channels=True, **bad), str(tmp_path / "x"))
-
-
 def test_a_checkpoint_from_before_an_option_existed_resumes_at_its_default(tmp_path):
     cfg = dict(kind="classifier", batch_size=4, lr=1e-3, checkpoint_every=1)
     train(TrainConfig(steps=1, **cfg), str(tmp_path))
     state = tmp_path / "checkpoint" / "state.json"
     meta = json.loads(state.read_text())
-    for option in ("timestep_logit_mean", "redraw_position_channels", "motion_trail", "high_noise_share"):
+    for option in ("motion_trail", "high_noise_share"):
         del meta["config"][option]
     state.write_text(json.dumps(meta))
     assert train(TrainConfig(steps=2, **cfg), str(tmp_path))["steps_done"] == 2
