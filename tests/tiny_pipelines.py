@@ -75,3 +75,23 @@ def sana_video():
 
 
 PIPELINES = [wan, dit, flux, pixart, sana, sana_video]
+
+
+def long_sana_video():
+    """accel's LongSanaVideoPipeline on the tiny SANA-Video transformer's weights and a tiny Wan VAE, without text
+    encoder (prompt embeddings are passed)."""
+    from diffusers import AutoencoderKLWan
+
+    from accel.pipelines import LongSanaVideoPipeline
+    from accel.pipelines.long_sana_video import CausalSanaVideoTransformer3DModel
+
+    reference = tm.sana_video()
+    transformer = CausalSanaVideoTransformer3DModel.from_config(reference.config).eval()
+    transformer.load_state_dict(reference.state_dict())
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True]).eval()
+    pipe = LongSanaVideoPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
+                                 scheduler=FlowMatchEulerDiscreteScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

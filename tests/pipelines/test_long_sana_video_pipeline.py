@@ -9,22 +9,14 @@ from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler
 
 import accel
 import tiny_models as tm
+import tiny_pipelines as tp
 from accel.pipelines import LongSanaVideoPipeline
 from accel.pipelines.long_sana_video import CausalSanaVideoTransformer3DModel
 
 
 @pytest.fixture(scope="module")
 def pipe():
-    reference = tm.sana_video()
-    transformer = CausalSanaVideoTransformer3DModel.from_config(reference.config).eval()
-    transformer.load_state_dict(reference.state_dict())
-    torch.manual_seed(0)
-    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True]).eval()
-    pipe = LongSanaVideoPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
-                                 scheduler=FlowMatchEulerDiscreteScheduler())
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return tp.long_sana_video()
 
 
 def _embeds():

@@ -9,9 +9,9 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler
+from diffusers import FlowMatchEulerDiscreteScheduler
 
-import tiny_models as tm
+import tiny_pipelines as tp
 from accel.pipelines import LongSanaVideoPipeline, reference_pipeline
 from accel.pipelines.long_sana_video import CausalSanaVideoTransformer3DModel
 from accel.pipelines.long_sana_video.pipeline import LONG_SANA_TIMESTEPS, few_step_timesteps
@@ -44,15 +44,7 @@ def pipes():
 
 @pytest.fixture(scope="module")
 def sana():
-    """LongSanaVideoPipeline on tiny components, without text encoder (prompt embeddings are passed)."""
-    reference = tm.sana_video()
-    transformer = CausalSanaVideoTransformer3DModel.from_config(reference.config).eval()
-    transformer.load_state_dict(reference.state_dict())
-    torch.manual_seed(0)
-    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True]).eval()
-    return _ready(LongSanaVideoPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
-                                        scheduler=FlowMatchEulerDiscreteScheduler()))
+    return tp.long_sana_video()
 
 
 def _sana_kwargs(**kw):
