@@ -69,7 +69,7 @@ def _spec_from_args(args) -> RunSpec:
                    device=args.device, dtype=args.dtype, repeats=args.repeats)
 
 
-def _check_device_present(device: str) -> None:
+def check_device_present(device: str) -> None:
     if device.startswith("cuda"):
         count = torch.cuda.device_count()
         index = torch.device(device).index or 0
@@ -137,7 +137,7 @@ def prepare(spec: RunSpec, run_dir: str):
 
     from .generate import check_inputs, load_pipeline
 
-    _check_device_present(spec.device)
+    check_device_present(spec.device)
     _check_out(run_dir, spec)
     device = PartialState(cpu=spec.device == "cpu").device.type if spec.device == "cuda" else spec.device
     pipe = load_pipeline(spec.pipeline, device, spec.dtype)

@@ -28,7 +28,7 @@ from accel.pipelines import reference_names, reference_pipeline
 from .spec import CALL_FLAGS, MethodConfig, RunSpec, SpecError
 
 
-_OWN_PIPELINES = {  # class name in a saved model_index.json -> the accel module defining it
+OWN_PIPELINES = {  # class name in a saved model_index.json -> the accel module defining it
     "ShapesImagePipeline": "accel.pipelines.shapes.pipelines",
     "ShapesVideoPipeline": "accel.pipelines.shapes.pipelines",
     "ShapesLongVideoPipeline": "accel.pipelines.shapes.long_video",
@@ -48,8 +48,8 @@ def load_pipeline(name: str, device: str, dtype: str):
     own = json.load(open(index)).get("_class_name") if os.path.isfile(index) else None
     if name in reference_names():
         pipe = reference_pipeline(name, device=device, dtype=torch_dtype)
-    elif own in _OWN_PIPELINES:  # accel's own pipeline classes, saved locally
-        pipe = getattr(importlib.import_module(_OWN_PIPELINES[own]), own).from_pretrained(name, dtype=torch_dtype)
+    elif own in OWN_PIPELINES:  # accel's own pipeline classes, saved locally
+        pipe = getattr(importlib.import_module(OWN_PIPELINES[own]), own).from_pretrained(name, dtype=torch_dtype)
         pipe = pipe.to(device)
     else:
         from diffusers import DiffusionPipeline
