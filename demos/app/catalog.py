@@ -68,6 +68,11 @@ class ModelEntry:
         method = ATTENTION_BY_TRANSFORMER.get(self.transformer_class)
         return ("none", method) if method else ("none",)
 
+    def check_choice(self, what: str, chosen: str) -> None:
+        offered = {"mode": self.modes, "caching method": self.caches, "attention method": self.attention_methods}[what]
+        if chosen not in offered:
+            raise DemoError(f"{self.name} offers {' or '.join(map(repr, offered))} as {what}, not {chosen!r}")
+
     @property
     def caches(self) -> tuple[str, ...]:
         # diffusers ships MagCache's magnitude ratios for FLUX only; other models would need calibrating first.
@@ -132,8 +137,7 @@ class Catalog:
     def pipeline(self, name: str, mode: str):
         """The loaded pipeline of `name` in `mode`, and the lock that keeps its requests from overlapping."""
         entry = self.entry(name)
-        if mode not in entry.modes:
-            raise DemoError(f"{name} offers {' or '.join(entry.modes)}, not {mode!r}")
+        entry.check_choice("mode", mode)
         with self._load_lock:
             if mode not in entry._pipelines:
                 entry._pipelines[mode] = self._load(entry, mode)

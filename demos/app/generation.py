@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import inspect
+import logging
 import math
 import os
 import queue
@@ -31,6 +32,7 @@ from accel.eval.harness.metrics import fidelity
 
 from .catalog import IMAGE, LONG, Catalog, DemoError
 
+logger = logging.getLogger("accel.demos.app")
 FPS = 16
 DISPLAY_SIZE = 256  # small outputs (the shipped models make 32 px) are shown enlarged, nearest-neighbour
 MAX_STEPS, MAX_FRAMES = 200, 257
@@ -253,11 +255,11 @@ class Runner:
 
     def stream(self, settings: Settings, acceleration: Acceleration, cancel: threading.Event) -> Iterator[Chunk | Result]:
         """Events of one request. Leaving the loop early (Stop, a closed page) cancels the run."""
-        settings.check(self.max_chunks)
         entry = self.catalog.entry(settings.model)
-        for offered, chosen in ((entry.caches, acceleration.cache), (entry.attention_methods, acceleration.attention)):
-            if chosen not in offered:
-                raise DemoError(f"{entry.name} does not take {chosen!r}; it takes {', '.join(offered)}")
+        entry.check_choice("mode", settings.mode)
+        entry.check_choice("caching method", acceleration.cache)
+        entry.check_choice("attention method", acceleration.attention)
+        settings.check(self.max_chunks)
         if entry.kind == IMAGE:
             settings = dataclasses.replace(settings, length=1)  # one cache entry whatever the hidden frames field says
         configs = acceleration.configs()
@@ -282,10 +284,14 @@ class Runner:
     def _work(self, settings, acceleration, configs, cancel, emit) -> None:
         try:
             emit(self._serve(settings, acceleration, configs, cancel, emit))
+        except Cancelled as err:
+            logger.info("request stopped: %s, %s", settings, acceleration.label())
+            emit(err)
         except BaseException as err:  # noqa: BLE001 - handed to the request's thread, which raises it
             emit(err)
 
     def _serve(self, settings, acceleration, configs, cancel, emit) -> Result:
+        logger.info("request: %s, %s", settings, acceleration.label())
         entry = self.catalog.entry(settings.model)
         pipe, lock = self.catalog.pipeline(settings.model, settings.mode)
         self._prune()

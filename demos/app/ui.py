@@ -62,12 +62,15 @@ class App:
         )
 
     def length_update(self, name: str, mode: str):
-        entry = self.catalog.entries[name]
+        return (gr.update(**self.length_slider(self.catalog.entries[name], mode)),)
+
+    def length_slider(self, entry, mode: str) -> dict:
+        """The length slider counts chunks of a long video, frames of a plain one; images have none."""
         if mode == LONG:
-            return (gr.update(label="Chunks", minimum=1, maximum=self.runner.max_chunks, value=4,
-                              visible=True),)
-        frames = entry.defaults.get("num_frames", 17)
-        return (gr.update(label="Frames", minimum=1, maximum=MAX_FRAMES, value=frames, visible=entry.kind != IMAGE),)
+            return dict(label="Chunks", minimum=1, maximum=self.runner.max_chunks,
+                        value=min(4, self.runner.max_chunks), visible=True)
+        return dict(label="Frames", minimum=1, maximum=MAX_FRAMES, value=entry.defaults.get("num_frames", 17),
+                    visible=entry.kind != IMAGE)
 
     # --- a request --------------------------------------------------------------------------------------------
     def generate(self, prompt, model, mode, cache, attention, threshold, interval, pattern, steps, seed, length,
@@ -77,7 +80,7 @@ class App:
             settings = Settings(model, mode or PLAIN, prompt or "", _whole(steps), _whole(seed), float(guidance),
                                 _whole(length))
             acceleration = Acceleration(cache or "none", attention or "none",
-                                        None if threshold in (None, "") else float(threshold), _whole(interval),
+                                        _threshold(threshold), _whole(interval),
                                         pattern)
             yield {self.summary: "Generating…", self.base_video: None, self.base_image: None, self.image: None}
             for event in self.runner.stream(settings, acceleration, cancel):
@@ -106,14 +109,17 @@ class App:
             out[self.video] = result.accelerated
         return out
 
-    def stop(self, request: gr.Request) -> None:
+    def stop(self, request: gr.Request) -> str:
         cancel = self._cancels.get(request.session_hash)
         if cancel is not None:
             cancel.set()
+        return "Stopped."
 
     # --- layout -----------------------------------------------------------------------------------------------
     def build(self) -> gr.Blocks:
-        first = self.catalog.entries[self.catalog.names()[0]]
+        # A demo for generating videos: the first video model is preselected, a plain one if there is one.
+        usable = [e for e in self.catalog.entries.values() if not e.problem] or list(self.catalog.entries.values())
+        first = min(usable, key=lambda e: (e.kind == IMAGE, e.modes[0] != PLAIN))
         # The API checks a choice against the choices the page started with: every model's, narrowed per model later.
         modes, caches, attentions = (list(dict.fromkeys(c for e in self.catalog.entries.values() for c in getattr(e, name)))
                                      for name in ("modes", "caches", "attention_methods"))
@@ -132,15 +138,14 @@ class App:
                                             elem_id="cache")
                         attention = gr.Dropdown(attentions, value="none", label="Attention method",
                                                 visible=len(first.attention_methods) > 1, elem_id="attention")
-                    threshold = gr.Number(value=None, label="Threshold (empty: the method's default or the model's "
-                                          "preset)", elem_id="threshold")
+                    threshold = gr.Textbox(label="Threshold", placeholder="the method's default or the model's preset",
+                                           elem_id="threshold")
                     interval = gr.Slider(1, 10, value=3, step=1, label="TaylorSeer interval", visible=False)
                     pattern = gr.Dropdown(list(PATTERNS), value="local_3d", label="Sparse attention pattern",
                                           visible=False)
                     steps = gr.Slider(1, MAX_STEPS, step=1, label="Steps",
                                       value=first.defaults.get("num_inference_steps", 20))
-                    length = gr.Slider(1, MAX_FRAMES, step=1, label="Frames", visible=first.kind != IMAGE,
-                                       value=first.defaults.get("num_frames", 17))
+                    length = gr.Slider(step=1, elem_id="length", **self.length_slider(first, first.modes[0]))
                     guidance = gr.Slider(0, 30, step=0.5, label="Guidance",
                                          value=first.defaults.get("guidance_scale", 3.0))
                     seed = gr.Number(value=0, precision=0, label="Seed", minimum=0)
@@ -174,7 +179,7 @@ class App:
                        self.download]
             inputs = [prompt, model, mode, cache, attention, threshold, interval, pattern, steps, seed, length, guidance]
             generating = run.click(self.generate, inputs, outputs, api_name="generate")
-            stop.click(self.stop, None, None, cancels=[generating], queue=False, api_name="stop")
+            stop.click(self.stop, None, self.summary, cancels=[generating], queue=False, api_name="stop")
         return blocks
 
 
@@ -185,6 +190,16 @@ def _whole(value) -> int:
     if isinstance(value, int):
         return value
     raise DemoError(f"expected a whole number, got {value!r}")
+
+
+def _threshold(text) -> float | None:
+    """The threshold box: empty for the default, else a number (range-checked by `Acceleration.check`)."""
+    if text is None or not str(text).strip():
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise DemoError(f"threshold must be a number, got {text!r}") from None
 
 
 def build_app(runner: Runner) -> gr.Blocks:
