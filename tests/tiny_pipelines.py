@@ -95,3 +95,23 @@ def long_sana_video():
                                  scheduler=FlowMatchEulerDiscreteScheduler())
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def shapes_video():
+    """A ShapesVideoPipeline at toy size, random-init: a pixel-space, text-conditioned Wan reading the shapes position
+    channels (2 blocks of width 24, 32x32 frames in patches of 4) and the shapes text encoder at width 16."""
+    from diffusers import WanTransformer3DModel
+
+    from accel.pipelines.shapes.pipelines import ShapesVideoPipeline
+    from accel.pipelines.shapes.text import build_text_encoder, build_tokenizer
+
+    torch.manual_seed(0)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 4, 4), num_attention_heads=2, attention_head_dim=12, in_channels=6, out_channels=3,
+        text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+    )
+    pipe = ShapesVideoPipeline(transformer.eval(), build_text_encoder(16).eval(), build_tokenizer(),
+                               FlowMatchEulerDiscreteScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -9,12 +9,17 @@ from .shapes.reference import reference_classifier, reference_names, reference_p
 
 
 def __getattr__(name: str):
-    # The long-video pipeline pulls in the Triton kernels: imported on first use only.
+    # The long-video pipelines are imported on first use only (LongSANA pulls in the Triton kernels).
     if name == "LongSanaVideoPipeline":
         from .long_sana_video import LongSanaVideoPipeline
 
         return LongSanaVideoPipeline
+    if name == "StreamingT2VPipeline":
+        from .streaming_t2v import StreamingT2VPipeline
+
+        return StreamingT2VPipeline
     raise AttributeError(name)
 
 
-__all__ = ["reference_names", "reference_pipeline", "reference_classifier", "LongSanaVideoPipeline"]
+__all__ = ["reference_names", "reference_pipeline", "reference_classifier", "LongSanaVideoPipeline",
+           "StreamingT2VPipeline"]
