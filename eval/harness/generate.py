@@ -33,6 +33,7 @@ OWN_PIPELINES = {  # class name in a saved model_index.json -> the accel module 
     "ShapesVideoPipeline": "accel.pipelines.shapes.pipelines",
     "ShapesLongVideoPipeline": "accel.pipelines.shapes.long_video",
     "LongSanaVideoPipeline": "accel.pipelines",
+    "StreamingT2VPipeline": "accel.pipelines",
 }
 
 
