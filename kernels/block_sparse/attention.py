@@ -170,11 +170,11 @@ def _block_sparse_attention_fwd(
     stride_cb, stride_ch,  # counts (B, H, Mq): 0 on broadcast dims, 1 along Mq
     stride_fb, stride_fh, stride_fm,  # full-block indices (B, H, Mq, W_full)
     stride_pb, stride_ph, stride_pm,  # partial-block indices (B, H, Mq, W_partial)
-    Q_AUX, K_AUX, rf, rh, rw, ORDER,
+    Q_AUX, K_AUX, rf, rh, rw, ORDER, LSE,
     n_q, n_k, head_dim, num_heads, qk_scale,
     RULE: tl.constexpr, MASK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr, DOT_F32: tl.constexpr,
-    LONGEST_FIRST: tl.constexpr,
+    LONGEST_FIRST: tl.constexpr, STORE_LSE: tl.constexpr,
 ):
     if LONGEST_FIRST:  # grid (programs,): ORDER lists (batch * head) * tiles + tile, longest lists first
         n_tiles = tl.cdiv(n_q, BLOCK_M)
@@ -236,6 +236,10 @@ def _block_sparse_attention_fwd(
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # rows that saw no key: acc = 0 -> zeros
     o_ptrs = O + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    if STORE_LSE:  # for the backward (backward.py): log2-domain log-sum-exp of each row's scaled scores, (B, H, N_q)
+        # fp32; +inf on rows that saw no key, so that the backward's P = exp2(S - lse) is 0 there.
+        lse = tl.where(l_i == 0.0, float("inf"), m_i + tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i)))
+        tl.store(LSE + pid_bh.to(tl.int64) * n_q + rows, lse, mask=row_ok)
 
 
 INTERPRETED = isinstance(_block_sparse_attention_fwd, InterpretedFunction)
@@ -453,19 +457,12 @@ def _check_scale(scale, dim: int) -> float:
     return float(scale)
 
 
-def _check_no_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """The kernels are forward-only: refuse, rather than return an output cut off from the graph."""
-    needing = [name for name, t in (("q", q), ("k", k), ("v", v)) if t.requires_grad]
-    if needing and torch.is_grad_enabled():
-        raise NotImplementedError(
-            f"block_sparse_attention has no backward yet, and {', '.join(needing)} "
-            f"{'requires' if len(needing) == 1 else 'require'} grad (requires_grad=True) "
-            f"with grad mode on; call it under torch.no_grad() or torch.inference_mode(), or detach the inputs"
-        )
-
-
-def _launch(q, k, v, out, mask: BlockSparseMask, scale: float, cfg: KernelConfig) -> None:
+def _launch(q, k, v, out, mask: BlockSparseMask, scale: float, cfg: KernelConfig,
+            lse: torch.Tensor | None = None) -> None:
+    """Run the forward into `out`; with `lse` ((B, H, N_q) fp32, contiguous) the Triton kernel also writes each row's
+    log-sum-exp for the backward (the Gluon kernel writes none: callers that need it never pass a Gluon config)."""
     if cfg.gluon:
+        assert lse is None, "the Gluon kernel writes no log-sum-exp"
         return hopper.launch(q, k, v, out, mask, scale, cfg.num_stages)
     bs = mask.block_size
     bsz, heads, n_q, dim = q.shape
@@ -482,11 +479,11 @@ def _launch(q, k, v, out, mask: BlockSparseMask, scale: float, cfg: KernelConfig
         mask.full_counts, mask.full_indices, mask.partial_counts, mask.partial_indices,
         *table_strides(mask.full_counts, bsz, heads)[:2],
         *table_strides(mask.full_indices, bsz, heads), *table_strides(mask.partial_indices, bsz, heads),
-        q_aux, k_aux, *mask.radius, order,
+        q_aux, k_aux, *mask.radius, order, out if lse is None else lse,
         n_q, k.shape[2], dim, heads, scale * LOG2E,
         RULE=RULES.index(mask.rule), MASK_BLOCK=bs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_D=block_d, EVEN_D=block_d == dim, USE_TMA=descs is not None, DOT_F32=INTERPRETED,
-        LONGEST_FIRST=cfg.longest_first, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        LONGEST_FIRST=cfg.longest_first, STORE_LSE=lse is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 
@@ -500,29 +497,46 @@ def block_sparse_attention(
     *,
     out: torch.Tensor | None = None,
     config: KernelConfig | None = None,
+    backward_config=None,
 ) -> torch.Tensor:
-    """Softmax attention restricted to the allowed blocks (and token rule) of `block_mask`.
+    """Softmax attention restricted to the allowed blocks (and token rule) of `block_mask`; differentiable.
 
     q (B, H, N_q, D), k and v (B, H, N_k, D): float16 or bfloat16, any strides, D <= 128; fp32 accumulation.
     block_mask: a `BlockSparseMask` (see the builders), or a bool block table (B or 1, H or 1,
         ceil(N_q / block_size), ceil(N_k / block_size)) whose listed block pairs are fully allowed.
-    scale: defaults to 1 / sqrt(D). A query that may see no key gets zeros.
-    out: optional output buffer like q (any strides); by default a new tensor.
-    config: kernel tiles / warps / stages, or the Gluon kernel (default: `choose_config`).
-    On CUDA, and on CPU under TRITON_INTERPRET=1, runs a kernel; on CPU otherwise the PyTorch reference.
-    A mask that allows every pair is dense attention: on CUDA it runs through SDPA (logged once), unless `config`
-    is given or the Gluon kernel takes it (`runs_dense_sdpa`). Forward only: the kernels have no backward, so inputs
-    that require grad with grad mode on raise NotImplementedError, except dense masks on CUDA (SDPA's autograd).
+    scale: defaults to 1 / sqrt(D). A query that may see no key gets zeros (and passes no gradient).
+    out: optional output buffer like q (any strides); by default a new tensor. With gradients it is written in place
+        and becomes the autograd output.
+    config: forward kernel tiles / warps / stages, or the Gluon kernel (default: `choose_config`).
+    backward_config: the gradient kernels' tiles (`BackwardConfig`; default: `default_backward_config`).
+    On CUDA, and on CPU under TRITON_INTERPRET=1, runs a kernel; on CPU otherwise the PyTorch reference (and autograd
+    through it). A mask that allows every pair is dense attention: on CUDA it runs through SDPA (logged once), unless
+    `config` is given or the Gluon kernel takes it (`runs_dense_sdpa`).
+    Gradients: when q, k or v requires grad with grad mode on, the Triton forward also saves each row's log-sum-exp
+    and the backward runs the Triton kernels of backward.py (the Gluon kernel has none: `config.gluon` then raises).
     """
     mask, scale = check_inputs(q, k, v, block_mask, scale, block_size, out, config)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if backward_config is not None:
+        from .backward import check_backward_config  # noqa: PLC0415  (backward.py imports this module)
+
+        check_backward_config(backward_config, mask)
     if runs_dense_sdpa(q, k, v, mask, config, out):
         _log_once(logging.INFO, DENSE_MESSAGE)
         dense = F.scaled_dot_product_attention(q, k, v, scale=scale)
         return dense if out is None else out.copy_(dense)
-    _check_no_grad(q, k, v)
-    out = torch.empty_like(q) if out is None else out
     if q.device.type == "cpu" and not INTERPRETED:
         _log_once(logging.WARNING, FALLBACK_MESSAGE)
-        return out.copy_(block_sparse_attention_reference(q, k, v, mask, scale))
+        out = torch.empty_like(q) if out is None else out
+        return out.copy_(block_sparse_attention_reference(q, k, v, mask, scale))  # differentiable (autograd)
+    if needs_grad:
+        if config is not None and config.gluon:
+            raise ValueError("config.gluon: the Gluon kernel has no backward, and q, k or v requires grad; pass a "
+                             "Triton KernelConfig or none, or call it under torch.no_grad()")
+        from .backward import BlockSparseAttentionFunction  # noqa: PLC0415
+
+        return BlockSparseAttentionFunction.apply(out, q, k, v, mask, scale, config or default_config(q, mask.block_size),
+                                                  backward_config)
+    out = torch.empty_like(q) if out is None else out
     _launch(q, k, v, out, mask, scale, config or choose_config(q, k, v, mask, out))
     return out
