@@ -9,23 +9,175 @@ and runs the attention through `accel.kernels.block_sparse_attention`. A pattern
 (frames, height, width after patching) and the head count into a `BlockSparseMask`; the mask is built once per
 grid and reused by every layer and step. The grid is read from the transformer's input by a forward pre-hook.
 Cross-attention (`attn2`) is left alone. Blocks are not touched, so block-level caches (`cg_taylor`) compose.
+
+Patterns beyond one fixed mask (`SparsePattern`):
+- tile order (`tiled_3d`, `criss_cross`, `window_global_random`): q, k, v are gathered into tile order after the
+  rotary embedding, the kernel runs a pure block table, and the output is gathered back (tile_order.py);
+- `dynamic`: a mask chosen per call from the current q and k on the GPU (dynamic_mask.py), no host sync;
+- `pbs`: PBS-Attn, keys permuted within frames by importance before a dynamic mask (pbs.py);
+- `hybrid`: LongGen's schedule, some layers left with their original dense processor.
 """
 
 from __future__ import annotations
 
+import ast
 import math
+import re
 from typing import Callable, Union
 
 import torch
 
 from accel.diffusers_internals import get_wan_qkv_projections
 from accel.kernels.block_sparse import BlockSparseMask, block_sparse_attention, local_3d_mask, strided_shards_mask, table_mask
-from accel.kernels.block_sparse.mask import check_block_size, num_blocks
-from accel.kernels.block_sparse.patterns import check_shards, check_window
+from accel.kernels.block_sparse.dynamic_mask import check_selection, dynamic_block_mask
+from accel.kernels.block_sparse.mask import check_block_size, is_int, num_blocks
+from accel.kernels.block_sparse.patterns import check_shards, check_window, window_global_random_mask
+from accel.kernels.block_sparse.pbs import pbs_block_sparse_attention
+from accel.kernels.block_sparse.tile_order import (
+    TiledMask, check_tile, check_tile_window, criss_cross_mask, tile_permutation, tiled_window_mask,
+)
 
 Grid = tuple[int, int, int]
 Pattern = Callable[[Grid, int, torch.device], BlockSparseMask]  # (grid, heads, device) -> mask
 SUPPORTED = ("WanTransformer3DModel",)
+
+
+class SparsePattern:
+    """A pattern that needs more than one fixed mask per grid: a token permutation, a mask built per call from q and
+    k, or a per-layer schedule. `build` runs once per (grid, heads, device) and its result is cached; `attend` runs
+    in every layer the pattern covers, on q, k, v of layout (B, N, H, D) after the rotary embedding, and returns the
+    attention output in the same layout and token order."""
+
+    def build(self, grid: Grid, heads: int, device: torch.device):
+        raise NotImplementedError
+
+    def attend(self, built, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def sparse_layers(self, num_layers: int) -> list[bool]:
+        """Which self-attention layers get the sparse processor (the others keep theirs, untouched)."""
+        return [True] * num_layers
+
+
+def _kernel(q, k, v, mask) -> torch.Tensor:
+    """block_sparse_attention on (B, N, H, D) tensors: (B, H, N, D) views in, the output back as (B, N, H, D)."""
+    return block_sparse_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask).transpose(1, 2)
+
+
+class MaskPattern(SparsePattern):
+    """A fixed mask per grid from a callable (grid, heads, device) -> BlockSparseMask, in raster token order."""
+
+    def __init__(self, build_mask: Pattern):
+        self.build_mask = build_mask
+
+    def build(self, grid, heads, device):
+        mask = self.build_mask(grid, heads, device)
+        if not isinstance(mask, BlockSparseMask):
+            raise TypeError(f"the sparse attention pattern must return a BlockSparseMask, got {type(mask).__name__}")
+        n = math.prod(grid)
+        if (mask.q_len, mask.kv_len) != (n, n):
+            raise ValueError(f"pattern built a mask for {(mask.q_len, mask.kv_len)} tokens, the layer has {n}")
+        return mask
+
+    def attend(self, built, q, k, v):
+        return _kernel(q, k, v, built)
+
+
+class TiledPattern(SparsePattern):
+    """A block table over the tile order (tile_order.py): q, k, v are gathered into tile order after the rotary
+    embedding, the kernel runs on whole blocks, and the output is gathered back into raster order."""
+
+    def __init__(self, build_tiled: Callable[[Grid, int, torch.device], TiledMask]):
+        self.build_tiled = build_tiled
+
+    def build(self, grid, heads, device):
+        tiled = self.build_tiled(grid, heads, device)
+        if not isinstance(tiled, TiledMask) or tiled.perm.numel() != math.prod(grid):
+            raise TypeError(f"a tiled pattern must return a TiledMask over the {math.prod(grid)} tokens of the grid")
+        return tiled
+
+    def attend(self, built, q, k, v):
+        perm = built.perm
+        out = _kernel(q.index_select(1, perm), k.index_select(1, perm), v.index_select(1, perm), built.mask)
+        return out.index_select(1, built.inverse)
+
+
+class DynamicPattern(SparsePattern):
+    """A block mask chosen per call from the current q and k, on the device (dynamic_mask.py), optionally in tile
+    order (pooled blocks are then 3-D tiles of the video rather than strips of rows)."""
+
+    def __init__(self, budget: float, mass: float | None, sink_blocks: int, diagonal: bool, tile, block_size: int):
+        self.budget, self.mass, self.sink_blocks, self.diagonal = budget, mass, sink_blocks, diagonal
+        self.tile, self.block_size = tile, block_size
+
+    def build(self, grid, heads, device):
+        n = math.prod(grid)
+        mk = num_blocks(n, self.block_size)
+        width = min(mk, max(1, math.ceil(self.budget * mk)))
+        forced = min(self.sink_blocks, mk) + int(self.diagonal)
+        width = max(width, min(forced, mk))
+        budget = None if self.mass is not None else width
+        diagonal = self.diagonal and forced <= width
+        check_selection(mk, budget, self.mass, min(self.sink_blocks, width), diagonal, width)
+        perm = tile_permutation(grid, self.tile, device) if self.tile is not None else None
+        return dict(budget=budget, width=width, diagonal=diagonal, sink=min(self.sink_blocks, width), perm=perm)
+
+    def masks(self, built, q, k):
+        """The mask this pattern chooses for q, k (B, H, N, D), already in the order it attends in."""
+        return dynamic_block_mask(q, k, built["budget"], self.mass, built["width"], built["sink"], built["diagonal"],
+                                  self.block_size)
+
+    def attend(self, built, q, k, v):
+        if built["perm"] is not None:
+            q, k, v = (x.index_select(1, built["perm"][0]) for x in (q, k, v))
+        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        out = block_sparse_attention(qt, kt, vt, self.masks(built, qt, kt)).transpose(1, 2)
+        return out if built["perm"] is None else out.index_select(1, built["perm"][1])
+
+
+class PBSPattern(SparsePattern):
+    """PBS-Attn (pbs.py): keys and values permuted within segments (a frame by default) by importance under the mean
+    query, then a dynamic top-k block mask on the permuted keys; queries keep their order."""
+
+    def __init__(self, budget: float, segment, sink_blocks: int, block_size: int):
+        self.budget, self.segment, self.sink_blocks, self.block_size = budget, segment, sink_blocks, block_size
+
+    def build(self, grid, heads, device):
+        n = math.prod(grid)
+        mk = num_blocks(n, self.block_size)
+        budget = min(mk, max(1, math.ceil(self.budget * mk), min(self.sink_blocks, mk)))
+        segment = grid[1] * grid[2] if self.segment == "frame" else self.segment
+        check_selection(mk, budget, None, min(self.sink_blocks, budget), False, budget)
+        return dict(budget=budget, segment=segment, sink=min(self.sink_blocks, budget))
+
+    def attend(self, built, q, k, v):
+        out = pbs_block_sparse_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), built["budget"],
+                                         built["segment"], built["sink"], self.block_size)
+        return out.transpose(1, 2)
+
+
+class HybridPattern(SparsePattern):
+    """LongGen's hybrid schedule: the layers in `dense_layers` keep their original (dense) processor; the others run
+    `inner`."""
+
+    def __init__(self, inner: SparsePattern, dense_every: int, dense_layers):
+        self.inner, self.dense_every, self.dense_layers = inner, dense_every, dense_layers
+
+    def build(self, grid, heads, device):
+        return self.inner.build(grid, heads, device)
+
+    def attend(self, built, q, k, v):
+        return self.inner.attend(built, q, k, v)
+
+    def sparse_layers(self, num_layers):
+        if self.dense_layers is None:
+            dense_set = set(range(0, num_layers, self.dense_every))
+        else:
+            bad = [i for i in self.dense_layers if not -num_layers <= i < num_layers]
+            if bad:
+                raise ValueError(f"dense_layers {bad} out of range for a model of {num_layers} layers")
+            dense_set = {i % num_layers for i in self.dense_layers}
+        return [i not in dense_set for i in range(num_layers)]
 
 
 def local_3d(radius: tuple[int, int, int] = (2, 8, 8), block_size: int = 128) -> Pattern:
@@ -55,47 +207,166 @@ def dense(block_size: int = 128) -> Pattern:
     return build
 
 
-PATTERNS: dict[str, Callable[[], Pattern]] = {"local_3d": local_3d, "strided_shards": strided_shards, "dense": dense}
+def tiled_3d(tile: tuple[int, int, int] = (2, 8, 8), window: tuple[int, int, int] = (1, 1, 1),
+             block_size: int = 128) -> TiledPattern:
+    """Sliding-tile 3-D windows (STA): tokens in (tf, th, tw) tiles, each query tile sees the tiles within `window`
+    tiles on every axis; in tile order a pure block table (Gluon's path on Hopper). Best with tile volume ==
+    block_size; other grids and tiles are exact too (tile_order.py says what the mask is then)."""
+    tile, window = check_tile(tile), check_tile_window(window)
+    check_block_size(block_size)
+    return TiledPattern(lambda grid, heads, device: tiled_window_mask(grid, tile, window, block_size, device))
 
 
-def _as_pattern(pattern: Union[str, Pattern, BlockSparseMask]) -> Pattern:
+def criss_cross(tile: tuple[int, int, int] = (1, 8, 16), frame_window: int = 1, width: int = 0,
+                block_size: int = 128) -> TiledPattern:
+    """CCNet's criss-cross over the (h, w) grid, in tiles: a query tile sees its tile row and tile column (`width`
+    tiles either side) in the frames within `frame_window` tiles."""
+    tile = check_tile(tile)
+    check_block_size(block_size)
+    if not is_int(frame_window) or frame_window < 0 or not is_int(width) or width < 0:
+        raise ValueError(f"frame_window and width must be ints >= 0, got {frame_window!r}, {width!r}")
+    return TiledPattern(lambda grid, heads, device: criss_cross_mask(grid, tile, frame_window, width, block_size, device))
+
+
+def window_global_random(window_blocks: int = 2, global_blocks: int = 1, random_blocks: int = 2, seed: int = 0,
+                         tile: tuple[int, int, int] | None = (2, 8, 8), block_size: int = 128) -> SparsePattern:
+    """Orion-MSP's block-sparse attention: a window of `window_blocks` blocks either side, `global_blocks` first
+    blocks that see and are seen by all, and `random_blocks` random key blocks per query block and head (seeded: the
+    same blocks every call). With `tile`, blocks are taken over the tile order (3-D neighbourhoods), else raster."""
+    check_block_size(block_size)
+    for name, value in (("window_blocks", window_blocks), ("global_blocks", global_blocks),
+                        ("random_blocks", random_blocks), ("seed", seed)):
+        if not is_int(value) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    tile = None if tile is None else check_tile(tile)
+
+    def build(grid, heads, device):
+        mask = window_global_random_mask(heads, math.prod(grid), window_blocks, global_blocks, random_blocks, seed,
+                                         block_size, device)
+        if tile is None:
+            return TiledMask(mask, *(torch.arange(math.prod(grid), device=device),) * 2, grid, (1, 1, 1))
+        return TiledMask(mask, *tile_permutation(grid, tile, device), grid, tile)
+
+    return TiledPattern(build)
+
+
+def dynamic(budget: float = 0.25, mass: float | None = None, sink_blocks: int = 1, diagonal: bool = True,
+            tile: tuple[int, int, int] | None = (2, 8, 8), block_size: int = 128) -> DynamicPattern:
+    """Dynamic block masks chosen on the GPU from the current q and k (per layer, step, batch and head; no host sync).
+
+    budget: share of key blocks each query block attends to (top-k of pooled block scores; the knob); with `mass` in
+    (0, 1], the fewest top blocks holding that share of the pooled softmax, at most `budget` of the blocks.
+    sink_blocks first blocks and the diagonal block are always on (within the budget). tile: choose blocks over the
+    tile order (3-D tiles pool better than raster strips) or None for raster order."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 < budget <= 1.0:
+        raise ValueError(f"budget must be a share of key blocks in (0, 1], got {budget!r}")
+    if mass is not None and not (isinstance(mass, float) and 0.0 < mass <= 1.0):
+        raise ValueError(f"mass must be None or a float in (0, 1], got {mass!r}")
+    if not is_int(sink_blocks) or sink_blocks < 0:
+        raise ValueError(f"sink_blocks must be an int >= 0, got {sink_blocks!r}")
+    if not isinstance(diagonal, bool):
+        raise TypeError(f"diagonal must be a bool, got {diagonal!r}")
+    check_block_size(block_size)
+    return DynamicPattern(float(budget), mass, sink_blocks, diagonal, None if tile is None else check_tile(tile),
+                          block_size)
+
+
+def pbs(budget: float = 0.25, segment="frame", sink_blocks: int = 1, block_size: int = 128) -> PBSPattern:
+    """PBS-Attn: keys permuted within segments ("frame": the tokens of a latent frame; or a token count) so that the
+    important ones share blocks, then top-k blocks (a `budget` share of them) per query block, chosen on the GPU."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 < budget <= 1.0:
+        raise ValueError(f"budget must be a share of key blocks in (0, 1], got {budget!r}")
+    if segment != "frame" and (not is_int(segment) or segment < 1):
+        raise ValueError(f"segment must be 'frame' or a token count >= 1, got {segment!r}")
+    if not is_int(sink_blocks) or sink_blocks < 0:
+        raise ValueError(f"sink_blocks must be an int >= 0, got {sink_blocks!r}")
+    check_block_size(block_size)
+    return PBSPattern(float(budget), segment, sink_blocks, block_size)
+
+
+def hybrid(pattern: Union[str, Pattern, SparsePattern, BlockSparseMask] = "tiled_3d", dense_every: int = 3,
+           dense_layers=None) -> HybridPattern:
+    """LongGen's hybrid layers: every `dense_every`-th layer (0, dense_every, ...) keeps dense attention -- 1/3 of
+    them by default -- or exactly the layers listed in `dense_layers`; the others run `pattern`."""
+    if not is_int(dense_every) or dense_every < 1:
+        raise ValueError(f"dense_every must be an int >= 1, got {dense_every!r}")
+    if dense_layers is not None and not (isinstance(dense_layers, (list, tuple)) and all(is_int(i) for i in dense_layers)):
+        raise ValueError(f"dense_layers must be a list of layer indices, got {dense_layers!r}")
+    inner = _as_pattern(pattern)
+    if isinstance(inner, HybridPattern):
+        raise ValueError("a hybrid pattern cannot wrap another hybrid pattern")
+    return HybridPattern(inner, dense_every, None if dense_layers is None else tuple(dense_layers))
+
+
+PATTERNS: dict[str, Callable[..., Union[Pattern, SparsePattern]]] = {
+    "local_3d": local_3d,
+    "strided_shards": strided_shards,
+    "dense": dense,
+    "tiled_3d": tiled_3d,
+    "dynamic": dynamic,
+    "criss_cross": criss_cross,
+    "window_global_random": window_global_random,
+    "pbs": pbs,
+    "hybrid": hybrid,
+}
+_CALL = re.compile(r"^\s*(\w+)\s*\((.*)\)\s*$", re.S)
+
+
+def _parse_call(text: str) -> SparsePattern | Pattern:
+    """"name(key=value, ...)" with literal values, e.g. "dynamic(budget=0.1)" (for string-only settings: the CLI)."""
+    name, args = _CALL.match(text).groups()
+    if name not in PATTERNS:
+        raise ValueError(f"unknown sparse attention pattern {name!r}; available: {', '.join(map(repr, PATTERNS))}")
+    try:
+        call = ast.parse(f"f({args})", mode="eval").body
+        if call.args:
+            raise ValueError("positional arguments")
+        kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
+    except (SyntaxError, ValueError) as err:
+        raise ValueError(f"sparse attention pattern {text!r}: give keyword arguments with literal values "
+                         f"(e.g. \"dynamic(budget=0.1)\"): {err}") from None
+    return PATTERNS[name](**kwargs)
+
+
+def _as_pattern(pattern: Union[str, Pattern, SparsePattern, BlockSparseMask]) -> SparsePattern:
     if isinstance(pattern, str):
+        if _CALL.match(pattern):
+            return _as_pattern(_parse_call(pattern))
         if pattern not in PATTERNS:
             raise ValueError(f"unknown sparse attention pattern {pattern!r}; available: {', '.join(map(repr, PATTERNS))}")
-        return PATTERNS[pattern]()
-    if isinstance(pattern, BlockSparseMask):
-        return lambda grid, heads, device: pattern.to(device)
-    if callable(pattern):
+        return _as_pattern(PATTERNS[pattern]())
+    if isinstance(pattern, SparsePattern):
         return pattern
+    if isinstance(pattern, BlockSparseMask):
+        return MaskPattern(lambda grid, heads, device: pattern.to(device))
+    if callable(pattern):
+        return MaskPattern(pattern)
+    names = list(map(repr, PATTERNS))
     raise TypeError(
-        f"pattern must be a name ({', '.join(map(repr, PATTERNS))}), a BlockSparseMask or a callable "
+        f"pattern must be a name ({', '.join(names[:3])}) or one of the video patterns ({', '.join(names[3:])}), "
+        f"optionally with arguments (\"dynamic(budget=0.1)\"), a BlockSparseMask, a SparsePattern or a callable "
         f"(grid, heads, device) -> mask, got {type(pattern).__name__}"
     )
 
 
 class _GridState:
-    """The current latent grid (set by the model's pre-hook) and the masks built for it."""
+    """The current latent grid (set by the model's pre-hook) and what the pattern built for it."""
 
-    def __init__(self, pattern: Pattern, patch_size: tuple[int, int, int]):
+    def __init__(self, pattern: SparsePattern, patch_size: tuple[int, int, int]):
         self.pattern, self.patch_size = pattern, patch_size
         self.grid: Grid | None = None
-        self.masks: dict[tuple, BlockSparseMask] = {}
+        self.masks: dict[tuple, object] = {}  # (grid, heads, device) -> the pattern's build (a mask for mask patterns)
 
     def record(self, module, args, kwargs) -> None:
         latents = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         self.grid = tuple(s // p for s, p in zip(latents.shape[2:], self.patch_size))
 
-    def mask(self, num_tokens: int, heads: int, device: torch.device) -> BlockSparseMask:
+    def built(self, num_tokens: int, heads: int, device: torch.device):
         if self.grid is None or math.prod(self.grid) != num_tokens:
             raise RuntimeError(f"sparse attention got {num_tokens} tokens but the latent grid is {self.grid}")
         key = (self.grid, heads, device)
         if key not in self.masks:
-            mask = self.pattern(self.grid, heads, device)
-            if not isinstance(mask, BlockSparseMask):
-                raise TypeError(f"the sparse attention pattern must return a BlockSparseMask, got {type(mask).__name__}")
-            if (mask.q_len, mask.kv_len) != (num_tokens, num_tokens):
-                raise ValueError(f"pattern built a mask for {(mask.q_len, mask.kv_len)} tokens, the layer has {num_tokens}")
-            self.masks[key] = mask
+            self.masks[key] = self.pattern.build(self.grid, heads, device)
         return self.masks[key]
 
 
@@ -127,10 +398,9 @@ class WanSparseAttnProcessor:
         query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
         if rotary_emb is not None:
             query, key = _rotate(query, *rotary_emb), _rotate(key, *rotary_emb)
-        mask = self.state.mask(query.shape[1], attn.heads, query.device)
-        # (B, N, H, D) -> (B, H, N, D) views; the kernel's output keeps q's strides, so flattening heads back is a view.
-        out = block_sparse_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), mask)
-        out = out.transpose(1, 2).flatten(2, 3).type_as(query)
+        built = self.state.built(query.shape[1], attn.heads, query.device)
+        out = self.state.pattern.attend(built, query, key, value)  # (B, N, H, D)
+        out = out.flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 
 
@@ -139,8 +409,10 @@ def apply_sparse_attention(
 ) -> Callable[[], None]:
     """Run the self-attention of `model` (WanTransformer3DModel) through block-sparse attention.
 
-    pattern: "local_3d", "strided_shards", "dense" (defaults of the factories of the same names), a pattern
-        built by those factories, any callable (grid, heads, device) -> BlockSparseMask, or a fixed mask.
+    pattern: a name of PATTERNS ("local_3d", "strided_shards", "dense", "tiled_3d", "dynamic", "criss_cross",
+        "window_global_random", "pbs", "hybrid": the defaults of the factories of the same names), such a name with keyword
+        arguments ("dynamic(budget=0.1)"), a pattern built by those factories, any callable
+        (grid, heads, device) -> BlockSparseMask, or a fixed mask. Hybrid patterns replace only their sparse layers.
     Returns `restore()`, which puts back the original processor objects and removes the grid hook.
     """
     model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
@@ -155,6 +427,8 @@ def apply_sparse_attention(
     if any(isinstance(layer.processor, WanSparseAttnProcessor) for layer in layers):
         raise RuntimeError(f"{type(model).__name__} already runs sparse attention; call the restore function first")
     state = _GridState(_as_pattern(pattern), tuple(model.config.patch_size))
+    chosen = state.pattern.sparse_layers(len(layers))
+    layers = [layer for layer, sparse in zip(layers, chosen) if sparse]
     originals = [layer.processor for layer in layers]
     hook = model.register_forward_pre_hook(state.record, with_kwargs=True)
     processor = WanSparseAttnProcessor(state)

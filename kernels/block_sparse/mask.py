@@ -174,6 +174,21 @@ class BlockSparseMask:
     def _launch_orders(self) -> dict:
         return {}
 
+    @functools.cached_property
+    def query_lists(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The transposed pattern, for the backward's dK / dV kernel: for every (batch, head, key block) the query
+        blocks that see it, as (full_counts (B', H', Mk), full_indices (B', H', Mk, W), partial_counts, partial_indices),
+        the same layout as the forward's lists with the roles of queries and keys swapped.
+
+        A block pair is full (or partial) here exactly when it is in the forward's lists, except that the ragged last
+        query block is always partial: there only partial blocks mask the query end. Built once per mask (one host
+        sync, O(B' H' Mq Mk)); `block_sparse_attention` builds it in the forward of a call that needs gradients."""
+        full, partial = (t.transpose(-1, -2).contiguous() for t in self.block_tables())
+        if self.q_len % self.block_size:
+            partial[..., -1] |= full[..., -1]
+            full[..., -1] = False
+        return (*_compact(full), *_compact(partial))
+
     def to(self, device) -> "BlockSparseMask":
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # not the cached properties
         return BlockSparseMask(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in fields.items()})

@@ -4,7 +4,9 @@
 - `block_diagonal_mask` / `block_causal_mask`: variable-length segments (HMAR / VAR scales 1, 4, 9, ... 256
   tokens), not aligned to the block size: token-level edges inside boundary blocks are exact;
 - `local_3d_mask`: 3-D local windows over a (frames, height, width) token grid, with optional global tokens;
-- `strided_shards_mask`: per-head strided key shards (S2-Attention): the union over heads is everything.
+- `strided_shards_mask`: per-head strided key shards (S2-Attention): the union over heads is everything;
+- `window_global_random_mask`: Orion-MSP's windowed + global + seeded random blocks.
+Tile-order patterns (3-D windows as whole blocks, criss-cross) are in tile_order.py.
 Block tables are O(N^2 / block^2); nothing here materialises an N x N mask.
 """
 
@@ -182,4 +184,32 @@ def strided_shards_mask(
     shard = (i[None, None, :] % num_shards) == (heads[:, None, None] % num_shards)
     local = (i[:, None] - i[None, :]).abs() < local_blocks
     table = (shard | local[None]).expand(num_heads, m, m)[None]
+    return from_block_tables(table, torch.zeros_like(table), seq_len, seq_len, block_size)
+
+
+def window_global_random_mask(
+    num_heads: int, seq_len: int, window_blocks: int = 2, global_blocks: int = 1, random_blocks: int = 2,
+    seed: int = 0, block_size: int = 128, device=None,
+) -> BlockSparseMask:
+    """Orion-MSP's block-sparse pattern (BigBird's shape): query block i sees key blocks j with |i - j| <=
+    window_blocks, the first `global_blocks` key blocks (which also see every key block), and `random_blocks`
+    further key blocks drawn per (head, query block) from a generator seeded with `seed` (the same mask for the same
+    arguments, on any device). A pure block table; heads differ only by their random blocks."""
+    check_block_size(block_size)
+    check_length("seq_len", seq_len)
+    for name, value in (("num_heads", num_heads), ("window_blocks", window_blocks), ("global_blocks", global_blocks),
+                        ("random_blocks", random_blocks), ("seed", seed)):
+        if not is_int(value) or value < (1 if name == "num_heads" else 0):
+            raise ValueError(f"{name} must be an int >= {1 if name == 'num_heads' else 0}, got {value!r}")
+    m = num_blocks(seq_len, block_size)
+    i = torch.arange(m)
+    table = ((i[:, None] - i[None, :]).abs() <= window_blocks) | (i[None, :] < global_blocks) | (i[:, None] < global_blocks)
+    table = table.expand(num_heads, m, m).clone()
+    if random_blocks:
+        # Random scores per (head, query block, key block), drawn on the CPU so that the mask does not depend on the
+        # device; the random_blocks highest of each row are added (they may repeat blocks already listed).
+        g = torch.Generator().manual_seed(seed)
+        picks = torch.rand(num_heads, m, m, generator=g).topk(min(random_blocks, m), dim=-1).indices
+        table.scatter_(-1, picks, True)
+    table = table.to(device)[None]
     return from_block_tables(table, torch.zeros_like(table), seq_len, seq_len, block_size)

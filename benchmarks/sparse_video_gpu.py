@@ -1,0 +1,367 @@
+"""Sparse attention for video DiTs on the GPU (issue 25): tile-ordered 3-D windows, dynamic block masks, a Wan step.
+
+    python benchmarks/sparse_video_gpu.py [--sections tiles,dynamic,step] [--deadline 300]
+        [--out benchmarks/results/sparse_video_<card>.json]
+
+bf16, batch 1, head dim 128, 128-token blocks. Times are `triton.testing.do_bench` medians (L2 flushed before every
+call); TFLOP/s count 4 * D FLOPs per (query, key) pair inside the computed blocks.
+
+tiles: the sliding-tile window (tile_order.py, tiles (2, 8, 8), windows (1, 1, 1) and (1, 2, 2) tiles) at Wan-1.3B
+    (12 heads, 21 x 30 x 52 = 32,760 tokens) and Wan-14B (40 heads, 21 x 45 x 80 = 75,600) shapes: our kernel as
+    called (`choose_config`: the Gluon kernel on Hopper) on tile-ordered q / k / v; the same with the processor's
+    gathers into and out of tile order; FlexAttention (compiled) over the same block lists; and, at Wan-1.3B, the
+    raster-order alternatives with the same token mask: FlexAttention with a mask_mod (create_block_mask, compiled),
+    and our `local_3d` token-rule window of similar reach (radius (2, 8, 8)) for reference. Checked against a chunked
+    fp32 reference on sampled query blocks.
+dynamic: `dynamic_block_mask` (pool + scores + selection on the GPU) + the kernel, against the kernel with that mask
+    prebuilt (as a `table_mask`, the usual path, and as the device mask), at FLUX (24 x 4608), Wan-1.3B and Wan-14B
+    shapes, budgets 25% / 10% (top-k) and mass 0.9 (capped at 25%); the selection identical to the PyTorch reference
+    on the GPU's scores; the call run once under torch.cuda.set_sync_debug_mode("error") (no host sync) and replayed
+    from a CUDA graph; per-call `table_mask` (the host-synchronising path the issue measured) for comparison.
+step: a Wan-2.1-1.3B-shaped transformer (random init, diffusers) at 480p / 81 frames, one step: dense vs local_3d vs
+    tiled_3d (and dynamic, hybrid), medians of 3 steps after a warm-up step (needs diffusers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.testing
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+_spec = importlib.util.spec_from_file_location("block_sparse_attention_gpu", os.path.join(HERE, "block_sparse_attention_gpu.py"))
+bsg = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bsg)  # its loader, timing and FlexAttention helpers (loads accel.kernels.block_sparse)
+bsa = bsg.bsa
+
+import accel.kernels.block_sparse.dynamic_mask as dyn  # noqa: E402
+import accel.kernels.block_sparse.tile_order as tiles  # noqa: E402
+
+DEV, BLOCK, D = "cuda", 128, 128
+SHAPES = {
+    "flux": dict(heads=24, n=4608, grid=(1, 64, 72)),  # 4608 tokens (image + text as one sequence: dynamic only)
+    "wan1.3b": dict(heads=12, n=32760, grid=(21, 30, 52)),
+    "wan14b": dict(heads=40, n=75600, grid=(21, 45, 80)),
+}
+TILE = (2, 8, 8)
+WINDOWS = ((1, 1, 1), (1, 2, 2))
+T0 = time.perf_counter()
+log, time_ms, rel_err = bsg.log, bsg.time_ms, bsg.rel_err
+
+
+def qkv(heads, n, seed=0):
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    return [torch.randn(1, heads, n, D, device=DEV, dtype=torch.bfloat16, generator=gen) for _ in range(3)]
+
+
+def flops(mask, heads):
+    return 4.0 * D * mask.computed_pairs() * heads / mask.shape[1]
+
+
+def sampled_error(q, k, v, mask, out) -> float:
+    return bsg.sampled_reference_error(q, k, v, mask, out)
+
+
+def raster_flex(flex_fn, tiled, heads, n):
+    """FlexAttention in raster order with the tiled mask's token semantics: a mask_mod on the tiled blocks."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    full, partial = tiled.mask.block_tables()
+    listed = (full | partial)[0, 0]
+    blk = (tiled.inverse // BLOCK).to(torch.int32)
+
+    def mod(b, h, q_idx, kv_idx):
+        return listed[blk[q_idx], blk[kv_idx]]
+
+    t = time.perf_counter()
+    bm = create_block_mask(mod, 1, 1, n, n, device=DEV, BLOCK_SIZE=BLOCK, _compile=True)
+    torch.cuda.synchronize()
+    return bm, time.perf_counter() - t
+
+
+def bench_tiles(names, flex, deadline, res: dict) -> dict:
+    BlockMask, flex_fn = flex
+    for name in names:
+        spec = SHAPES[name]
+        heads, n, grid = spec["heads"], spec["n"], spec["grid"]
+        q, k, v = qkv(heads, n)
+        r = res[name] = {"shape": [1, heads, n, D], "grid": grid, "tile": TILE, "windows": {}}
+        r["sdpa_ms"] = time_ms(lambda: F.scaled_dot_product_attention(q, k, v))
+        flex_masks = bsg.FlexMasks(BlockMask, heads, n)
+        for window in WINDOWS:
+            if time.perf_counter() - T0 > deadline:
+                r["windows"][str(window)] = "skipped: deadline"
+                continue
+            t = time.perf_counter()
+            tiled = tiles.tiled_window_mask(grid, TILE, window, BLOCK, device=DEV)
+            torch.cuda.synchronize()
+            w = {"build_s": time.perf_counter() - t, "block_density": tiled.density()}
+            mask = tiled.mask
+            qt, kt, vt = (x.index_select(2, tiled.perm) for x in (q, k, v))
+            cfg = bsa.choose_config(qt, kt, vt, mask)
+            w["config"] = bsg.cfg_name(cfg)
+            w["ms"] = time_ms(lambda: bsa.block_sparse_attention(qt, kt, vt, mask))
+            fl = flops(mask, heads)
+            w["tflops_computed_blocks"] = fl / w["ms"] / 1e9
+            # The processor's layout: (B, N, H, D) rows gathered into tile order, the output gathered back.
+            qn, kn, vn = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+
+            def with_gathers():
+                a, b, c = (x.index_select(1, tiled.perm) for x in (qn, kn, vn))
+                o = bsa.block_sparse_attention(a.transpose(1, 2), b.transpose(1, 2), c.transpose(1, 2), mask)
+                return o.transpose(1, 2).index_select(1, tiled.inverse)
+
+            w["with_gathers_ms"] = time_ms(with_gathers)
+            out = bsa.block_sparse_attention(qt, kt, vt, mask)
+            w["rel_err_vs_fp32_reference_sampled"] = sampled_error(qt, kt, vt, mask, out)
+            got = with_gathers().transpose(1, 2)
+            w["gathered_path_equals_kernel"] = bool(torch.equal(got.index_select(2, tiled.perm), out))
+            bm = flex_masks.block_mask(mask)
+            flex_out = flex_fn(qt, kt, vt, block_mask=bm)
+            w["flex_same_blocks_ms"] = time_ms(lambda: flex_fn(qt, kt, vt, block_mask=bm))
+            w["flex_same_blocks_tflops"] = fl / w["flex_same_blocks_ms"] / 1e9
+            w["flex_rel_err_vs_fp32_reference_sampled"] = sampled_error(qt, kt, vt, mask, flex_out)
+            w["speedup_vs_flex_same_blocks"] = w["flex_same_blocks_ms"] / w["ms"]
+            w["speedup_vs_sdpa"] = r["sdpa_ms"] / w["ms"]
+            if name == "wan1.3b":  # raster order with the same token mask: what FlexAttention users would write
+                try:
+                    rbm, build_s = raster_flex(flex_fn, tiled, heads, n)
+                    w["flex_raster_mask_mod_build_s"] = build_s
+                    w["flex_raster_mask_mod_ms"] = time_ms(lambda: flex_fn(q, k, v, block_mask=rbm))
+                    w["speedup_vs_flex_raster_mask_mod"] = w["flex_raster_mask_mod_ms"] / w["with_gathers_ms"]
+                    fo = flex_fn(q, k, v, block_mask=rbm)
+                    w["flex_raster_equals_ours_rel"] = rel_err(fo, got)
+                except Exception as e:  # reported, not fatal
+                    w["flex_raster_mask_mod"] = f"failed: {type(e).__name__}: {str(e)[:300]}"
+            r["windows"][str(window)] = w
+            log(name, "tiled", window, json.dumps({a: (round(b, 4) if isinstance(b, float) else b) for a, b in w.items()}))
+            del qt, kt, vt, qn, kn, vn, out, flex_out
+            torch.cuda.empty_cache()
+        if name == "wan1.3b" and time.perf_counter() - T0 < deadline:  # the token-rule window it replaces
+            local = bsa.local_3d_mask(grid, (2, 8, 8), BLOCK, device=DEV)
+            lw = {"block_density": local.density(), "config": bsg.cfg_name(bsa.choose_config(q, k, v, local))}
+            lw["ms"] = time_ms(lambda: bsa.block_sparse_attention(q, k, v, local))
+            lw["tflops_computed_blocks"] = flops(local, heads) / lw["ms"] / 1e9
+            r["local_3d_radius_2_8_8_raster"] = lw
+            log(name, "local_3d", lw)
+        del q, k, v
+        torch.cuda.empty_cache()
+    return res
+
+
+DYNAMIC_CASES = {"top25": dict(budget=0.25), "top10": dict(budget=0.10), "mass0.9_cap25": dict(mass=0.9, cap=0.25)}
+
+
+def bench_dynamic(names, deadline, res: dict) -> dict:
+    for name in names:
+        spec = SHAPES[name]
+        heads, n = spec["heads"], spec["n"]
+        q, k, v = qkv(heads, n, seed=1)
+        # Keys with some structure (random data pools to near-identical block means): a slow drift along the sequence.
+        drift = torch.randn(1, heads, 1, D, device=DEV, dtype=torch.bfloat16)
+        pos = torch.linspace(-1, 1, n, device=DEV, dtype=torch.bfloat16)[None, None, :, None]
+        k = k + pos * drift
+        q = q + pos.flip(2) * drift
+        mk = -(-n // BLOCK)
+        r = res[name] = {"shape": [1, heads, n, D], "cases": {}}
+        for case, c in DYNAMIC_CASES.items():
+            if time.perf_counter() - T0 > deadline:
+                r["cases"][case] = "skipped: deadline"
+                continue
+            if "budget" in c:
+                kw = dict(budget=max(2, math.ceil(c["budget"] * mk)), sink_blocks=1, diagonal=True, block_size=BLOCK)
+            else:
+                kw = dict(mass=c["mass"], width=max(2, math.ceil(c["cap"] * mk)), sink_blocks=1, diagonal=True,
+                          block_size=BLOCK)
+            build = lambda: dyn.dynamic_block_mask(q, k, **kw)  # noqa: E731
+            mask = build()
+            full, part = mask.block_tables()
+            table = full | part
+            prebuilt = bsa.table_mask(table, n, block_size=BLOCK)
+            w = {"kwargs": kw, "block_density": prebuilt.density()}
+            # Selection on the GPU identical to the PyTorch reference on the same scores.
+            scores = dyn.block_scores(q, k, BLOCK)
+            sel = dyn.select_blocks(scores, n, BLOCK, kw.get("width", kw.get("budget")), kw.get("budget"), kw.get("mass"),
+                                    kw["sink_blocks"], kw["diagonal"])
+            want = dyn.select_blocks_reference(scores, n, BLOCK, kw.get("width", kw.get("budget")), kw.get("budget"),
+                                               kw.get("mass"), kw["sink_blocks"], kw["diagonal"])
+            w["selection_identical_to_reference"] = all(bool(torch.equal(a, b)) for a, b in zip(sel, want))
+            w["scores_rel_err_vs_reference"] = rel_err(scores, dyn.block_scores_reference(q, k, BLOCK))
+            w["kernel_prebuilt_table_mask_ms"] = time_ms(lambda: bsa.block_sparse_attention(q, k, v, prebuilt))
+            w["kernel_prebuilt_device_mask_ms"] = time_ms(lambda: bsa.block_sparse_attention(q, k, v, mask))
+            w["build_ms"] = time_ms(build)
+            w["build_plus_kernel_ms"] = time_ms(lambda: bsa.block_sparse_attention(q, k, v, build()))
+            w["ratio_build_plus_kernel_vs_prebuilt"] = w["build_plus_kernel_ms"] / w["kernel_prebuilt_table_mask_ms"]
+            w["tflops_computed_blocks_prebuilt"] = flops(prebuilt, heads) / w["kernel_prebuilt_table_mask_ms"] / 1e9
+            out = bsa.block_sparse_attention(q, k, v, mask)
+            w["rel_err_vs_fp32_reference_sampled"] = sampled_error(q, k, v, mask, out)
+            w["equals_prebuilt_output"] = bool(torch.equal(out, bsa.block_sparse_attention(q, k, v, prebuilt)))
+            torch.cuda.synchronize()
+            try:  # no host synchronisation anywhere in build + kernel
+                torch.cuda.set_sync_debug_mode("error")
+                bsa.block_sparse_attention(q, k, v, build())
+                w["no_host_sync"] = True
+            except RuntimeError as e:
+                w["no_host_sync"] = f"failed: {str(e)[:300]}"
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            try:  # and inside a CUDA graph
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    for _ in range(2):
+                        bsa.block_sparse_attention(q, k, v, build())
+                torch.cuda.current_stream().wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    g_out = bsa.block_sparse_attention(q, k, v, build())
+                graph.replay()
+                torch.cuda.synchronize()
+                w["cuda_graph_equals_eager"] = bool(torch.equal(g_out, out))
+                w["cuda_graph_build_plus_kernel_ms"] = time_ms(graph.replay)
+                del graph, g_out
+            except Exception as e:
+                w["cuda_graph"] = f"failed: {type(e).__name__}: {str(e)[:300]}"
+            if name == "flux":  # the issue's baseline: a bool table per call through table_mask (host syncs)
+                w["per_call_table_mask_plus_kernel_ms"] = time_ms(
+                    lambda: bsa.block_sparse_attention(q, k, v, bsa.table_mask(table, n, block_size=BLOCK)))
+            r["cases"][case] = w
+            log(name, "dynamic", case, json.dumps({a: (round(b, 4) if isinstance(b, float) else b) for a, b in w.items()}))
+        del q, k, v
+        torch.cuda.empty_cache()
+    return res
+
+
+def bench_step(deadline, res: dict) -> dict:
+    import accel
+    from accel.attention.sparse import dynamic, hybrid, tiled_3d
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    bf = dict(device=DEV, dtype=torch.bfloat16)
+    with torch.device(DEV):
+        m = WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+            text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+        x = {"hidden_states": torch.randn(1, 16, 21, 60, 104, **bf), "encoder_hidden_states": torch.randn(1, 512, 4096, **bf)}
+    m = m.to(torch.bfloat16).eval()
+    t = torch.full((1,), 500.0, device=DEV)
+
+    def step():
+        with torch.no_grad():
+            return m(**x, timestep=t, return_dict=False)[0]
+
+    def timed(k=3):
+        step()  # warm-up: mask build, compilation
+        per = []
+        for _ in range(k):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = step()
+            torch.cuda.synchronize()
+            per.append(1e3 * (time.perf_counter() - t0))
+        return statistics.median(per), per, out
+
+    res.update({"model": "Wan2.1-1.3B shape, random init, bf16", "latent": [1, 16, 21, 60, 104], "tokens": 32760})
+    ms, per, dense_out = timed()
+    res["dense"] = {"step_ms": ms, "steps_ms": per}
+    log("step dense", ms)
+    configs = {"local_3d": "local_3d", "tiled_3d": tiled_3d(), "dynamic_25": dynamic(budget=0.25),
+               "hybrid_tiled_3d": hybrid(tiled_3d())}
+    for name, pattern in configs.items():
+        if time.perf_counter() - T0 > deadline:
+            res[name] = "skipped: deadline"
+            continue
+        with accel.patch(m, method="sparse_attention", pattern=pattern):
+            ms, per, out = timed()
+        res[name] = {"step_ms": ms, "steps_ms": per, "speedup_vs_dense": res["dense"]["step_ms"] / ms,
+                     "rel_diff_vs_dense_output": rel_err(out, dense_out)}
+        log("step", name, res[name])
+    return res
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sections", default="tiles,dynamic,step")
+    p.add_argument("--deadline", type=float, default=300.0)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    card = "h200" if "H200" in torch.cuda.get_device_name() else "h100" if "H100" in torch.cuda.get_device_name() else "gpu"
+    out_path = args.out or os.path.join(HERE, "results", f"sparse_video_{card}.json")
+    res = {"env": {"gpu": torch.cuda.get_device_name(), "capability": list(torch.cuda.get_device_capability()),
+                   "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+                   "python": platform.python_version(),
+                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                   "dtype": "bfloat16", "block_size": BLOCK, "head_dim": D}}
+
+    def save():
+        os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
+        json.dump(res, open(out_path + ".tmp", "w"), indent=1)
+        os.replace(out_path + ".tmp", out_path)
+
+    sections = args.sections.split(",")
+
+    def guarded(key, fn):
+        part = res[key] = {}  # filled as the section goes: what ran before a failure is kept
+        try:
+            fn(part)
+        except Exception as e:  # a section that breaks is reported with its traceback; the others still run
+            import traceback
+
+            traceback.print_exc()
+            part["failed"] = f"{type(e).__name__}: {str(e)[:500]}"
+            torch.cuda.set_sync_debug_mode(0)
+        save()
+
+    if "dynamic" in sections:
+        guarded("dynamic", lambda part: bench_dynamic(["flux", "wan1.3b", "wan14b"], args.deadline, part))
+    if "tiles" in sections:
+        guarded("tiles", lambda part: bench_tiles(["wan1.3b", "wan14b"], bsg.flex_setup(), args.deadline, part))
+    if "step" in sections:
+        guarded("step", lambda part: bench_step(args.deadline + 120, part))
+    # Summary table (the reply carries the end of the output).
+    for name, r in res.get("tiles", {}).items():
+        if not isinstance(r, dict) or "windows" not in r:
+            continue
+        for wname, w in r["windows"].items():
+            if isinstance(w, dict):
+                print(f"tiles {name} window {wname}: dens {w['block_density']:.3f} ours {w['ms']:.3f} ms "
+                      f"{w['tflops_computed_blocks']:.0f} TF/s (+gathers {w['with_gathers_ms']:.3f} ms) | flex same blocks "
+                      f"{w['flex_same_blocks_ms']:.3f} ms x{w['speedup_vs_flex_same_blocks']:.2f} | flex raster "
+                      f"{w.get('flex_raster_mask_mod_ms', float('nan')):.3f} ms | sdpa {r['sdpa_ms']:.3f} ms")
+        if "local_3d_radius_2_8_8_raster" in r:
+            lw = r["local_3d_radius_2_8_8_raster"]
+            print(f"tiles {name} local_3d raster: dens {lw['block_density']:.3f} {lw['ms']:.3f} ms "
+                  f"{lw['tflops_computed_blocks']:.0f} TF/s")
+    for name, r in res.get("dynamic", {}).items():
+        if not isinstance(r, dict) or "cases" not in r:
+            continue
+        for case, w in r["cases"].items():
+            if isinstance(w, dict):
+                print(f"dynamic {name} {case}: dens {w['block_density']:.3f} prebuilt {w['kernel_prebuilt_table_mask_ms']:.3f}"
+                      f" ms, build {w['build_ms']:.3f} ms, build+kernel {w['build_plus_kernel_ms']:.3f} ms "
+                      f"(x{w['ratio_build_plus_kernel_vs_prebuilt']:.3f}), graph "
+                      f"{w.get('cuda_graph_build_plus_kernel_ms', float('nan')):.3f} ms, same selection "
+                      f"{w['selection_identical_to_reference']}, no sync {w['no_host_sync']}")
+    for name, s in res.get("step", {}).items():
+        if isinstance(s, dict):
+            print(f"step {name}: {s['step_ms']:.1f} ms x{s.get('speedup_vs_dense', 1.0):.2f}")
+    print("results:", out_path)
+
+
+if __name__ == "__main__":
+    main()
