@@ -10,11 +10,15 @@
 from .cg_taylor import PRESETS, CGTaylorConfig
 from .methods import (
     METHODS,
+    FasterCacheConfig,
     FirstBlockCacheConfig,
     LinearAttentionKernelsConfig,
     MagCacheConfig,
+    PyramidAttentionBroadcastConfig,
+    SeaCacheConfig,
     SparseAttentionConfig,
     TaylorSeerCacheConfig,
+    TextKVCacheConfig,
     make_config,
 )
 from .models import register_model
@@ -22,6 +26,7 @@ from .patch import PatchHandle, patch
 
 __all__ = [
     "patch", "PatchHandle", "METHODS", "make_config", "CGTaylorConfig", "FirstBlockCacheConfig", "TaylorSeerCacheConfig",
-    "MagCacheConfig", "SparseAttentionConfig", "LinearAttentionKernelsConfig", "PRESETS", "register_model",
+    "MagCacheConfig", "PyramidAttentionBroadcastConfig", "FasterCacheConfig", "SeaCacheConfig", "TextKVCacheConfig",
+    "SparseAttentionConfig", "LinearAttentionKernelsConfig", "PRESETS", "register_model",
 ]
 __version__ = "0.1.0"

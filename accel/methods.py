@@ -91,6 +91,105 @@ class MagCacheConfig(diffusers_hooks.MagCacheConfig):
             super().__post_init__()  # diffusers lays the ratios out over the steps
 
 
+def _check_range(owner: str, name: str, value) -> None:
+    """A timestep range: a (low, high) pair of real numbers with low < high."""
+    if not (isinstance(value, (tuple, list)) and len(value) == 2):
+        raise TypeError(f"{owner}: {name} must be a (low, high) pair of timesteps, got {value!r}")
+    low, high = (check_real(owner, name, v) for v in value)
+    if low >= high:
+        raise ValueError(f"{owner}: {name} must have low < high, got {value!r}")
+
+
+def _check_callable(owner: str, name: str, value) -> None:
+    if value is not None and not callable(value):
+        raise TypeError(f"{owner}: {name} must be None or a callable, got {value!r}")
+
+
+def _check_skip_range(owner: str, name: str, value) -> None:
+    if value is not None:
+        check_int(owner, name, value, minimum=1)
+
+
+@dataclass
+class PyramidAttentionBroadcastConfig(diffusers_hooks.PyramidAttentionBroadcastConfig):
+    """diffusers' Pyramid Attention Broadcast: each hooked attention layer computes one call in N (`*_block_skip_range`)
+    while the timestep is inside its range and reuses its last output otherwise. At least one skip range must be set.
+    `current_timestep_callback` may be left out: accel reads the pipeline's `current_timestep`, or the timestep of
+    each transformer call."""
+
+    spatial_attention_block_skip_range: int | None = 2  # diffusers' fallback, made the visible default
+
+    def __post_init__(self):
+        owner = type(self).__name__
+        kinds = ("spatial", "temporal", "cross")
+        for kind in kinds:
+            _check_skip_range(owner, f"{kind}_attention_block_skip_range", getattr(self, f"{kind}_attention_block_skip_range"))
+            _check_range(owner, f"{kind}_attention_timestep_skip_range", getattr(self, f"{kind}_attention_timestep_skip_range"))
+            _check_patterns(owner, f"{kind}_attention_block_identifiers", getattr(self, f"{kind}_attention_block_identifiers"))
+        if all(getattr(self, f"{kind}_attention_block_skip_range") is None for kind in kinds):
+            # diffusers would warn and fall back to spatial 2: say it instead
+            raise ValueError(f"{owner}: set at least one of spatial_attention_block_skip_range, "
+                             "temporal_attention_block_skip_range, cross_attention_block_skip_range")
+        _check_callable(owner, "current_timestep_callback", self.current_timestep_callback)
+
+
+FASTER_CACHE_TENSOR_FORMATS = ("BCFHW", "BFCHW", "BCHW")
+
+
+@dataclass
+class FasterCacheConfig(diffusers_hooks.FasterCacheConfig):
+    """diffusers' FasterCache: attention reuse every `spatial_attention_block_skip_range` calls and, for pipelines that
+    batch classifier-free guidance as [uncond, cond], the unconditional half approximated from the conditional one
+    (every `unconditional_batch_skip_range`-th call computed). `current_timestep_callback` as for PAB."""
+
+    def __post_init__(self):
+        owner = type(self).__name__
+        check_int(owner, "spatial_attention_block_skip_range", self.spatial_attention_block_skip_range, minimum=1)
+        _check_skip_range(owner, "temporal_attention_block_skip_range", self.temporal_attention_block_skip_range)
+        check_int(owner, "unconditional_batch_skip_range", self.unconditional_batch_skip_range, minimum=1)
+        for name in ("spatial_attention_timestep_skip_range", "low_frequency_weight_update_timestep_range",
+                     "high_frequency_weight_update_timestep_range", "unconditional_batch_timestep_skip_range"):
+            _check_range(owner, name, getattr(self, name))
+        if self.temporal_attention_timestep_skip_range is not None:
+            _check_range(owner, "temporal_attention_timestep_skip_range", self.temporal_attention_timestep_skip_range)
+        for name in ("alpha_low_frequency", "alpha_high_frequency"):
+            check_real(owner, name, getattr(self, name), minimum=0)
+        _check_patterns(owner, "spatial_attention_block_identifiers", self.spatial_attention_block_identifiers)
+        _check_patterns(owner, "temporal_attention_block_identifiers", self.temporal_attention_block_identifiers)
+        for name in ("attention_weight_callback", "low_frequency_weight_callback", "high_frequency_weight_callback",
+                     "current_timestep_callback"):
+            _check_callable(owner, name, getattr(self, name))
+        if self.tensor_format not in FASTER_CACHE_TENSOR_FORMATS:
+            raise ValueError(f"{owner}: tensor_format must be one of {FASTER_CACHE_TENSOR_FORMATS}, got {self.tensor_format!r}")
+        check_bool(owner, "is_guidance_distilled", self.is_guidance_distilled)
+
+
+@dataclass
+class SeaCacheConfig(diffusers_hooks.SeaCacheConfig):
+    """diffusers' SeaCache: the block stack is replaced by a cached residual while the accumulated change of its
+    spectral indicator stays under `threshold`. It reads the step index, sigma and step count from the pipeline's
+    cache context (WanPipeline and Cosmos 3 pass them); elsewhere it runs every step, and accel.patch says so."""
+
+    def __post_init__(self):
+        owner = type(self).__name__
+        check_real(owner, "threshold", self.threshold, minimum=0)
+        check_int(owner, "residual_order", self.residual_order, minimum=0)
+        for name in ("retention_steps", "cache_end_steps", "max_consecutive_cached"):
+            check_int(owner, name, getattr(self, name), minimum=0)
+        check_real(owner, "power_exp", self.power_exp)
+        _check_callable(owner, "raw_vision_callback", self.raw_vision_callback)
+        try:
+            super().__post_init__()  # diffusers' own checks (residual_order 0 or 1, power_exp > 0)
+        except ValueError as err:
+            raise ValueError(f"{owner}: {err}") from None
+
+
+@dataclass
+class TextKVCacheConfig(diffusers_hooks.TextKVCacheConfig):
+    """diffusers' TextKVCache: lossless; the text keys and values of every block computed once per prompt. diffusers
+    implements it for NucleusMoE-Image's blocks only."""
+
+
 @dataclass(frozen=True)
 class SparseAttentionConfig:
     """Block-sparse self-attention (WanTransformer3DModel). pattern: "local_3d", "strided_shards", "dense", a
@@ -125,6 +224,11 @@ METHODS: dict[str, Method] = {
         Method("first_block_cache", FirstBlockCacheConfig, False, diffusers_hooks.FirstBlockCacheConfig),
         Method("taylorseer", TaylorSeerCacheConfig, False, diffusers_hooks.TaylorSeerCacheConfig),
         Method("mag_cache", MagCacheConfig, False, diffusers_hooks.MagCacheConfig),
+        Method("pyramid_attention_broadcast", PyramidAttentionBroadcastConfig, False,
+               diffusers_hooks.PyramidAttentionBroadcastConfig),
+        Method("faster_cache", FasterCacheConfig, False, diffusers_hooks.FasterCacheConfig),
+        Method("sea_cache", SeaCacheConfig, False, diffusers_hooks.SeaCacheConfig),
+        Method("text_kv_cache", TextKVCacheConfig, False, diffusers_hooks.TextKVCacheConfig),
         Method("sparse_attention", SparseAttentionConfig, True),
         Method("linear_attention_kernels", LinearAttentionKernelsConfig, True),
     )

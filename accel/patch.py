@@ -145,6 +145,9 @@ def _install_diffusers(handle: PatchHandle, model: torch.nn.Module, cache: Diffu
     HookRegistry.check_if_exists_or_initialize(cache.observed).register_hook(ComputeCounter(clock), COUNTER_HOOK)
     clock.derives_predictions = True
     handle._removers.append(lambda: internals.remove_hook(model, COUNTER_HOOK))
+    if cache.watch is not None:
+        cache.watch.install(model)
+        handle._removers.append(cache.watch.remove)
     cache.apply(model, cache.config)
     handle._removers.append(lambda: [internals.remove_hook(model, name) for name in cache.hook_names])
     _hold_cache_slot(handle, model, cache.config)
@@ -188,21 +191,23 @@ def _patch_attention(method: Method, models: list[torch.nn.Module], config) -> P
     return handle
 
 
-def _bound_configs(method: Method, models: list[torch.nn.Module], config, steps: int | None) -> list:
+def _bound_configs(method: Method, models: list[torch.nn.Module], config, steps: int | None, pipeline) -> list:
     """The config of each model: CG-Taylor's preset filled in by family, diffusers' caches bound to the model."""
     if method.name == "cg_taylor":
         return [config.resolved(spec_for(m).family) for m in models]
-    return [DIFFUSERS_METHODS[method.name](m, config, steps) for m in models]
+    return [DIFFUSERS_METHODS[method.name](m, config, steps, pipeline) for m in models]
 
 
 def patch(target: Any, method: Any = "cg_taylor", num_inference_steps: int | None = None, **options) -> PatchHandle:
     """Accelerate a diffusers pipeline (its `transformer`, and `transformer_2` if any) or a bare transformer.
 
     method: a config object (CGTaylorConfig, FirstBlockCacheConfig, TaylorSeerCacheConfig, MagCacheConfig,
-        SparseAttentionConfig, LinearAttentionKernelsConfig from `accel`; diffusers' own cache configs are accepted
-        too), or a method name with the config's fields as keyword options: "cg_taylor" (fields left out come from
-        the model family's preset), "first_block_cache", "taylorseer", "mag_cache", or an attention method, which
-        composes with one of those: "linear_attention_kernels" (SANA, SANA-Video), "sparse_attention" (Wan).
+        PyramidAttentionBroadcastConfig, FasterCacheConfig, SeaCacheConfig, TextKVCacheConfig, SparseAttentionConfig,
+        LinearAttentionKernelsConfig from `accel`; diffusers' own cache configs are accepted too), or a method name
+        with the config's fields as keyword options: "cg_taylor" (fields left out come from the model family's
+        preset), "first_block_cache", "taylorseer", "mag_cache", "pyramid_attention_broadcast", "faster_cache",
+        "sea_cache", "text_kv_cache", or an attention method, which composes with one of those:
+        "linear_attention_kernels" (SANA, SANA-Video), "sparse_attention" (Wan).
     num_inference_steps: for a bare transformer called outside a pipeline that sets
         `cache_context(..., num_inference_steps=)`, so the last step is recognised; mag_cache needs it (or its
         config's field) always.
@@ -218,7 +223,7 @@ def patch(target: Any, method: Any = "cg_taylor", num_inference_steps: int | Non
         return _patch_attention(spec, models, config)
     for model in models:
         blocks_of(model)  # unknown models fail here, before any hook is registered
-    configs = _bound_configs(spec, models, config, num_inference_steps)
+    configs = _bound_configs(spec, models, config, num_inference_steps, pipeline)
 
     if pipeline is None and num_inference_steps is None:
         logger.warning(
@@ -229,14 +234,16 @@ def patch(target: Any, method: Any = "cg_taylor", num_inference_steps: int | Non
     handle = PatchHandle(spec.name, models, [getattr(c, "config", c) for c in configs], clocks)
     try:
         for model, bound, clock in zip(models, configs, clocks):
-            registry = HookRegistry.check_if_exists_or_initialize(model)
-            registry.register_hook(StepHook(clock, _cond_half_reader(model, pipeline)), STEP_HOOK)
-            handle._removers.append(lambda m=model: internals.remove_hook(m, STEP_HOOK))
             setattr(model, handle.slot, handle)
             if spec.name == "cg_taylor":
                 _install_cg_taylor(handle, model, bound, clock)
             else:
                 _install_diffusers(handle, model, bound, clock)
+            # Registered last, so outermost: it sees the call as the pipeline made it (FasterCache's hook on the model
+            # halves the batch) and sets the cache context before any cache's hook on the model reads it.
+            registry = HookRegistry.check_if_exists_or_initialize(model)
+            registry.register_hook(StepHook(clock, _cond_half_reader(model, pipeline)), STEP_HOOK)
+            handle._removers.append(lambda m=model: internals.remove_hook(m, STEP_HOOK))
             registry.invalidate_child_registries_cache()
     except BaseException:
         handle.remove()

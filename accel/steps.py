@@ -169,7 +169,7 @@ class _BranchRecord(BaseState):
         pass
 
 
-def _timestep_of(args: tuple, kwargs: dict) -> float | None:
+def timestep_of(args: tuple, kwargs: dict) -> float | None:
     t = kwargs.get("timestep")
     if t is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
         t = args[1]
@@ -207,7 +207,7 @@ class StepHook(ModelHook):
         """A pipeline without cache contexts that runs guidance as two calls a step (WanVideoToVideoPipeline; FLUX
         img2img with true_cfg_scale) hands both the same latents at the same timestep: the second call is the
         unconditional branch, which follows the first's decisions, not a step of its own."""
-        call = (_timestep_of(args, kwargs), _hidden_of(args, kwargs).untyped_storage().data_ptr())
+        call = (timestep_of(args, kwargs), _hidden_of(args, kwargs).untyped_storage().data_ptr())
         if call[0] is not None and call == self._last_uncontexted:
             return "uncond"
         self._last_uncontexted = call
@@ -227,7 +227,7 @@ class StepHook(ModelHook):
         record.seen, record.next_index, record.shape = True, index + 1, tuple(_hidden_of(args, kwargs).shape)
         record.marker = self.clock.schedule.marker()
         if context.step_index is None and record.marker is None:
-            record.timestep = _timestep_of(args, kwargs)  # the only signal left: a device read
+            record.timestep = timestep_of(args, kwargs)  # the only signal left: a device read
         total = context.num_inference_steps or self.clock.schedule.total_steps()
         self.clock.current = Step(context.name, index, total, self.cond_half(args, kwargs))
         self.clock.record_step()
@@ -249,7 +249,7 @@ class StepHook(ModelHook):
         marker = self.clock.schedule.marker()
         if marker is not None:
             return marker is not record.marker
-        timestep = _timestep_of(args, kwargs)
+        timestep = timestep_of(args, kwargs)
         return timestep is not None and record.timestep is not None and timestep > record.timestep
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:

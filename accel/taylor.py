@@ -1,12 +1,14 @@
 """Taylor forecasting of a feature from the steps at which it was fully computed.
 
-The factors are Newton divided differences over the step indices of the last full computations:
-    D0 = f[x_n],  D1 = f[x_n, x_(n-1)],  D2 = f[x_n, x_(n-1), x_(n-2)], ...
-    f(x) ~ D0 + D1 (x - x_n) + D2 (x - x_n)(x - x_(n-1)) + ...
-At order 1 this is exactly CG-Taylor's / TaylorSeer's finite-difference Taylor series
-(F1 = (F0_now - F0_prev) / gap, prediction F0 + F1 k). At higher orders it stays exact on features that are
-polynomials of degree <= order in the step index, whatever the spacing of the full steps, where the
-k^i / i! form with repeated one-gap differences is not.
+Two forms, for the same factors F0 = f[x_n] and F1 = (f(x_n) - f(x_(n-1))) / (x_n - x_(n-1)) (at order 1 they are
+CG-Taylor's / TaylorSeer's finite-difference Taylor series, prediction F0 + F1 k):
+
+- `TaylorSeries` (series="divided_differences", ours): Newton divided differences over the step indices of the last
+  full computations, D_i = f[x_n, ..., x_(n-i)], f(x) ~ D0 + D1 (x - x_n) + D2 (x - x_n)(x - x_(n-1)) + ... It stays
+  exact on features that are polynomials of degree <= order in the step index, whatever the spacing of the full
+  steps.
+- `PaperTaylorSeries` (series="paper"): the form of CG-Taylor's and TaylorSeer's released code, F(i+1) =
+  (F(i)_now - F(i)_prev) / gap with the latest gap only, f(x) ~ sum F(i) k^i / i!. Exact at order <= 1 only.
 """
 
 from __future__ import annotations
@@ -30,22 +32,49 @@ class TaylorSeries:
 
     def update(self, step: int, feature: torch.Tensor) -> None:
         """Record `feature` as fully computed at `step` (factors kept in the feature's dtype)."""
-        if self.factors and (self.factors[0].shape != feature.shape or step <= self.nodes[0]):
-            self.reset()  # another resolution or batch, or a new generation: old factors say nothing
+        old = self.factors[0] if self.factors else None
+        if old is not None and (old.shape != feature.shape or old.dtype != feature.dtype or step <= self.nodes[0]):
+            self.reset()  # another resolution, batch or dtype, or a new generation: old factors say nothing
         new = [feature.detach().clone()]  # a copy: the model may reuse the block's output buffer
-        for i, old in enumerate(self.factors[: self.order]):
-            new.append(torch.sub(new[i], old).div_(step - self.nodes[i]))
+        for i, previous in enumerate(self.factors[: self.order]):
+            new.append(torch.sub(new[i], previous).div_(self._span(step, i)))
         self.factors = new
         self.nodes = [step, *self.nodes][: self.order + 1]
 
+    def _span(self, step: int, i: int) -> int:
+        """The step distance dividing the i-th difference: divided differences span i + 1 gaps."""
+        return step - self.nodes[i]
+
     def predict(self, step: int) -> torch.Tensor:
         """Extrapolate the feature to `step` (Horner's scheme on the Newton form)."""
-        if not self.factors:
-            raise RuntimeError("TaylorSeries.predict called before any full computation was recorded")
+        self._check_ready()
         result = self.factors[-1]
         for i in range(len(self.factors) - 2, -1, -1):
             result = torch.add(self.factors[i], result, alpha=step - self.nodes[i])
         return result if len(self.factors) > 1 else result.clone()  # never hand out the stored factor
 
+    def _check_ready(self) -> None:
+        if not self.factors:
+            raise RuntimeError("TaylorSeries.predict called before any full computation was recorded")
+
     def reset(self) -> None:
         self.factors, self.nodes = [], []
+
+
+class PaperTaylorSeries(TaylorSeries):
+    """The released code's series: every difference over the latest gap, summed as F(i) k^i / i!."""
+
+    def _span(self, step: int, i: int) -> int:
+        return step - self.nodes[0]
+
+    def predict(self, step: int) -> torch.Tensor:
+        """sum F(i) k^i / i!, k = step - x_n, by Horner's scheme: F0 + k (F1 + k/2 (F2 + k/3 (...)))."""
+        self._check_ready()
+        k = step - self.nodes[0]
+        result = self.factors[-1]
+        for i in range(len(self.factors) - 2, -1, -1):
+            result = torch.add(self.factors[i], result, alpha=k / (i + 1))
+        return result if len(self.factors) > 1 else result.clone()
+
+
+SERIES_FORMS: dict[str, type[TaylorSeries]] = {"divided_differences": TaylorSeries, "paper": PaperTaylorSeries}

@@ -122,15 +122,22 @@ def test_new_generation_detected_without_step_index_from_rising_timestep():
         assert handle.stats()["steps"] == 7
 
 
-def test_bf16_model():
-    model = tm.flux().to(torch.bfloat16)
-    x = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in tm.inputs(model).items()}
+def _cast(x: dict, dtype: torch.dtype) -> dict:
+    return {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in x.items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("build", FAMILIES, ids=lambda b: b.__name__)
+def test_float64_float16_and_bfloat16_models(build, dtype):
+    model = build().to(dtype)
+    x = _cast(tm.inputs(model), dtype)
     base = denoise(model, x)
     with accel.patch(model, threshold=0.0, num_inference_steps=STEPS):
         assert torch.equal(denoise(model, x), base)
     with accel.patch(model, threshold=1e9, warmup_steps=2, num_inference_steps=STEPS) as h:
         out = denoise(model, x)
-        assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all() and h.stats()["predicted"] > 0
+        assert out.dtype == dtype and torch.isfinite(out.float()).all() and h.stats()["predicted"] > 0
+        assert all(e is None or e >= 0 for e in h.stats()["gate_errors"])
 
 
 def test_works_under_torch_compile_with_the_gate_as_the_only_graph_break():

@@ -63,6 +63,18 @@ def test_gate_error_is_the_relative_l1_error_of_the_deciding_half():
     assert gate_error(forecast, actual, "last") == pytest.approx(expected(forecast[1:], actual[1:]), rel=1e-6)
 
 
+@pytest.mark.parametrize("forecast_dtype, actual_dtype", [
+    (torch.float64, torch.float32), (torch.float32, torch.float64), (torch.float16, torch.float32),
+    (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
+], ids=str)
+def test_gate_error_takes_any_pair_of_float_dtypes(forecast_dtype, actual_dtype):
+    g = torch.Generator().manual_seed(0)
+    forecast, actual = torch.randn(2, 5, 7, generator=g), torch.randn(2, 5, 7, generator=g)
+    exact = gate_error(forecast.double(), actual.double())
+    rel = 1e-2 if torch.finfo(forecast_dtype).bits == 16 or torch.finfo(actual_dtype).bits == 16 else 1e-6
+    assert gate_error(forecast.to(forecast_dtype), actual.to(actual_dtype)) == pytest.approx(exact, rel=rel)
+
+
 def test_gate_errors_reported_per_step_follow_the_formula():
     # Threshold 0: every step computed, so block 0's order-1 forecast at step i comes from steps i-1 and i-2 and
     # misses by 2C0 (block 0's C): the error is mean|2 C0| / mean|x + A0 + B0 i + C0 i^2|.

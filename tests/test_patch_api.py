@@ -115,13 +115,29 @@ def test_diffusers_cache_already_enabled_is_refused():
         accel.patch(model)
 
 
-def test_presets_follow_the_model_family():
+def test_defaults_follow_the_model_family():
+    from accel.cg_taylor import default_config
+
     for build, family in ((tm.wan, "wan"), (tm.flux, "flux"), (tm.dit, "dit"), (tm.sana, "generic")):
-        with accel.patch(build()) as handle:
+        with accel.patch(build()) as handle:  # nothing given: the family's fixed schedule
+            assert handle.stats()["config"][0] == default_config(family).__dict__
+        with accel.patch(build(), schedule="gate") as handle:
             assert handle.stats()["config"][0] == accel.PRESETS[family].__dict__
-    with accel.patch(tm.wan(), threshold=0.1) as handle:
+    with accel.patch(tm.wan(), threshold=0.2) as handle:
         cfg = handle.stats()["config"][0]
-        assert cfg["threshold"] == 0.1 and cfg["first_block_order"] == 3  # the rest from the Wan preset
+        assert cfg["threshold"] == 0.2 and cfg["first_block_order"] == 3 and cfg["schedule"] == "gate"  # Wan's gate
+
+
+@pytest.mark.parametrize("build", [tm.wan, tm.flux, tm.dit, tm.pixart, tm.sana, tm.sana_video], ids=lambda b: b.__name__)
+def test_a_quarter_of_the_steps_is_reachable_on_every_family(build):
+    from test_cg_taylor import denoise
+
+    model = build()
+    x = tm.inputs(model)
+    for options in ({"threshold": 1e9}, {"schedule": 5, "warmup_steps": 1}):  # the gate's preset passing everywhere
+        with accel.patch(model, num_inference_steps=20, **options) as handle:
+            denoise(model, x, steps=20)
+            assert handle.stats()["computed"] <= 5, options
 
 
 def test_stats_before_any_call():

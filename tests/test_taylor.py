@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from accel.taylor import TaylorSeries
+from accel.taylor import PaperTaylorSeries, TaylorSeries
 
 
 @pytest.mark.parametrize("order", [0, 1, 2, 3])
@@ -43,3 +43,30 @@ def test_predict_never_aliases_stored_factors():
 def test_negative_order_rejected():
     with pytest.raises(ValueError, match="order"):
         TaylorSeries(-1)
+
+
+def _released_code_forecast(history: list[tuple[int, torch.Tensor]], order: int, step: int) -> torch.Tensor:
+    """The released code's two functions, transcribed: factors updated from the latest gap, summed as F(i) k^i / i!."""
+    import math
+
+    factors: dict[int, torch.Tensor] = {}
+    for n, (s, feature) in enumerate(history):
+        updated = {0: feature}
+        for i in range(order):
+            if factors.get(i) is None:
+                break
+            updated[i + 1] = (updated[i] - factors[i]) / (s - history[n - 1][0])
+        factors = updated
+    k = step - history[-1][0]
+    return sum(factors[i] * k**i / math.factorial(i) for i in range(len(factors)))
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_paper_form_equals_the_released_code_and_differs_from_divided_differences(order):
+    history = [(s, torch.randn(5, 7, dtype=torch.float64)) for s in (0, 1, 3, 4, 7)]
+    paper, newton = PaperTaylorSeries(order), TaylorSeries(order)
+    for s, feature in history:
+        paper.update(s, feature), newton.update(s, feature)
+    for step in (8, 9, 12):
+        torch.testing.assert_close(paper.predict(step), _released_code_forecast(history, order, step), rtol=1e-12, atol=1e-12)
+        assert order == 1 or not torch.allclose(paper.predict(step), newton.predict(step))

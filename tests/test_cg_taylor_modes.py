@@ -1,0 +1,141 @@
+"""CG-Taylor's modes: the paper's series form, fixed schedules without a gate, and the unconditional branch skipping
+block 0 on predicted steps; each checked against exact values on the polynomial model, and each changing nothing
+when it skips nothing."""
+
+import pytest
+import torch
+
+import accel
+import poly_model as pm
+import tiny_models as tm
+import tiny_pipelines as tp
+from test_cg_taylor import FAMILIES, STEPS, denoise
+
+
+def run(model, x, steps=STEPS, contexts=("cond",)):
+    outs = []
+    with torch.no_grad():
+        for i in range(steps):
+            for name in contexts:
+                with model.cache_context(name, step_index=i, num_inference_steps=steps):
+                    outs.append(model(x, pm.timestep(i))[0])
+    return outs
+
+
+def test_paper_series_misses_a_quadratic_by_the_known_amount_where_divided_differences_are_exact():
+    # Full steps 0, 1, 2 of f(i) = x + A + B i + C i^2; the paper's order-2 factors are F1 = f(2) - f(1) = B + 3C and
+    # F2 = 2C, so at step 2 + k it predicts f(2) + (B + 3C) k + C k^2 = f(2 + k) - C k. Divided differences: exact.
+    pm.register()
+    model = pm.PolyModel(blocks=3)
+    x = torch.randn(1, 6, 8, dtype=torch.float64)
+    c = model.blocks_coefficients()[2]
+    for series, miss in (("paper", lambda k: -c * k), ("divided_differences", lambda k: 0 * c)):
+        config = accel.CGTaylorConfig(series=series, schedule=[0, 1, 2], last_block_order=2)
+        with accel.patch(model, config) as handle:
+            outs = run(model, x, steps=6)
+            assert handle.stats()["predicted_steps"] == [3, 4, 5]
+        for i in range(6):
+            torch.testing.assert_close(outs[i], model.exact(x, i) + miss(max(i - 2, 0)), rtol=1e-10, atol=1e-10)
+
+
+def test_a_fixed_interval_computes_warmup_every_nth_and_the_last_step_and_never_runs_block_0_otherwise():
+    pm.register()
+    model = pm.PolyModel(blocks=4)
+    x = torch.randn(1, 6, 8, dtype=torch.float64)
+    config = accel.CGTaylorConfig(schedule=3, warmup_steps=3, last_block_order=2)
+    with accel.patch(model, config) as handle:
+        outs = run(model, x, steps=12)
+        stats = handle.stats()
+    computed = [0, 1, 2, 5, 8, 11]  # warm-up 0-2, then two predicted and one computed; the last step computed
+    assert stats["predicted_steps"] == sorted(set(range(12)) - set(computed))
+    assert [blk.calls for blk in model.blocks] == [len(computed)] * 4  # block 0 skipped with the others
+    for i, out in enumerate(outs):  # a degree-2 feature, order 2: every forecast exact
+        torch.testing.assert_close(out, model.exact(x, i), rtol=1e-10, atol=1e-10)
+
+
+def test_a_list_of_steps_is_taken_literally_and_the_last_step_may_be_predicted():
+    model = tm.wan()
+    x = tm.inputs(model)
+    with accel.patch(model, schedule=[0, 1, 4, 6], num_inference_steps=8) as handle:
+        denoise(model, x, steps=8)
+        assert handle.stats()["predicted_steps"] == [2, 3, 5, 7]
+
+
+def test_a_late_model_computes_its_first_step_whatever_the_list_says():
+    model = tm.wan()
+    x = tm.inputs(model)
+    with accel.patch(model, schedule=[0, 5]) as handle, torch.no_grad():
+        for i in range(3, 8):  # joins at step 3 (Wan 2.2's second expert): nothing to forecast from before
+            with model.cache_context("cond", step_index=i, num_inference_steps=8):
+                model(**x, timestep=tm.timestep(model, 999 - i * 100), return_dict=False)
+        assert handle.stats()["predicted_steps"] == [4, 6, 7]
+
+
+@pytest.mark.parametrize("build", FAMILIES, ids=lambda b: b.__name__)
+@pytest.mark.parametrize("options", [
+    {"schedule": 1}, {"schedule": list(range(STEPS))}, {"threshold": 0.0, "series": "paper"},
+    {"schedule": 1, "series": "paper", "last_block_order": 3},
+], ids=repr)
+def test_modes_that_skip_nothing_change_nothing(build, options):
+    model = build()
+    x = tm.inputs(model)
+    base = denoise(model, x, contexts=("cond", "uncond"))
+    with accel.patch(model, num_inference_steps=STEPS, **options) as handle:
+        assert torch.equal(denoise(model, x, contexts=("cond", "uncond")), base)
+        assert handle.stats()["predicted"] == 0
+    assert torch.equal(denoise(model, x, contexts=("cond", "uncond")), base)
+
+
+@pytest.mark.parametrize("options", [{"threshold": 1e9, "warmup_steps": 2}, {"schedule": 3, "warmup_steps": 2}], ids=repr)
+def test_the_unconditional_call_skips_block_0_on_predicted_steps(options):
+    pipe, kwargs = tp.wan()  # WanPipeline: cond and uncond as two transformer calls a step
+    pipe.set_progress_bar_config(disable=True)
+    calls = []
+    pipe.transformer.blocks[0].attn1.register_forward_pre_hook(lambda *_: calls.append(1))  # inside the block
+    with accel.patch(pipe, **options) as handle:
+        pipe(**kwargs, num_inference_steps=8, generator=torch.Generator().manual_seed(0))
+        stats = handle.stats()
+    per = stats["per_context"]
+    assert per["uncond"] == per["cond"] and stats["predicted"] > 0
+    cond_calls = 8 if "threshold" in options else per["cond"]["computed"]  # the gate runs block 0 every step
+    assert len(calls) == cond_calls + per["uncond"]["computed"]
+
+
+def test_both_branches_forecast_exactly_when_the_unconditional_one_skips_block_0():
+    pm.register()
+    model = pm.PolyModel(blocks=3)
+    x = torch.randn(1, 6, 8, dtype=torch.float64)
+    config = accel.CGTaylorConfig(threshold=1e-6, warmup_steps=3, first_block_order=2, last_block_order=2)
+    with accel.patch(model, config) as handle:
+        outs = run(model, x, contexts=("cond", "uncond"))
+        assert handle.stats()["predicted"] > 0
+    for i in range(STEPS):
+        for out in outs[2 * i: 2 * i + 2]:
+            torch.testing.assert_close(out, model.exact(x, i), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("options, error, word", [
+    ({"series": "taylor"}, ValueError, "series"),
+    ({"schedule": 0}, ValueError, "schedule"),
+    ({"schedule": "sometimes"}, TypeError, "schedule"),
+    ({"schedule": True}, TypeError, "schedule"),
+    ({"schedule": []}, TypeError, "schedule"),
+    ({"schedule": [1, 2]}, ValueError, "including 0"),
+    ({"schedule": [0, 2, 2]}, ValueError, "distinct"),
+    ({"schedule": [0, -1]}, ValueError, "schedule"),
+    ({"schedule": [0, 1.5]}, TypeError, "schedule"),
+    ({"schedule": 3, "threshold": 0.1}, ValueError, "threshold"),
+    ({"schedule": 3, "max_consecutive_predicted": 2}, ValueError, "max_consecutive_predicted"),
+    ({"schedule": [0, 3], "warmup_steps": 2}, ValueError, "warmup_steps"),
+], ids=repr)
+def test_bad_mode_options_name_the_argument(options, error, word):
+    with pytest.raises(error, match=word):
+        accel.make_config("cg_taylor", **options)
+
+
+def test_a_threshold_without_a_schedule_asks_for_the_gate_and_a_schedule_drops_the_gate_settings():
+    gated = accel.CGTaylorConfig(threshold=0.1).resolved("wan")
+    assert gated.schedule == "gate" and gated.threshold == 0.1
+    fixed = accel.CGTaylorConfig(schedule=[0, 2]).resolved("wan")
+    assert (fixed.threshold, fixed.max_consecutive_predicted, fixed.warmup_steps) == (None, None, None)
+    assert accel.make_config("cg_taylor", schedule=[2, 0]).schedule == (0, 2)
