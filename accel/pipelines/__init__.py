@@ -14,12 +14,16 @@ def __getattr__(name: str):
         from .long_sana_video import LongSanaVideoPipeline
 
         return LongSanaVideoPipeline
-    if name == "StreamingT2VPipeline":
-        from .streaming_t2v import StreamingT2VPipeline
+    if name in ("StreamingT2VPipeline", "ShapesStreamingT2VPipeline"):
+        from . import streaming_t2v
 
-        return StreamingT2VPipeline
+        return getattr(streaming_t2v, name)
+    if name in ("VARPipeline", "HMARPipeline"):
+        from . import hmar
+
+        return getattr(hmar, name)
     raise AttributeError(name)
 
 
 __all__ = ["reference_names", "reference_pipeline", "reference_classifier", "LongSanaVideoPipeline",
-           "StreamingT2VPipeline"]
+           "StreamingT2VPipeline", "ShapesStreamingT2VPipeline", "VARPipeline", "HMARPipeline"]

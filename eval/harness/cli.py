@@ -3,6 +3,7 @@
     accel-eval quickstart [--out DIR] [--device cuda] the shipped reference pipelines (on the CPU: a few minutes)
     accel-eval run --pipeline P --prompts FILE --method cg_taylor:threshold=0.1 --method first_block_cache [...]
     accel-eval report DIR                             rebuild table and plots from a run folder
+    accel-eval long-video --out FILE.json [--chunks 20 --seeds 0,1,2]  the shipped long-video models side by side
     accelerate launch -m accel.eval run ...           shard the prompts over processes / GPUs
 
 Bad input gets a one-line message and exit code 2, before anything is generated or written: the arguments, the
@@ -58,6 +59,13 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True)
     rep = sub.add_parser("report", help="rebuild the table and plots of a run folder")
     rep.add_argument("dir")
+    lv = sub.add_parser("long-video", help="chunk-by-chunk metrics of the shipped long-video models, side by side")
+    lv.add_argument("--out", required=True, help="the results file (JSON)")
+    lv.add_argument("--prompts", help="a file: one prompt per line, or a JSON list (default: two shapes captions)")
+    lv.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    lv.add_argument("--chunks", type=int, default=20)
+    lv.add_argument("--steps", type=int, default=20, help="num_inference_steps a chunk")
+    lv.add_argument("--device", default="cpu")
     return p
 
 
@@ -185,6 +193,24 @@ def quickstart(out: str, device: str = "cpu") -> str:
     return "\n\n".join(tables) + f"\n\nResults, plots and samples: {out}/"
 
 
+def long_video(args) -> str:
+    from .long_video import run_shipped
+
+    prompts = load_prompts(args.prompts) if args.prompts else QUICKSTART_VIDEO_PROMPTS[:2]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise SpecError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+    for name in ("chunks", "steps"):
+        if getattr(args, name) < 1:
+            raise SpecError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    check_device_present(args.device)
+    parent = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise SpecError(f"--out {args.out}: {parent} is not a writable folder")
+    return run_shipped(args.out, prompts, seeds, args.chunks, args.steps, args.device)
+
+
 def main(argv=None) -> int:
     try:
         args = _parser().parse_args(argv)
@@ -193,6 +219,8 @@ def main(argv=None) -> int:
         elif args.command == "run":
             spec = _spec_from_args(args)
             text = execute(prepare(spec, args.out), spec, args.out)
+        elif args.command == "long-video":
+            text = long_video(args)
         else:
             text = report(args.dir)
     except SpecError as err:

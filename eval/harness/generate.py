@@ -34,6 +34,7 @@ OWN_PIPELINES = {  # class name in a saved model_index.json -> the accel module 
     "ShapesLongVideoPipeline": "accel.pipelines.shapes.long_video",
     "LongSanaVideoPipeline": "accel.pipelines",
     "StreamingT2VPipeline": "accel.pipelines",
+    "ShapesStreamingT2VPipeline": "accel.pipelines",
 }
 
 

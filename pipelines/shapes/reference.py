@@ -8,12 +8,16 @@ from importlib import resources
 
 import torch
 
-_REFERENCES = {  # name -> (module under accel.pipelines.shapes, pipeline class)
-    "shapes-image": ("pipelines", "ShapesImagePipeline"),
-    "shapes-video": ("pipelines", "ShapesVideoPipeline"),
-    "shapes-long-video": ("long_video", "ShapesLongVideoPipeline"),
+_REFERENCES = {  # name -> (module, relative to accel.pipelines.shapes, pipeline class)
+    "shapes-image": (".pipelines", "ShapesImagePipeline"),
+    "shapes-video": (".pipelines", "ShapesVideoPipeline"),
+    "shapes-long-video": (".long_video", "ShapesLongVideoPipeline"),
+    "shapes-streaming": ("..streaming_t2v.shapes", "ShapesStreamingT2VPipeline"),
 }
 CLASSIFIER = "shapes-classifier"
+CLIP = "shapes-clip"  # an open_clip model: its architecture config shapes-clip.json beside the checkpoint
+CLIP_CHECKPOINT = "open_clip_model.safetensors"
+_MARKERS = {CLIP: f"{CLIP}.json"}  # the file that says a shipped model is installed, where not config.json
 
 
 def _folder(name: str) -> str:
@@ -21,7 +25,8 @@ def _folder(name: str) -> str:
 
 
 def _installed(name: str) -> bool:
-    return os.path.isfile(os.path.join(_folder(name), "model_index.json" if name in _REFERENCES else "config.json"))
+    marker = "model_index.json" if name in _REFERENCES else _MARKERS.get(name, "config.json")
+    return os.path.isfile(os.path.join(_folder(name), marker))
 
 
 def weights_dir(name: str) -> str:
@@ -45,7 +50,7 @@ def reference_pipeline(name: str, device: str | torch.device | None = None, dtyp
     if name not in _REFERENCES:
         raise ValueError(f"unknown reference model {name!r}; known: {sorted(_REFERENCES)}, shipped: {reference_names()}")
     module, class_name = _REFERENCES[name]
-    cls = getattr(importlib.import_module(f"accel.pipelines.shapes.{module}"), class_name)
+    cls = getattr(importlib.import_module(module, __package__), class_name)
     dtype = torch.float32 if dtype is None else dtype
     pipe = cls.from_pretrained(weights_dir(name), dtype=dtype, local_files_only=True)
     return pipe.to(device) if device is not None else pipe
@@ -59,3 +64,9 @@ def reference_classifier(device: str | torch.device | None = None):
     model = ShapesClassifier.from_pretrained(weights_dir(CLASSIFIER), dtype=torch.float32).eval()
     check_module_weights(model, weights_dir(CLASSIFIER))
     return model.to(device) if device is not None else model
+
+
+def clip_checkpoint() -> str:
+    """The shipped open_clip shapes model's checkpoint (ACCEL_CLIP=shapes-clip:PATH loads it, its architecture config
+    beside it)."""
+    return os.path.join(weights_dir(CLIP), CLIP_CHECKPOINT)

@@ -5,8 +5,9 @@ from .blending import blend_chunks, chunk_starts, draw_offsets, predict_blended
 from .image_encoder import ClipImageEncoder, load_image_encoder
 from .modules import AppearancePreservationModule, ConditionalAttentionModule
 from .pipeline import StreamingT2VOutput, StreamingT2VPipeline
+from .shapes import ShapesStreamingT2VPipeline
 
 __all__ = [
-    "AppearancePreservationModule", "ClipImageEncoder", "ConditionalAttentionModule", "StreamingT2VOutput",
+    "AppearancePreservationModule", "ClipImageEncoder", "ConditionalAttentionModule", "ShapesStreamingT2VPipeline", "StreamingT2VOutput",
     "StreamingT2VPipeline", "blend_chunks", "chunk_starts", "draw_offsets", "load_image_encoder", "predict_blended",
 ]

@@ -19,6 +19,7 @@ conditioning frames and anchor.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -42,6 +43,10 @@ from .image_encoder import ENV_VAR, ClipImageEncoder, load_image_encoder
 from .modules import AppearancePreservationModule, ConditionalAttentionModule
 
 MAX_SEQUENCE_LENGTH = 512  # WanPipeline's text length; a shorter tokenizer's model_max_length caps it
+# How a chunk after the first sees the previous one: through the memories (CAM, and APM where on), or, as the
+# training-free baseline, by replacement: its first O frames pinned at every step to the previous chunk's last O
+# frames, noised to the step's level (inpainting as SDEdit does it), the memories off.
+CONDITIONINGS = ("memory", "replace")
 
 
 @dataclass
@@ -270,7 +275,7 @@ class StreamingT2VPipeline(DiffusionPipeline):
                      num_inference_steps, guidance_scale, use_apm, generator, latents, prompt_embeds,
                      negative_prompt_embeds, output_type, return_dict, output_path, fps, return_frames,
                      callback_on_chunk_end, callback_on_step_end, callback_on_step_end_tensor_inputs,
-                     max_sequence_length) -> tuple[int, bool]:
+                     max_sequence_length, conditioning="memory") -> tuple[int, bool]:
         """Refuses bad arguments before any work (an mp4 that could not be written, and APM without its image
         encoder, included); returns the number of chunks and whether APM runs."""
         owner = type(self).__name__
@@ -298,7 +303,35 @@ class StreamingT2VPipeline(DiffusionPipeline):
         check_int(owner, "max_sequence_length", max_sequence_length, minimum=1)
         text_length = (prompt_embeds.shape[1] if prompt_embeds is not None
                        else _text_length(self.tokenizer, max_sequence_length))
+        check_choice(owner, "conditioning", conditioning, CONDITIONINGS)
+        if conditioning == "replace":
+            self._check_replacement(use_apm)
+            return chunks, False
         return chunks, self._check_apm(use_apm, text_length)
+
+    def _check_replacement(self, use_apm) -> None:
+        """Replacement conditioning: memories off, and a scheduler whose noise levels say how to re-noise the frames."""
+        owner = type(self).__name__
+        if use_apm:
+            raise ValueError(f"{owner}: conditioning='replace' runs without the memories; use_apm=True asks for APM")
+        if getattr(self.scheduler, "sigmas", None) is None:
+            raise ValueError(f"{owner}: conditioning='replace' re-noises frames at the scheduler's noise levels, and "
+                             f"{type(self.scheduler).__name__} has no `sigmas` (a flow-matching scheduler has them)")
+
+    @contextlib.contextmanager
+    def conditioned(self, cam_input: torch.Tensor, image_tokens: torch.Tensor | None = None):
+        """The transformer's calls inside see CAM fed `cam_input` (the conditioning frames in the transformer's input
+        form, `_transformer_input`) and, with `image_tokens` (APM's tokens of the anchor), APM: the conditioning of
+        a later chunk, for training the memories on the frozen base."""
+        if not hooks_installed(self.transformer, self._state):
+            install_hooks(self.transformer, self._state)
+        state = self._state
+        state.cam, state.cam_input = self.cam, cam_input
+        state.apm, state.image_tokens = (self.apm, image_tokens) if image_tokens is not None else (None, None)
+        try:
+            yield
+        finally:
+            state.clear()
 
     # Generation ------------------------------------------------------------------------------------------------------
 
@@ -339,11 +372,15 @@ class StreamingT2VPipeline(DiffusionPipeline):
         return prompt_embeds.to(device, dtype), uncond
 
     def _denoise_chunk(self, noise, cond, uncond, guidance_scale: float, num_inference_steps: int,
-                       step_end: Callable) -> torch.Tensor:
-        """The base's denoising loop (WanPipeline's): the scheduler's steps, CFG branches in cache contexts."""
+                       step_end: Callable, pinned: torch.Tensor | None = None) -> torch.Tensor:
+        """The base's denoising loop (WanPipeline's): the scheduler's steps, CFG branches in cache contexts. With
+        `pinned` (replacement conditioning), the chunk's first frames are those clean frames noised to each step's
+        level with the chunk's own noise (flow matching: x_t = (1 - sigma) x0 + sigma noise)."""
         self.scheduler.set_timesteps(num_inference_steps, device=noise.device)
         timesteps = self.scheduler.timesteps
         latents = noise
+        pin = _pinning(pinned, noise, self.scheduler.sigmas)
+        latents = pin(0, latents)
         for i, t in enumerate(timesteps):
             timestep = t.expand(latents.shape[0])
             model_input = self._transformer_input(latents)
@@ -356,7 +393,7 @@ class StreamingT2VPipeline(DiffusionPipeline):
                     v_uncond = self.transformer(hidden_states=model_input, timestep=timestep,
                                                 encoder_hidden_states=uncond, return_dict=False)[0]
                 velocity = v_uncond + guidance_scale * (velocity - v_uncond)
-            latents = step_end(i, t, self.scheduler.step(velocity, t, latents, return_dict=False)[0])
+            latents = step_end(i, t, pin(i + 1, self.scheduler.step(velocity, t, latents, return_dict=False)[0]))
         return latents
 
     def _step_end(self, bar, first_step: int, callback: Callable | None, tensor_inputs) -> Callable:
@@ -437,6 +474,7 @@ class StreamingT2VPipeline(DiffusionPipeline):
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
         max_sequence_length: int = MAX_SEQUENCE_LENGTH,
+        conditioning: str = "memory",
     ) -> StreamingT2VOutput | tuple:
         """Generates `num_chunks` chunks (or `num_frames` frames: F + k (F - O), through Wan's VAE 1 + 4 (L - 1) for L
         such latent frames) of `chunk_frames` = F frames overlapping by `overlap_frames` = O.
@@ -448,6 +486,8 @@ class StreamingT2VPipeline(DiffusionPipeline):
         diffusers' convention, `step` counting across chunks (chunk * num_inference_steps + i). `output_type` ("np",
         "pt", "pil" or "latent") shapes the returned `frames` (kept when `return_frames`, by default when there is
         no `output_path`); "latent" returns the latents (B, C, L, h, w). `return_dict=False` returns `(frames,)`.
+        `conditioning`: "memory" (CAM and APM) or "replace", the training-free baseline: each later chunk's first O
+        frames pinned to the previous chunk's last O frames, noised to each step's level; CAM and APM off.
         """
         chunks, apm_on = self.check_inputs(
             prompt=prompt, negative_prompt=negative_prompt, num_chunks=num_chunks, num_frames=num_frames,
@@ -458,7 +498,7 @@ class StreamingT2VPipeline(DiffusionPipeline):
             output_path=output_path, fps=fps, return_frames=return_frames, callback_on_chunk_end=callback_on_chunk_end,
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            max_sequence_length=max_sequence_length,
+            max_sequence_length=max_sequence_length, conditioning=conditioning,
         )
         if not hooks_installed(self.transformer, self._state):  # a transformer swapped in after construction
             install_hooks(self.transformer, self._state)
@@ -475,7 +515,9 @@ class StreamingT2VPipeline(DiffusionPipeline):
         try:
             writer = _mp4_writer(os.fspath(output_path), fps) if output_path is not None else None
             stream = self._stream() if decode else None
-            state.cam, state.apm = self.cam, self.apm if apm_on else None
+            replace = conditioning == "replace"
+            state.cam, state.apm = (None, None) if replace else (self.cam, self.apm if apm_on else None)
+            pinned = None
             with self.progress_bar(total=chunks * num_inference_steps) as bar:
                 for chunk in range(chunks):
                     # Each chunk is a denoising run of its own for caches: diffusers' (enable_cache) keep their state
@@ -485,13 +527,16 @@ class StreamingT2VPipeline(DiffusionPipeline):
                     step_end = self._step_end(bar, chunk * num_inference_steps, callback_on_step_end,
                                               callback_on_step_end_tensor_inputs)
                     chunk_latents = self._denoise_chunk(noise.clone(), cond, uncond, guidance_scale,
-                                                        num_inference_steps, step_end)
+                                                        num_inference_steps, step_end, pinned)
                     # The overlap repeats the previous chunk's last frames: only chunk 0 keeps its first O.
                     new = chunk_latents if chunk == 0 else chunk_latents[:, :, overlap_frames:]
                     frames = self._decode(new, stream) if decode else None
                     if chunk == 0 and apm_on:
                         state.image_tokens = self._anchor_tokens(frames, device)
-                    state.cam_input = self._transformer_input(chunk_latents[:, :, -overlap_frames:])
+                    if replace:
+                        pinned = chunk_latents[:, :, -overlap_frames:]
+                    else:
+                        state.cam_input = self._transformer_input(chunk_latents[:, :, -overlap_frames:])
                     if writer:
                         writer.append(frames)
                     if callback_on_chunk_end is not None:
@@ -508,6 +553,23 @@ class StreamingT2VPipeline(DiffusionPipeline):
         self.maybe_free_model_hooks()
         frames = self._frames_as(kept, output_type)
         return StreamingT2VOutput(frames=frames, path=path, num_chunks=chunks) if return_dict else (frames,)
+
+
+def _pinning(pinned: torch.Tensor | None, noise: torch.Tensor, sigmas: torch.Tensor | None) -> Callable:
+    """latents after `i` steps -> the same with their first frames set to `pinned` noised to sigmas[i] (identity
+    without `pinned`)."""
+    if pinned is None:
+        return lambda i, latents: latents
+
+    frames = pinned.shape[2]
+
+    def pin(i: int, latents: torch.Tensor) -> torch.Tensor:
+        sigma = sigmas[i].to(latents.device, latents.dtype)
+        latents = latents.clone()
+        latents[:, :, :frames] = (1 - sigma) * pinned + sigma * noise[:, :, :frames]
+        return latents
+
+    return pin
 
 
 def _text_length(tokenizer, max_sequence_length: int) -> int:

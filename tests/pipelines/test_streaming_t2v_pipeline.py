@@ -321,3 +321,42 @@ def test_hooks_go_under_the_caches_or_are_refused(base):
     with accel.patch(patched, method="cg_taylor"):
         with pytest.raises(RuntimeError, match="build the StreamingT2VPipeline on the plain transformer first"):
             StreamingT2VPipeline.from_base(patched)
+
+
+# Replacement conditioning (the memory-free baseline) and training's conditioning ---------------------------------------
+
+def test_replacement_pins_each_later_chunks_overlap_to_the_previous_chunks_last_frames(base, pipe):
+    latents = []
+    pipe("a red circle moving left", num_chunks=2, num_inference_steps=2, guidance_scale=4.0, height=32, width=32,
+         generator=torch.Generator().manual_seed(0), conditioning="replace", output_type="latent",
+         callback_on_step_end=lambda p, i, t, d: latents.append(d["latents"]) or {})
+    video = _base_video(base)
+    assert torch.equal(latents[1], video)  # chunk 0: the base's own generation, step by step
+    assert torch.allclose(latents[3][:, :, :8], video[:, :, 8:], atol=1e-6)  # chunk 1's overlap: chunk 0's last frames
+
+
+def test_replacement_runs_without_the_memories_and_refuses_apm(pipe):
+    calls = []
+    hook = pipe.cam.blocks[0].register_forward_hook(lambda *_: calls.append(1))
+    try:
+        _run(pipe, num_chunks=2, conditioning="replace")
+    finally:
+        hook.remove()
+    assert not calls
+    with pytest.raises(ValueError, match="use_apm=True asks for APM"):
+        _run(pipe, conditioning="replace", use_apm=True)
+    with pytest.raises(ValueError, match="conditioning"):
+        _run(pipe, conditioning="memories")
+
+
+def test_conditioned_feeds_the_memories_inside_and_nothing_after(base, pipe):
+    perturbed = _perturbed(lambda: _streaming(base), cam=True)
+    x = torch.randn(1, 3, 16, 32, 32, generator=torch.Generator().manual_seed(1))
+    text = torch.zeros(1, 8, 16)
+    t = torch.tensor([500.0])
+    call = lambda: perturbed.transformer(perturbed._transformer_input(x), t, text, return_dict=False)[0]  # noqa: E731
+    plain = call()
+    with perturbed.conditioned(perturbed._transformer_input(x[:, :, :8])):
+        conditioned = call()
+    assert not torch.allclose(conditioned, plain, atol=1e-4)
+    assert torch.equal(call(), plain)
