@@ -1,46 +1,92 @@
-"""Self-attention over scale segments, as VAR and HMAR compute it, with the segment masks run by `accel.kernels`.
+"""Self-attention over scale segments, as VAR and HMAR compute it.
 
 Three ways a layer attends, chosen by its caller:
-- over a whole token pyramid with a segment mask (training, VAR's uncached prefix, HMAR's full forward): the
-  block-sparse kernel, which skips the masked-out blocks;
+- over a whole token pyramid under a `SegmentMask` (training, VAR's uncached prefix, HMAR's full forward):
+  `segment_attention`, with one of the backends below;
 - over one scale with every earlier scale cached (VAR's KV-cached sampling): the query scale sees all cached keys,
   so the mask is dense and SDPA computes it;
 - over one scale alone (HMAR's sampling: Markovian, no cache): dense within the scale, SDPA again.
+
+Segment backends (`SegmentMask.backend`, set per model with `set_segment_attention`):
+- "block_sparse": `accel.kernels.block_sparse_attention` on the mask's blocks (the token rule makes the segment
+  edges exact; fp16 / bf16, the Triton kernel on CUDA or under TRITON_INTERPRET=1);
+- "sdpa": one `scaled_dot_product_attention` per segment on slices of q, k, v (no mask: each call takes the fused
+  flash / efficient kernels; any dtype and device);
+- "varlen": block-diagonal only, CUDA fp16 / bf16: the batch's segments packed as variable-length sequences for
+  torch's flash `varlen_attn`, one launch;
+- "auto": what measured fastest (benchmarks/hmar_gpu.py): see `_auto_backend`.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from accel.kernels import BlockSparseMask, block_sparse_attention, block_sparse_attention_reference
+from accel.kernels import block_sparse_attention
 
-logger = logging.getLogger("accel")
+from .scales import SegmentMask
 
-KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+try:  # torch >= 2.10
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 MAX_LOG_SCALE = math.log(100.0)  # VAR clamps the learned per-head temperature at 100
-_LOGGED: set[str] = set()
 
 
-def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockSparseMask, scale: float) -> torch.Tensor:
-    """softmax(q k^T * scale) v over the (query, key) pairs `mask` allows; q, k, v (B, H, N, D).
+def _auto_backend(q: torch.Tensor, segments: SegmentMask) -> str:
+    # fp32 / fp64 never reach the kernel (it takes fp16 / bf16 only): per-segment SDPA is exact and differentiable.
+    if q.dtype not in HALF_DTYPES:
+        return "sdpa"
+    # H100, HMAR shape (benchmarks/results/hmar_h100.json): block-diagonal forward varlen 0.40 ms, block-sparse
+    # 0.55, SDPA per segment 0.49 (its backward 3x slower); block-causal has no varlen form.
+    if q.device.type == "cuda" and not segments.causal and varlen_attn is not None:
+        return "varlen"
+    return "block_sparse"
 
-    fp16 / bf16 go to `block_sparse_attention` (the Triton kernel on CUDA, or under TRITON_INTERPRET=1; its own
-    logged fallback to the reference on a plain CPU). The kernel takes no fp32 / fp64, so those run its PyTorch
-    reference (dense masked softmax, differentiable), logged once.
-    """
-    if q.dtype in KERNEL_DTYPES:
-        return block_sparse_attention(q, k, v, mask, scale=scale)
-    message = (f"segment attention in {q.dtype}: block_sparse_attention takes float16 / bfloat16 only, so its PyTorch "
-               "reference computes it (dense masked softmax in row chunks); cast the model to bf16 for the kernel")
-    if message not in _LOGGED:
-        _LOGGED.add(message)
-        logger.warning(message)
-    return block_sparse_attention_reference(q, k, v, mask, scale=scale)
+
+def _check_varlen(q: torch.Tensor, segments: SegmentMask) -> None:
+    if varlen_attn is None:
+        raise RuntimeError(f"segment attention backend 'varlen' needs torch.nn.attention.varlen (torch >= 2.10), "
+                           f"this is torch {torch.__version__}; use 'auto', 'block_sparse' or 'sdpa'")
+    if segments.causal or q.device.type != "cuda" or q.dtype not in HALF_DTYPES:
+        raise ValueError("segment attention backend 'varlen' takes block-diagonal masks on CUDA in fp16 / bf16, got "
+                         f"{'block-causal' if segments.causal else 'block-diagonal'} {q.dtype} on {q.device}; "
+                         "use 'auto', 'block_sparse' or 'sdpa'")
+
+
+def _sdpa_segments(q, k, v, segments: SegmentMask, scale: float) -> torch.Tensor:
+    outs = [F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, first:e], v[:, :, first:e], scale=scale)
+            for s, e, first in segments.spans()]
+    return torch.cat(outs, dim=2)
+
+
+def _varlen_segments(q, k, v, segments: SegmentMask, scale: float) -> torch.Tensor:
+    # (B, H, N, D) -> (B * N, H, D): every (batch entry, segment) becomes one sequence of the packed batch.
+    b, h, n, d = q.shape
+    offsets = segments.packed_offsets(b, q.device)
+    longest = max(segments.lengths)
+    packed = [x.transpose(1, 2).reshape(b * n, h, d) for x in (q, k, v)]
+    out = varlen_attn(*packed, offsets, offsets, longest, longest, scale=scale)
+    return out.view(b, n, h, d).transpose(1, 2)
+
+
+def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: SegmentMask, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) v over the (query, key) pairs `segments` allows; q, k, v (B, H, N, D), N its total."""
+    if q.shape[2] != segments.total:
+        raise ValueError(f"segment attention: {q.shape[2]} tokens, the segments {list(segments.lengths)} cover "
+                         f"{segments.total}")
+    backend = _auto_backend(q, segments) if segments.backend == "auto" else segments.backend
+    if backend == "varlen":
+        _check_varlen(q, segments)
+        return _varlen_segments(q, k, v, segments, scale)
+    if backend == "sdpa":
+        return _sdpa_segments(q, k, v, segments, scale)
+    return block_sparse_attention(q, k, v, segments.block_mask(q.device), scale=scale)
 
 
 class LayerKVCache:
@@ -97,7 +143,7 @@ class ScaleSelfAttention(nn.Module):
     def scale(self) -> float:
         return 1.0 if self.qk_l2_norm else 0.25 / math.sqrt(self.head_dim)
 
-    def forward(self, x: torch.Tensor, mask: BlockSparseMask | None = None, cache: LayerKVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: SegmentMask | None = None, cache: LayerKVCache | None = None) -> torch.Tensor:
         """x (B, N, C). With `mask`: x is a token pyramid attended under it. Without: x is one scale, attending to
         itself and, with `cache`, to every scale cached before it."""
         q, k, v = self._qkv(x)

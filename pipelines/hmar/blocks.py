@@ -12,10 +12,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from accel.kernels import BlockSparseMask
-
 from .attention import LayerKVCache, ScaleSelfAttention
-from .scales import ScaleLayout
+from .scales import ScaleLayout, SegmentMask, check_segment_backend
+
+
+class SegmentAttentionMixin:
+    """`set_segment_attention` for the transformers: how their whole-pyramid forwards run the segment masks."""
+
+    segment_attention_backend = "auto"
+
+    def set_segment_attention(self, backend: str) -> None:
+        """One of "auto" (the fastest measured for the dtype and device), "block_sparse", "sdpa", "varlen" (attention.py)."""
+        self.segment_attention_backend = check_segment_backend(type(self).__name__, backend)
 
 
 class FeedForward(nn.Module):
@@ -39,7 +47,7 @@ class AdaLNSelfAttentionBlock(nn.Module):
         self.norm = nn.LayerNorm(width, eps=norm_eps, elementwise_affine=False)
         self.modulation = nn.Linear(width, 6 * width)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor, mask: BlockSparseMask | None = None,
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, mask: SegmentMask | None = None,
                 cache: LayerKVCache | None = None) -> torch.Tensor:
         """x (B, N, C), cond (B, C): see `ScaleSelfAttention.forward` for mask and cache."""
         gain1, gain2, scale1, scale2, shift1, shift2 = self.modulation(F.silu(cond))[:, None].chunk(6, dim=-1)
@@ -61,7 +69,7 @@ class AdaLNHead(nn.Module):
         return self.proj(self.norm(x) * (1 + scale) + shift).float()  # sampling and the loss want fp32 logits
 
 
-def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, cond: torch.Tensor, mask: BlockSparseMask | None = None,
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, cond: torch.Tensor, mask: SegmentMask | None = None,
                caches: list[LayerKVCache] | None = None) -> torch.Tensor:
     for i, block in enumerate(blocks):
         x = block(x, cond, mask=mask, cache=None if caches is None else caches[i])

@@ -20,12 +20,12 @@ import torch.nn as nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
-from .blocks import AdaLNHead, AdaLNSelfAttentionBlock, TokenPyramidEmbeddings, run_blocks
+from .blocks import AdaLNHead, AdaLNSelfAttentionBlock, SegmentAttentionMixin, TokenPyramidEmbeddings, run_blocks
 from .scales import VAR_SCALES, ScaleLayout, check_scales
 from .var_transformer import check_width
 
 
-class HMARTransformer(ModelMixin, ConfigMixin):
+class HMARTransformer(SegmentAttentionMixin, ModelMixin, ConfigMixin):
     """HMAR-d{depth}: depth - branch_depth base blocks shared by both branches, and branch_depth blocks in each of
     the next-scale and mask branches (HMAR's released models: branch_depth 8). Widths and heads as VAR's."""
 
@@ -77,7 +77,7 @@ class HMARTransformer(ModelMixin, ConfigMixin):
         `VARTokenizer.teacher_forcing_input`; class_labels (B,), num_classes for no class."""
         cond = self.embeddings.condition(class_labels)
         x = self._pyramid(cond, self.token_embed(scale_inputs.to(self.dtype)))
-        mask = self.layout.block_diagonal(x.device)
+        mask = self.layout.block_diagonal(self.segment_attention_backend)
         x = run_blocks(self.base_blocks, x, cond, mask=mask)
         return self.next_scale_head(run_blocks(self.next_scale_blocks, x, cond, mask=mask), cond)
 
@@ -88,7 +88,7 @@ class HMARTransformer(ModelMixin, ConfigMixin):
         where a token is hidden."""
         cond = self.embeddings.condition(class_labels)
         x = self._pyramid(cond, self._masked_tokens(scale_inputs, token_inputs, masked))
-        mask = self.layout.block_diagonal(x.device)
+        mask = self.layout.block_diagonal(self.segment_attention_backend)
         x = run_blocks(self.base_blocks, x, cond, mask=mask)
         return self.mask_head(run_blocks(self.mask_blocks, x, cond, mask=mask), cond)
 

@@ -74,6 +74,7 @@ class VARPipeline(DiffusionPipeline):
                 f_hat = f_hat + self.tokenizer.upsampled_scale(k, tokens)
                 token_indices.append(tokens)
                 progress_bar.update()
+        del cache  # the decoder's peak memory would come on top of the KV cache
         images = to_output(self.tokenizer.decode_latents(f_hat), output_type)
         self.maybe_free_model_hooks()
         if not return_dict:

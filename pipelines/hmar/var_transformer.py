@@ -15,7 +15,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
 from .attention import KVCache
-from .blocks import AdaLNHead, AdaLNSelfAttentionBlock, TokenPyramidEmbeddings, run_blocks
+from .blocks import AdaLNHead, AdaLNSelfAttentionBlock, SegmentAttentionMixin, TokenPyramidEmbeddings, run_blocks
 from .scales import VAR_SCALES, ScaleLayout, check_scales
 
 
@@ -28,7 +28,7 @@ def check_width(owner: str, depth: int, width: int | None, num_heads: int | None
     return width, num_heads
 
 
-class VARTransformer(ModelMixin, ConfigMixin):
+class VARTransformer(SegmentAttentionMixin, ModelMixin, ConfigMixin):
     """VAR-d{depth}: `depth` AdaLN blocks of width 64 depth and `depth` heads (override with width / num_heads).
 
     codebook_dim and vocab_size are the tokenizer's; class id num_classes is the null class of CFG.
@@ -67,7 +67,7 @@ class VARTransformer(ModelMixin, ConfigMixin):
         """
         cond = self.embeddings.condition(class_labels)
         x, num_scales = self.embed_pyramid(cond, scale_inputs.to(self.dtype))
-        x = run_blocks(self.blocks, x, cond, mask=self.layout.block_causal(num_scales, x.device))
+        x = run_blocks(self.blocks, x, cond, mask=self.layout.block_causal(num_scales, self.segment_attention_backend))
         return self.head(x, cond)
 
     def new_cache(self) -> KVCache:
