@@ -21,12 +21,13 @@ from .methods import (
     TextKVCacheConfig,
     make_config,
 )
+from .mag_calibration import calibrate_mag_ratios
 from .models import register_model
 from .patch import PatchHandle, patch
 
 __all__ = [
     "patch", "PatchHandle", "METHODS", "make_config", "CGTaylorConfig", "FirstBlockCacheConfig", "TaylorSeerCacheConfig",
-    "MagCacheConfig", "PyramidAttentionBroadcastConfig", "FasterCacheConfig", "SeaCacheConfig", "TextKVCacheConfig",
-    "SparseAttentionConfig", "LinearAttentionKernelsConfig", "PRESETS", "register_model",
+    "MagCacheConfig", "calibrate_mag_ratios", "PyramidAttentionBroadcastConfig", "FasterCacheConfig", "SeaCacheConfig",
+    "TextKVCacheConfig", "SparseAttentionConfig", "LinearAttentionKernelsConfig", "PRESETS", "register_model",
 ]
 __version__ = "0.1.0"

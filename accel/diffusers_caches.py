@@ -42,17 +42,6 @@ from .methods import (
 from .models import blocks_of, spec_for
 from .steps import timestep_of
 
-# Hook names of the caches added in diffusers 0.36-0.42 (resolved like those in diffusers_internals, failing at import).
-PAB_HOOK = internals._private("diffusers.hooks.pyramid_attention_broadcast", "_PYRAMID_ATTENTION_BROADCAST_HOOK")
-FASTER_CACHE_DENOISER_HOOK = internals._private("diffusers.hooks.faster_cache", "_FASTER_CACHE_DENOISER_HOOK")
-FASTER_CACHE_BLOCK_HOOK = internals._private("diffusers.hooks.faster_cache", "_FASTER_CACHE_BLOCK_HOOK")
-FASTER_CACHE_LAYER_IDENTIFIERS = internals._private("diffusers.hooks.faster_cache", "_TRANSFORMER_BLOCK_IDENTIFIERS")
-SEA_CACHE_HOOKS = tuple(internals._private("diffusers.hooks.sea_cache", name) for name in (
-    "_SEA_CACHE_ROOT_HOOK", "_SEA_CACHE_LEADER_BLOCK_HOOK", "_SEA_CACHE_BLOCK_HOOK", "_SEA_CACHE_POST_NORM_HOOK"))
-TEXT_KV_CACHE_HOOKS = (internals._private("diffusers.hooks.text_kv_cache", "_TEXT_KV_CACHE_TRANSFORMER_HOOK"),
-                       internals._private("diffusers.hooks.text_kv_cache", "_TEXT_KV_CACHE_BLOCK_HOOK"))
-
-
 @dataclass(frozen=True)
 class DiffusersCache:
     """A diffusers cache bound to one model: how to apply and remove it, and which module marks a full step."""
@@ -94,7 +83,7 @@ def _mag_cache(model: torch.nn.Module, config: MagCacheConfig, steps: int | None
     if ratios is None and not config.calibrate:
         raise ValueError(
             f"mag_cache needs per-model magnitude ratios for {type(model).__name__} (diffusers ships FLUX's only): "
-            "pass mag_ratios=[...] or run once with calibrate=True to print them"
+            "pass mag_ratios=accel.calibrate_mag_ratios(pipe, ...) (one run measures them)"
         )
     if None not in (steps, config.num_inference_steps) and steps != config.num_inference_steps:
         raise ValueError(f"mag_cache: num_inference_steps={steps} given to accel.patch, but its config says "
@@ -199,14 +188,15 @@ def _pyramid_attention_broadcast(model, config: PyramidAttentionBroadcastConfig,
         raise ValueError(f"pyramid_attention_broadcast: no attention layer of {type(model).__name__} matches the "
                          f"identifiers of the kinds with a skip range ({sorted(kinds)})")
     watch = CallWatch("pyramid_attention_broadcast", pipeline, needs_batched_cfg=False)
-    return DiffusersCache(_with_watch(config, watch), apply_pyramid_attention_broadcast, (PAB_HOOK,), layers[-1], watch)
+    hooks = (internals.PAB_HOOK,)
+    return DiffusersCache(_with_watch(config, watch), apply_pyramid_attention_broadcast, hooks, layers[-1], watch)
 
 
 def _faster_cache(model, config: FasterCacheConfig, steps, pipeline) -> DiffusersCache:
     kinds = {"spatial": config.spatial_attention_block_identifiers}
     if config.temporal_attention_block_skip_range is not None:
         kinds["temporal"] = config.temporal_attention_block_identifiers
-    candidates = set(_attention_layers(model, {"any": FASTER_CACHE_LAYER_IDENTIFIERS}, {"any"}))
+    candidates = set(_attention_layers(model, {"any": internals.FASTER_CACHE_LAYER_IDENTIFIERS}, {"any"}))
     layers = [m for m in _attention_layers(model, kinds, {"spatial", "temporal"}) if m in candidates]
     if not layers:
         raise ValueError(f"faster_cache: no self-attention layer of {type(model).__name__} matches "
@@ -216,13 +206,13 @@ def _faster_cache(model, config: FasterCacheConfig, steps, pipeline) -> Diffuser
         raise ValueError(f"faster_cache: diffusers' FasterCache halves only the inputs {list(split)} when it skips the "
                          f"unconditional branch, and {type(model).__name__} is conditioned on class_labels")
     watch = CallWatch("faster_cache", pipeline, needs_batched_cfg=not config.is_guidance_distilled)
-    hooks = (FASTER_CACHE_DENOISER_HOOK, FASTER_CACHE_BLOCK_HOOK)
+    hooks = (internals.FASTER_CACHE_DENOISER_HOOK, internals.FASTER_CACHE_BLOCK_HOOK)
     return DiffusersCache(_with_watch(config, watch), apply_faster_cache, hooks, layers[-1], watch)
 
 
 def _sea_cache(model, config: SeaCacheConfig, steps, pipeline) -> DiffusersCache:
     _check_diffusers_finds_the_blocks(model, "sea_cache")
-    return DiffusersCache(config, apply_sea_cache, SEA_CACHE_HOOKS, blocks_of(model)[-1].module)
+    return DiffusersCache(config, apply_sea_cache, internals.SEA_CACHE_HOOKS, blocks_of(model)[-1].module)
 
 
 def _text_kv_cache(model, config: TextKVCacheConfig, steps, pipeline) -> DiffusersCache:
@@ -232,7 +222,8 @@ def _text_kv_cache(model, config: TextKVCacheConfig, steps, pipeline) -> Diffuse
     if not blocks:
         raise ValueError(f"text_kv_cache: diffusers implements it for NucleusMoE-Image's blocks only; "
                          f"{type(model).__name__} has none")
-    return DiffusersCache(config, apply_text_kv_cache, TEXT_KV_CACHE_HOOKS, blocks[-1])  # lossless: every step runs
+    # Lossless: every step runs.
+    return DiffusersCache(config, apply_text_kv_cache, internals.TEXT_KV_CACHE_HOOKS, blocks[-1])
 
 
 DIFFUSERS_METHODS: dict[str, Callable[..., DiffusersCache]] = {  # (model, config, steps, pipeline) -> DiffusersCache

@@ -33,11 +33,20 @@ FBC_BLOCK_HOOK = _private("diffusers.hooks.first_block_cache", "_FBC_BLOCK_HOOK"
 MAG_CACHE_LEADER_BLOCK_HOOK = _private("diffusers.hooks.mag_cache", "_MAG_CACHE_LEADER_BLOCK_HOOK")
 MAG_CACHE_BLOCK_HOOK = _private("diffusers.hooks.mag_cache", "_MAG_CACHE_BLOCK_HOOK")
 TAYLORSEER_CACHE_HOOK = _private("diffusers.hooks.taylorseer_cache", "_TAYLORSEER_CACHE_HOOK")
+PAB_HOOK = _private("diffusers.hooks.pyramid_attention_broadcast", "_PYRAMID_ATTENTION_BROADCAST_HOOK")
+FASTER_CACHE_DENOISER_HOOK = _private("diffusers.hooks.faster_cache", "_FASTER_CACHE_DENOISER_HOOK")
+FASTER_CACHE_BLOCK_HOOK = _private("diffusers.hooks.faster_cache", "_FASTER_CACHE_BLOCK_HOOK")
+SEA_CACHE_HOOKS = tuple(_private("diffusers.hooks.sea_cache", name) for name in (
+    "_SEA_CACHE_ROOT_HOOK", "_SEA_CACHE_LEADER_BLOCK_HOOK", "_SEA_CACHE_BLOCK_HOOK", "_SEA_CACHE_POST_NORM_HOOK"))
+TEXT_KV_CACHE_HOOKS = tuple(_private("diffusers.hooks.text_kv_cache", name) for name in (
+    "_TEXT_KV_CACHE_TRANSFORMER_HOOK", "_TEXT_KV_CACHE_BLOCK_HOOK"))
 
-# What diffusers' caches search for: block-list attribute names, TaylorSeer's lite-mode patterns, module classes.
+# What diffusers' caches search for: block-list attribute names, TaylorSeer's lite-mode patterns, the attention
+# layer names FasterCache hooks, module classes.
 ALL_TRANSFORMER_BLOCK_IDENTIFIERS = _private("diffusers.hooks._common", "_ALL_TRANSFORMER_BLOCK_IDENTIFIERS")
 TAYLORSEER_BLOCK_IDENTIFIERS = _private("diffusers.hooks.taylorseer_cache", "_BLOCK_IDENTIFIERS")
 TAYLORSEER_PROJ_OUT_IDENTIFIERS = _private("diffusers.hooks.taylorseer_cache", "_PROJ_OUT_IDENTIFIERS")
+FASTER_CACHE_LAYER_IDENTIFIERS = _private("diffusers.hooks.faster_cache", "_TRANSFORMER_BLOCK_IDENTIFIERS")
 ATTENTION_CLASSES = _private("diffusers.hooks._common", "_ATTENTION_CLASSES")
 FEEDFORWARD_CLASSES = _private("diffusers.hooks._common", "_FEEDFORWARD_CLASSES")
 
@@ -57,8 +66,9 @@ get_wan_qkv_projections = _private("diffusers.models.transformers.transformer_wa
 wan_vae_unpatchify = _private("diffusers.models.autoencoders.autoencoder_kl_wan", "unpatchify")
 
 # Private attributes used below (the tests check each on a live object): TransformerBlockRegistry._registry,
-# HookRegistry._hook_order / _fn_refs and each HookFunctionReference's forward / original_forward,
-# CacheMixin._cache_config (its "a cache is enabled" marker).
+# a module's HookRegistry `_diffusers_hook`, HookRegistry._hook_order / _fn_refs and each HookFunctionReference's
+# forward / original_forward, CacheMixin._cache_config (its "a cache is enabled" marker). Undocumented ones, used by
+# accel.calibrate_mag_ratios: MagCache's head hook's `state_manager` and its state's `calibration_ratios`.
 
 
 def block_is_registered(block_cls: type) -> bool:
@@ -73,6 +83,15 @@ def enabled_cache_config(model: torch.nn.Module):
 def mark_cache_enabled(model: torch.nn.Module, config) -> None:
     """Make diffusers' `enable_cache()` refuse a second cache while `config` holds the model (None: release)."""
     model._cache_config = config
+
+
+def find_hook(module: torch.nn.Module, name: str) -> tuple[torch.nn.Module, object] | None:
+    """The first of `module` and its submodules that has a hook registered as `name`, and that hook (None if none)."""
+    for submodule in module.modules():
+        registry = getattr(submodule, "_diffusers_hook", None)
+        if registry is not None and registry.get_hook(name) is not None:
+            return submodule, registry.get_hook(name)
+    return None
 
 
 def remove_hook(module: torch.nn.Module, name: str) -> None:

@@ -69,7 +69,13 @@ class TaylorSeerCacheConfig(diffusers_hooks.TaylorSeerCacheConfig):
 class MagCacheConfig(diffusers_hooks.MagCacheConfig):
     """diffusers' MagCache: skips while the accumulated magnitude-ratio error stays under `threshold`.
 
-    `mag_ratios` may be left out for FLUX (diffusers ships its ratios); `num_inference_steps` may come from
+    `mag_ratios` are per model (and scheduler): diffusers ships FLUX's, used when they are left out; for any other
+    model measure them once with `accel.calibrate_mag_ratios`, which runs a generation with nothing skipped:
+
+        ratios = accel.calibrate_mag_ratios(pipe, prompt, num_inference_steps=30)
+        accel.patch(pipe, accel.MagCacheConfig(mag_ratios=ratios), num_inference_steps=30)
+
+    Ratios measured over another step count are resampled (nearest) to this one. `num_inference_steps` may come from
     `accel.patch(..., num_inference_steps=)`; both are filled in when the method is installed.
     """
 
@@ -192,9 +198,22 @@ class TextKVCacheConfig(diffusers_hooks.TextKVCacheConfig):
 
 @dataclass(frozen=True)
 class SparseAttentionConfig:
-    """Block-sparse self-attention (WanTransformer3DModel). pattern: "local_3d", "strided_shards", "dense", a
-    pattern from the factories of the same names in `accel.attention.sparse`, a callable
-    (grid, heads, device) -> BlockSparseMask, or a fixed BlockSparseMask."""
+    """Block-sparse self-attention in WanTransformer3DModel's `attn1` layers (`accel.attention.sparse`).
+
+    pattern: a name below (its factory's defaults) or the name called with literal keyword arguments
+    ("dynamic(budget=0.1)"); what the factory of that name in `accel.attention.sparse` returns; a callable
+    (grid, heads, device) -> BlockSparseMask; a fixed BlockSparseMask; or a SparsePattern.
+    - "local_3d": each token sees the tokens within a (frames, rows, cols) radius of it;
+    - "strided_shards": S2-Attention: head h sees the key blocks j = h (mod num_shards) and those by the diagonal;
+    - "dense": every block: exact dense attention, for checks and baselines;
+    - "tiled_3d": sliding-tile 3-D windows (STA): each query tile sees the tiles within a window, in tile order;
+    - "dynamic": per query block, a `budget` share of key blocks chosen on the GPU from the current q and k;
+    - "criss_cross": CCNet's criss-cross: a query tile sees its tile row and column in the nearby frames;
+    - "window_global_random": Orion-MSP's: a window of blocks, global first blocks and seeded random blocks;
+    - "pbs": PBS-Attn: keys permuted by importance within each frame, then a dynamic top-k block mask;
+    - "hybrid": LongGen's layers: every `dense_every`-th layer keeps dense attention, the others run a pattern
+      ("tiled_3d" by default).
+    """
 
     pattern: Any = "local_3d"
 

@@ -144,3 +144,10 @@ def test_a_user_class_sharing_a_diffusers_name_is_not_that_class():
     WanTransformer3DModel = type("WanTransformer3DModel", (torch.nn.Module,), {})
     with pytest.raises(NotImplementedError, match="WanTransformer3DModel"):
         accel.models.spec_for(WanTransformer3DModel())
+
+
+def test_sparse_attention_config_docstring_names_every_pattern():
+    from accel.attention.sparse import PATTERNS
+
+    missing = [name for name in PATTERNS if name not in accel.SparseAttentionConfig.__doc__]
+    assert not missing, f"SparseAttentionConfig's docstring does not list {missing}"

@@ -10,8 +10,10 @@ import tiny_models as tm
 from accel import diffusers_internals as internals
 
 HOOK_NAMES = ["FBC_LEADER_BLOCK_HOOK", "FBC_BLOCK_HOOK", "MAG_CACHE_LEADER_BLOCK_HOOK", "MAG_CACHE_BLOCK_HOOK",
-              "TAYLORSEER_CACHE_HOOK"]
-NAME_LISTS = ["ALL_TRANSFORMER_BLOCK_IDENTIFIERS", "TAYLORSEER_BLOCK_IDENTIFIERS", "TAYLORSEER_PROJ_OUT_IDENTIFIERS"]
+              "TAYLORSEER_CACHE_HOOK", "PAB_HOOK", "FASTER_CACHE_DENOISER_HOOK", "FASTER_CACHE_BLOCK_HOOK"]
+HOOK_NAME_TUPLES = {"SEA_CACHE_HOOKS": 4, "TEXT_KV_CACHE_HOOKS": 2}
+NAME_LISTS = ["ALL_TRANSFORMER_BLOCK_IDENTIFIERS", "TAYLORSEER_BLOCK_IDENTIFIERS", "TAYLORSEER_PROJ_OUT_IDENTIFIERS",
+              "FASTER_CACHE_LAYER_IDENTIFIERS"]
 CLASS_LISTS = ["ATTENTION_CLASSES", "FEEDFORWARD_CLASSES"]
 CLASSES = ["BaseState", "StateManager", "CacheContext", "TransformerBlockMetadata", "TransformerBlockRegistry", "CacheMixin"]
 
@@ -23,6 +25,35 @@ def test_the_checked_versions_are_named():
 @pytest.mark.parametrize("name", HOOK_NAMES)
 def test_hook_names_are_strings(name):
     assert isinstance(getattr(internals, name), str) and getattr(internals, name)
+
+
+@pytest.mark.parametrize("name, length", HOOK_NAME_TUPLES.items())
+def test_hook_name_tuples_hold_distinct_strings(name, length):
+    value = getattr(internals, name)
+    assert isinstance(value, tuple) and len(set(value)) == length and all(isinstance(v, str) and v for v in value)
+
+
+def _registered_hooks(model) -> set[str]:
+    return {name for m in model.modules() if hasattr(m, "_diffusers_hook") for name in m._diffusers_hook._hook_order}
+
+
+WIDE = {"spatial_attention_timestep_skip_range": (-1, 1001)}
+
+
+@pytest.mark.parametrize("method, options", [
+    ("first_block_cache", {}), ("taylorseer", {}), ("mag_cache", {"mag_ratios": [1.0] * 4}),
+    ("pyramid_attention_broadcast", WIDE), ("faster_cache", {**WIDE, "tensor_format": "BCFHW"}), ("sea_cache", {}),
+])
+def test_the_hook_names_name_every_hook_the_caches_register(method, options):
+    from accel.diffusers_caches import DIFFUSERS_METHODS
+    from accel.patch import COUNTER_HOOK, STEP_HOOK
+
+    model = tm.wan()
+    named = DIFFUSERS_METHODS[method](model, accel.make_config(method, **options), 4, None).hook_names
+    with accel.patch(model, method=method, num_inference_steps=4, **options):
+        registered = _registered_hooks(model) - {STEP_HOOK, COUNTER_HOOK}
+    assert registered and registered <= set(named)  # (SeaCache's post-norm hook is for some models only)
+    assert _registered_hooks(model) == set()  # so removal found them all
 
 
 @pytest.mark.parametrize("name", NAME_LISTS)
@@ -55,6 +86,23 @@ def test_cache_context_setter_sets_the_state_managers_context():
     HookRegistry.check_if_exists_or_initialize(model)
     internals.set_cache_context(model, internals.CacheContext("cond"))
     internals.set_cache_context(model, None)
+
+
+def test_find_hook_finds_the_first_module_with_the_hook():
+    model = tm.wan()
+    assert internals.find_hook(model, internals.MAG_CACHE_LEADER_BLOCK_HOOK) is None
+    with accel.patch(model, method="mag_cache", mag_ratios=[1.0] * 4, num_inference_steps=4):
+        module, hook = internals.find_hook(model, internals.MAG_CACHE_BLOCK_HOOK)
+        assert module is model.blocks[1] and hook is module._diffusers_hook.get_hook(internals.MAG_CACHE_BLOCK_HOOK)
+
+
+def test_mag_cache_keeps_its_calibration_ratios_in_the_state_of_its_head_hooks_manager():
+    model = tm.wan()
+    with accel.patch(model, method="mag_cache", calibrate=True, num_inference_steps=4):
+        _, hook = internals.find_hook(model, internals.MAG_CACHE_LEADER_BLOCK_HOOK)
+        _run(model, tm.inputs(model), steps=2)  # fewer than the config's steps: diffusers has not emptied the list
+        hook.state_manager.set_context(internals.CacheContext("default"))  # accel's context for context-less calls
+        assert len(hook.state_manager.get_state().calibration_ratios) == 2
 
 
 def test_block_registry():
