@@ -33,6 +33,7 @@ from ..checks import (
     OUTPUT_TYPES, check_bool, check_callback, check_choice, check_generator, check_int, check_output_path, check_real,
     check_step_count, load_checked,
 )
+from ..video_io import StreamingMp4Writer
 from .decoding import StreamingWanDecoder
 from .transformer import CausalSanaVideoTransformer3DModel
 
@@ -307,7 +308,7 @@ class LongSanaVideoPipeline(SanaVideoPipeline):
         memories = [self.transformer.new_memory(keep_last_chunks) for _ in texts]
         shape = (cond.shape[0], self.transformer.config.in_channels, chunk_frames,
                  height // self.vae_scale_factor_spatial, width // self.vae_scale_factor_spatial)
-        writer = _Mp4Writer(os.fspath(output_path), fps) if output_path is not None else None
+        writer = StreamingMp4Writer(output_path, fps) if output_path is not None else None
         decode = writer is not None or callback_on_chunk_end is not None or (return_frames and output_type != "latent")
         stream = self._stream() if decode else None
         kept = []
@@ -379,31 +380,3 @@ class LongSanaVideoPipeline(SanaVideoPipeline):
                 latents = (1 - nxt) * latents + nxt * randn_tensor(shape, generator=generator, device=device, dtype=dtype)
             latents = step_end(i, t, latents)
         return latents
-
-
-class _Mp4Writer:
-    """Frames appended chunk by chunk into `path + ".partial.mp4"`, renamed to `path` only when complete."""
-
-    def __init__(self, path: str, fps: int):
-        import imageio
-
-        self.path, self.tmp = path, f"{path}.partial.mp4"
-        self.writer = imageio.get_writer(self.tmp, fps=fps, macro_block_size=1)
-        self.done = False
-
-    def append(self, frames: np.ndarray) -> None:
-        for frame in frames[0]:  # the first video of the batch
-            self.writer.append_data((frame * 255).round().clip(0, 255).astype(np.uint8))
-
-    def close(self) -> str:
-        self.writer.close()
-        os.replace(self.tmp, self.path)
-        self.done = True
-        return self.path
-
-    def abort(self) -> None:
-        """After an interruption: stop the encoder (it writes the file only then) and delete what it wrote."""
-        if not self.done:
-            self.writer.close()
-            if os.path.exists(self.tmp):
-                os.remove(self.tmp)

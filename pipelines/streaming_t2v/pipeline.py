@@ -38,6 +38,7 @@ from ..checks import (
     check_output_path, check_real, check_step_count, load_checked,
 )
 from ..shapes.models import with_positions
+from ..video_io import StreamingMp4Writer
 from .hooks import StreamingState, hooks_installed, install_hooks
 from .image_encoder import ENV_VAR, ClipImageEncoder, load_image_encoder
 from .modules import AppearancePreservationModule, ConditionalAttentionModule
@@ -513,7 +514,7 @@ class StreamingT2VPipeline(DiffusionPipeline):
             return_frames and output_type != "latent")
         state, kept, writer, stream = self._state, [], None, None
         try:
-            writer = _mp4_writer(os.fspath(output_path), fps) if output_path is not None else None
+            writer = StreamingMp4Writer(output_path, fps) if output_path is not None else None
             stream = self._stream() if decode else None
             replace = conditioning == "replace"
             state.cam, state.apm = (None, None) if replace else (self.cam, self.apm if apm_on else None)
@@ -578,8 +579,3 @@ def _text_length(tokenizer, max_sequence_length: int) -> int:
     return min(max_sequence_length, limit) if isinstance(limit, int) else max_sequence_length
 
 
-def _mp4_writer(path: str, fps: int):
-    """LongSanaVideoPipeline's mp4 writer: frames into `path + ".partial.mp4"`, renamed to `path` when complete."""
-    from ..long_sana_video.pipeline import _Mp4Writer  # imported here: it pulls in the Triton kernels
-
-    return _Mp4Writer(path, fps)
