@@ -79,7 +79,7 @@ class PatchHandle:
         self.removed = False
 
     def _configs(self) -> list:
-        return [dataclasses.asdict(c) if dataclasses.is_dataclass(c) else repr(c) for c in self.configs]
+        return [_describe(c) for c in self.configs]
 
     def stats(self) -> dict[str, Any]:
         """For the last generation: steps, `computed`, `predicted`, gate error per step, predicted step indices."""
@@ -250,3 +250,11 @@ def patch(target: Any, method: Any = "cg_taylor", num_inference_steps: int | Non
         raise
     logger.info("accel: %s on %s", spec.name, ", ".join(type(m).__name__ for m in models))
     return handle
+
+
+def _describe(value: Any) -> Any:
+    """A config as plain fields. Not `dataclasses.asdict`: it deep-copies every field, and a callback such as the
+    call watch of PAB / FasterCache holds the whole pipeline."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _describe(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    return repr(value) if callable(value) else value

@@ -173,3 +173,31 @@ def test_attention_methods_compose_with_one_cache_and_refuse_unsupported_models(
     assert torch.equal(run(), base)
     with pytest.raises((ValueError, NotImplementedError, TypeError), match="linear attention|SANA|Sana"):
         accel.patch(tm.wan(), method="linear_attention_kernels")
+
+
+def test_stats_describe_callbacks_by_name_without_copying_what_they_hold():
+    """PAB / FasterCache configs carry a callback holding the pipeline: stats() must not deep-copy it."""
+    import dataclasses
+
+    from accel.patch import _describe
+
+    class Holder:
+        def __deepcopy__(self, memo):
+            raise AssertionError("deep-copied")
+
+        def __call__(self):
+            return 0
+
+    @dataclasses.dataclass
+    class Inner:
+        threshold: float = 0.1
+
+    @dataclasses.dataclass
+    class Config:
+        callback: object
+        inner: Inner
+        blocks: tuple = (0, 1)
+
+    described = _describe(Config(Holder(), Inner()))
+    assert isinstance(described["callback"], str)
+    assert described["inner"] == {"threshold": 0.1} and described["blocks"] == (0, 1)
