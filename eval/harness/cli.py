@@ -2,13 +2,16 @@
 
     accel-eval quickstart [--out DIR] [--device cuda] the shipped reference pipelines (on the CPU: a few minutes)
     accel-eval run --pipeline P --prompts FILE --method cg_taylor:threshold=0.1 --method first_block_cache [...]
+    accel-eval pareto --pipeline P --prompts FILE [--sweep cg_taylor:schedule=2|3|4 ...]  each method's knob swept:
+                                                      quality vs computed fraction and vs speedup (pareto.md, plots)
     accel-eval report DIR                             rebuild table and plots from a run folder
     accel-eval long-video --out FILE.json [--chunks 20 --seeds 0,1,2]  the shipped long-video models side by side
     accelerate launch -m accel.eval run ...           shard the prompts over processes / GPUs
 
 Bad input gets a one-line message and exit code 2, before anything is generated or written: the arguments, the
 output folder, the pipeline, every prompt (the pipeline is run up to its first denoising step) and every method
-configuration (patched and removed) are checked first. A run folder resumes where it stopped.
+configuration (patched and removed; a Pareto sweep's methods also run to their second step) are checked first. A run
+folder resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import sys
 
 import torch
 
-from .spec import RunSpec, SpecError, load_prompts, parse_method, read_spec
+from .spec import RunSpec, SpecError, load_prompts, parse_method, parse_sweep, read_spec
 
 QUICKSTART_METHODS = ["cg_taylor", "cg_taylor:threshold=0.1", "first_block_cache:threshold=0.05",
                       "first_block_cache:threshold=0.1", "taylorseer:cache_interval=3,disable_cache_before_step=3"]
@@ -44,19 +47,13 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default="accel-quickstart")
     q.add_argument("--device", default="cpu", help="cpu (the README's first command) or cuda")
     r = sub.add_parser("run", help="evaluate methods on any diffusers pipeline")
-    r.add_argument("--pipeline", required=True, help="a shipped reference name, a local folder or a locally cached id")
-    r.add_argument("--prompts", required=True, help="a file: one prompt per line, or a JSON list")
+    _add_run_arguments(r, seeds=1)
     r.add_argument("--method", action="append", default=[], help="baseline | METHOD[:key=value,...]; repeatable")
-    r.add_argument("--seeds", type=int, default=1, help="samples per prompt")
-    r.add_argument("--steps", type=int, help="num_inference_steps")
-    r.add_argument("--height", type=int)
-    r.add_argument("--width", type=int)
-    r.add_argument("--frames", type=int, help="num_frames (video pipelines)")
-    r.add_argument("--guidance", type=float, help="guidance_scale")
-    r.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
-    r.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    r.add_argument("--repeats", type=int, default=3, help="timed rounds (all configurations, interleaved) after a warm-up")
-    r.add_argument("--out", required=True)
+    pa = sub.add_parser("pareto", help="sweep each method's main knob: quality vs computed fraction and vs speedup")
+    _add_run_arguments(pa, seeds=2)
+    pa.add_argument("--sweep", action="append", default=[],
+                    help="METHOD:KNOB=v1|v2|v3[,other=value]; repeatable (default: every method's main knob that "
+                         "runs on the pipeline)")
     rep = sub.add_parser("report", help="rebuild the table and plots of a run folder")
     rep.add_argument("dir")
     lv = sub.add_parser("long-video", help="chunk-by-chunk metrics of the shipped long-video models, side by side")
@@ -69,12 +66,28 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _spec_from_args(args) -> RunSpec:
+def _add_run_arguments(p: argparse.ArgumentParser, seeds: int) -> None:
+    """What `run` and `pareto` share: the pipeline, prompts, call settings, device, timing and output folder."""
+    p.add_argument("--pipeline", required=True, help="a shipped reference name, a local folder or a locally cached id")
+    p.add_argument("--prompts", required=True, help="a file: one prompt per line, or a JSON list")
+    p.add_argument("--seeds", type=int, default=seeds, help="samples per prompt")
+    p.add_argument("--steps", type=int, help="num_inference_steps")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--frames", type=int, help="num_frames (video pipelines)")
+    p.add_argument("--guidance", type=float, help="guidance_scale")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds (all configurations, interleaved) after a warm-up")
+    p.add_argument("--out", required=True)
+
+
+def _spec_from_args(args, configs, sweeps=()) -> RunSpec:
     call = {"num_inference_steps": args.steps, "height": args.height, "width": args.width,
             "num_frames": args.frames, "guidance_scale": args.guidance}
-    return RunSpec(pipeline=args.pipeline, configs=[parse_method(m) for m in args.method or ["cg_taylor"]],
-                   prompts=load_prompts(args.prompts), seeds=args.seeds, call={k: v for k, v in call.items() if v is not None},
-                   device=args.device, dtype=args.dtype, repeats=args.repeats)
+    return RunSpec(pipeline=args.pipeline, configs=configs, prompts=load_prompts(args.prompts), seeds=args.seeds,
+                   call={k: v for k, v in call.items() if v is not None}, device=args.device, dtype=args.dtype,
+                   repeats=args.repeats, sweeps=list(sweeps))
 
 
 def check_device_present(device: str) -> None:
@@ -99,9 +112,10 @@ def _spec_differences(old, new: dict) -> str:
     return "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
 
 
-def _check_out(run_dir: str, spec: RunSpec) -> None:
+def _check_out(run_dir: str, spec: RunSpec | None) -> None:
     """--out: a new folder that can be created, an empty one, or a run folder of this spec (resumed), or one of
-    another spec that holds no samples yet (a run refused or stopped before generating: taken over)."""
+    another spec that holds no samples yet (a run refused or stopped before generating: taken over). With no spec
+    (not known yet), the folder only."""
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise SpecError(f"--out {run_dir}: exists and is not a folder; allowed: a new, empty or run folder")
     if not os.path.isdir(run_dir):
@@ -115,7 +129,7 @@ def _check_out(run_dir: str, spec: RunSpec) -> None:
     if not os.path.exists(spec_path):
         if os.listdir(run_dir):
             raise SpecError(f"--out {run_dir}: holds other files and no spec.json; allowed: a new, empty or run folder")
-    elif _has_results(run_dir):
+    elif spec is not None and _has_results(run_dir):
         try:
             old = json.load(open(spec_path, encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -132,26 +146,32 @@ def _check_configs(pipe, spec: RunSpec) -> None:
     models a method does not support)."""
     from .generate import patch_config
 
+    flag = "--sweep" if spec.sweeps else "--method"
     for config in spec.configs[1:]:
         try:
             patch_config(pipe, config, spec).remove()
         except (TypeError, ValueError, NotImplementedError) as err:
-            raise SpecError(f"--method {config.label!r}: {err}") from None
+            raise SpecError(f"{flag} {config.label!r}: {err}") from None
 
 
-def prepare(spec: RunSpec, run_dir: str):
-    """Every check of the run, before anything is generated or written; returns the loaded pipeline."""
+def prepare(spec: RunSpec, run_dir: str, narrow=None):
+    """Every check of the run, before anything is generated or written; returns the loaded pipeline and the spec.
+    `narrow(pipe, spec)`: the spec cut down to what the loaded pipeline runs (a Pareto sweep's methods); the output
+    folder is then checked against the narrowed spec."""
     from accelerate import PartialState
 
     from .generate import check_inputs, load_pipeline
 
     check_device_present(spec.device)
-    _check_out(run_dir, spec)
+    _check_out(run_dir, None if narrow else spec)
     device = PartialState(cpu=spec.device == "cpu").device.type if spec.device == "cuda" else spec.device
     pipe = load_pipeline(spec.pipeline, device, spec.dtype)
     check_inputs(pipe, spec)
+    if narrow:
+        spec = narrow(pipe, spec)
+        _check_out(run_dir, spec)
     _check_configs(pipe, spec)
-    return pipe
+    return pipe, spec
 
 
 def execute(pipe, spec: RunSpec, run_dir: str) -> str | None:
@@ -159,7 +179,6 @@ def execute(pipe, spec: RunSpec, run_dir: str) -> str | None:
     from accelerate import PartialState
 
     from .generate import atomic_json, generate, time_configs
-    from .report import evaluate, sample_grids, write_report
 
     state = PartialState(cpu=spec.device == "cpu")
     if state.is_main_process:
@@ -170,25 +189,36 @@ def execute(pipe, spec: RunSpec, run_dir: str) -> str | None:
     if not state.is_main_process:
         return None
     time_configs(pipe, spec, run_dir)  # alone on the machine: the other processes are done
-    results = evaluate(run_dir, spec)
-    sample_grids(run_dir, spec, run_dir)
-    return write_report(run_dir, results)
+    return report(run_dir, spec)
 
 
-def report(run_dir: str) -> str:
+def report(run_dir: str, spec: RunSpec | None = None) -> str:
+    """The table, plots and sample grids of a run folder (a Pareto run's too: its table is the one returned)."""
+    from .pareto import write_pareto
     from .report import evaluate, sample_grids, write_report
 
-    spec = read_spec(run_dir)
+    spec = spec or read_spec(run_dir)
     results = evaluate(run_dir, spec)
     sample_grids(run_dir, spec, run_dir)
-    return write_report(run_dir, results)
+    table = write_report(run_dir, results)
+    return write_pareto(run_dir, spec) if spec.sweeps else table
+
+
+def pareto(args) -> str | None:
+    """The sweeps given, or every default one whose method runs on the pipeline, as one run."""
+    from .pareto import DEFAULT_SWEEPS, applicable
+
+    sweeps = [parse_sweep(s) for s in args.sweep or DEFAULT_SWEEPS]
+    spec = _spec_from_args(args, [c for s in sweeps for c in s.configs()], sweeps)
+    pipe, spec = prepare(spec, args.out, narrow=lambda pipe, spec: applicable(pipe, spec, strict=bool(args.sweep)))
+    return execute(pipe, spec, args.out)
 
 
 def quickstart(out: str, device: str = "cpu") -> str:
     configs = [parse_method(m) for m in QUICKSTART_METHODS]
     runs = [(RunSpec("shapes-image", configs, QUICKSTART_IMAGE_PROMPTS, repeats=3, device=device), "shapes-image"),
             (RunSpec("shapes-video", configs, QUICKSTART_VIDEO_PROMPTS, repeats=2, device=device), "shapes-video")]
-    prepared = [(prepare(spec, os.path.join(out, name)), spec, name) for spec, name in runs]  # both checked first
+    prepared = [(*prepare(spec, os.path.join(out, name)), name) for spec, name in runs]  # both checked first
     tables = [f"## {name}\n\n{execute(pipe, spec, os.path.join(out, name))}" for pipe, spec, name in prepared]
     return "\n\n".join(tables) + f"\n\nResults, plots and samples: {out}/"
 
@@ -217,8 +247,10 @@ def main(argv=None) -> int:
         if args.command == "quickstart":
             text = quickstart(args.out, args.device)
         elif args.command == "run":
-            spec = _spec_from_args(args)
-            text = execute(prepare(spec, args.out), spec, args.out)
+            spec = _spec_from_args(args, [parse_method(m) for m in args.method or ["cg_taylor"]])
+            text = execute(*prepare(spec, args.out), args.out)
+        elif args.command == "pareto":
+            text = pareto(args)
         elif args.command == "long-video":
             text = long_video(args)
         else:

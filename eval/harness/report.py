@@ -26,7 +26,7 @@ GRID_ROWS = 8  # prompts shown in a sample grid
 VIDEO_FRAMES_SHOWN = 4
 
 
-def _load_timing(run_dir: str, spec: RunSpec) -> dict:
+def load_timing(run_dir: str, spec: RunSpec) -> dict:
     path = timing_path(run_dir)
     if not os.path.isfile(path):
         raise SpecError(f"{run_dir}: no timing.json (the run stopped before timing); run `accel-eval run` again "
@@ -86,7 +86,7 @@ def _quality(spec: RunSpec, samples: np.ndarray, baseline: np.ndarray, prompts: 
 
 def evaluate(run_dir: str, spec: RunSpec) -> dict:
     """Every configuration's row: timing, steps computed, fidelity to the baseline, distribution and text metrics."""
-    timing = _load_timing(run_dir, spec)
+    timing = load_timing(run_dir, spec)
     baseline, _ = load_samples(run_dir, spec, spec.configs[0])
     prompts = [spec.prompts[i] for i, _ in spec.jobs()]
     try:

@@ -60,7 +60,7 @@ def _value(text: str):
         return text
 
 
-def _split_options(text: str, given: str) -> list[str]:
+def _split_options(text: str, given: str, flag: str) -> list[str]:
     """At the commas outside brackets and quotes: "mag_ratios=[1.0,0.9],threshold=0.1" is two options."""
     items, depth, quote, start = [], 0, None, 0
     for i, char in enumerate(text):
@@ -76,38 +76,107 @@ def _split_options(text: str, given: str) -> list[str]:
             items.append(text[start:i])
             start = i + 1
     if depth or quote:
-        raise SpecError(f"--method {given!r}: unbalanced brackets or quotes in the options")
+        raise SpecError(f"{flag} {given!r}: unbalanced brackets or quotes in the options")
     return [*items, text[start:]]
 
 
-def method_config(name: str | None, options: dict, given: str) -> MethodConfig:
-    """A checked configuration: a known method whose options its typed config accepts (`given`: for messages)."""
+def method_config(name: str | None, options: dict, given: str, flag: str = "--method") -> MethodConfig:
+    """A checked configuration: a known method whose options its typed config accepts (`given`, `flag`: for messages)."""
     if name is None or name == "baseline":
         if options:
-            raise SpecError(f"--method {given!r}: baseline takes no options")
+            raise SpecError(f"{flag} {given!r}: baseline takes no options")
         return MethodConfig(None)
     if name not in METHODS:
-        raise SpecError(f"--method {given!r}: unknown method {name!r}; allowed: baseline, {', '.join(METHODS)}")
+        raise SpecError(f"{flag} {given!r}: unknown method {name!r}; allowed: baseline, {', '.join(METHODS)}")
     try:  # the typed config checks each option's name and value (mag_cache's steps come from --steps later)
         accel.make_config(name, **options)
     except (ValueError, TypeError) as err:
-        raise SpecError(f"--method {given!r}: {err}") from None
+        raise SpecError(f"{flag} {given!r}: {err}") from None
     return MethodConfig(name, tuple(options.items()))
+
+
+def _options(text: str, flag: str, form: str) -> tuple[str, dict[str, str]]:
+    """The method's name and each option's unparsed value, from "METHOD:key=value,key=value"."""
+    name, _, opts = text.strip().partition(":")
+    options = {}
+    for item in filter(str.strip, _split_options(opts, text, flag)):
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise SpecError(f"{flag} {text!r}: malformed option {item!r}: expected {form}")
+        if key in options:
+            raise SpecError(f"{flag} {text!r}: option {key!r} given twice")
+        options[key] = value.strip()
+    return name.strip(), options
 
 
 def parse_method(text: str) -> MethodConfig:
     """"baseline", "cg_taylor", or "cg_taylor:threshold=0.1,warmup_steps=4"."""
-    name, _, opts = text.strip().partition(":")
-    options = {}
-    for item in filter(str.strip, _split_options(opts, text)):
-        key, eq, value = item.partition("=")
-        key = key.strip()
-        if not eq or not key:
-            raise SpecError(f"--method {text!r}: malformed option {item!r}: expected METHOD:key=value,key=value")
-        if key in options:
-            raise SpecError(f"--method {text!r}: option {key!r} given twice")
-        options[key] = _value(value.strip())
-    return method_config(name.strip(), options, text)
+    name, options = _options(text, "--method", "METHOD:key=value,key=value")
+    return method_config(name, {k: _value(v) for k, v in options.items()}, text)
+
+
+SWEEP_FORM = "METHOD:KNOB=v1|v2|v3[,other=value]"
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A line of a Pareto sweep: one method's knob over several values, its other options fixed."""
+
+    method: str
+    knob: str
+    values: tuple
+    fixed: tuple[tuple[str, object], ...] = ()
+
+    @property
+    def name(self) -> str:
+        return f"{self.method} ({self.knob})"
+
+    def configs(self) -> list[MethodConfig]:
+        return [MethodConfig(self.method, ((self.knob, v), *self.fixed)) for v in self.values]
+
+    def to_json(self) -> dict:
+        return {"method": self.method, "knob": self.knob, "values": list(self.values), "fixed": dict(self.fixed)}
+
+
+def make_sweep(method, knob, values: list, fixed: dict, given: str) -> Sweep:
+    """A checked sweep: every value makes a valid configuration (`given`: the --sweep text, for messages)."""
+    if method in (None, "baseline"):
+        raise SpecError(f"--sweep {given!r}: the baseline is in every sweep; name a method: {SWEEP_FORM}")
+    if not isinstance(knob, str) or knob in fixed:
+        raise SpecError(f"--sweep {given!r}: the knob must be an option name, not among the fixed options")
+    if not values:
+        raise SpecError(f"--sweep {given!r}: {knob} has no values; expected {SWEEP_FORM}")
+    texts = [json.dumps(v, sort_keys=True) for v in values]
+    twice = sorted({t for t in texts if texts.count(t) > 1})
+    if twice:
+        raise SpecError(f"--sweep {given!r}: {knob} value(s) {', '.join(twice)} given twice")
+    for value in values:
+        method_config(method, {knob: value, **fixed}, given, "--sweep")
+    return Sweep(method, knob, tuple(values), tuple(fixed.items()))
+
+
+def parse_sweep(text: str) -> Sweep:
+    """"cg_taylor:schedule=2|3|4|5" or "taylorseer:cache_interval=2|3|4,disable_cache_before_step=3": the option with
+    |-separated values is the knob (with none, the first option is: a one-point line), the others are fixed."""
+    method, options = _options(text, "--sweep", SWEEP_FORM)
+    if not options:
+        raise SpecError(f"--sweep {text!r}: no knob to sweep; expected {SWEEP_FORM}")
+    several = [k for k, v in options.items() if "|" in v]
+    if len(several) > 1:
+        raise SpecError(f"--sweep {text!r}: options {several} all have several values; sweep one knob per --sweep")
+    knob = several[0] if several else next(iter(options))
+    values = [v.strip() for v in options.pop(knob).split("|")]
+    if not all(values):
+        raise SpecError(f"--sweep {text!r}: an empty value among {knob}'s; expected {SWEEP_FORM}")
+    return make_sweep(method, knob, [_value(v) for v in values], {k: _value(v) for k, v in options.items()}, text)
+
+
+def sweep_from_json(d) -> Sweep:
+    if not isinstance(d, dict) or set(d) != {"method", "knob", "values", "fixed"} or not isinstance(d["values"], list) \
+            or not isinstance(d["fixed"], dict):
+        raise SpecError(f"sweeps must be a list of {{method, knob, values (a list), fixed (an object)}}, got {d!r}")
+    return make_sweep(d["method"], d["knob"], d["values"], d["fixed"], f"{d['method']}:{d['knob']}")
 
 
 def load_prompts(path: str) -> list[str]:
@@ -171,6 +240,8 @@ class RunSpec:
     dtype: str = "float32"
     repeats: int = 3  # timed rounds: each configuration once per round, interleaved, after a warm-up round
     metrics: tuple[str, ...] = METRICS
+    sweeps: list[Sweep] = field(default_factory=list)  # a Pareto run's lines; its configs are theirs
+    left_out: dict = field(default_factory=dict)  # a Pareto run: the default sweeps this pipeline cannot run, and why
 
     def __post_init__(self):
         self.configs = [MethodConfig(None)] + [c for c in self.configs if c.method is not None]
@@ -182,7 +253,9 @@ class RunSpec:
         labels = [c.label for c in self.configs]
         twice = sorted({label for label in labels if labels.count(label) > 1})
         if twice:
-            raise SpecError(f"--method: configuration(s) {twice} given twice; each must differ")
+            raise SpecError(f"{'--sweep' if self.sweeps else '--method'}: configuration(s) {twice} given twice; "
+                            "each must differ")
+        self._check_sweeps()
         if not self.prompts or not all(isinstance(p, str) and p.strip() for p in self.prompts):
             raise SpecError(f"--prompts must give at least one non-empty prompt, got {self.prompts!r}")
         _check_int("--seeds", self.seeds)
@@ -195,6 +268,15 @@ class RunSpec:
         if unknown:
             raise SpecError(f"metrics {unknown} are not among {list(METRICS)}")
 
+    def _check_sweeps(self) -> None:
+        names = [s.name for s in self.sweeps]
+        if len(set(names)) < len(names):
+            raise SpecError(f"--sweep: a method's knob is swept twice ({names}); give each knob one --sweep")
+        if self.sweeps and self.configs[1:] != [c for s in self.sweeps for c in s.configs()]:
+            raise SpecError("configs must be the baseline and the sweeps' configurations, in order")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.left_out.items()):
+            raise SpecError(f"left_out must map method names to reasons, got {self.left_out!r}")
+
     def jobs(self) -> list[tuple[int, int]]:
         """(prompt index, seed) pairs; a sample's seed depends on its prompt index, never on the process."""
         return [(i, 1000 * i + s) for i in range(len(self.prompts)) for s in range(self.seeds)]
@@ -203,6 +285,9 @@ class RunSpec:
         d = asdict(self)
         d["configs"] = [{"method": c.method, "options": dict(c.options), "label": c.label} for c in self.configs]
         d["metrics"] = list(self.metrics)
+        d["sweeps"] = [s.to_json() for s in self.sweeps]
+        if not self.sweeps:  # a plain run's spec.json as before: its folders still resume
+            del d["sweeps"], d["left_out"]
         return d
 
     @classmethod
@@ -220,10 +305,11 @@ class RunSpec:
             raise SpecError(f"configs must be a list of {{method, options}} objects, got {d['configs']!r}")
         d["configs"] = [method_config(c.get("method"), c.get("options", {}), c.get("label", str(c.get("method"))))
                         for c in d["configs"]]
-        for key, kind in (("prompts", list), ("call", dict), ("metrics", list)):
+        for key, kind in (("prompts", list), ("call", dict), ("metrics", list), ("sweeps", list), ("left_out", dict)):
             if key in d and not isinstance(d[key], kind):
                 raise SpecError(f"{key} must be a JSON {kind.__name__}, got {d[key]!r}")
         d["metrics"] = tuple(d.get("metrics", METRICS))
+        d["sweeps"] = [sweep_from_json(s) for s in d.get("sweeps", [])]
         return cls(**d)
 
 

@@ -1,0 +1,322 @@
+"""`accel-eval pareto`: each method's main knob swept on one pipeline; quality against the computed fraction and
+against the measured speedup, a line per method, mean and spread over prompts x seeds.
+
+A Pareto run is a run folder like any other (samples, timing.json, results.md, resumable); on top of it:
+    pareto.md, pareto.json   a table per method: knob value, computed fraction, PSNR and SSIM (and LPIPS where its
+                             weights are here) mean ± std over the samples, speedup mean (min-max) over the timed
+                             rounds; the dominance line (pareto.json also keeps every sample's values)
+    pareto_fraction.png      PSNR against computed fraction, a line per method
+    pareto_speedup.png       PSNR against speedup, a line per method
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import itertools
+import json
+import math
+import os
+import statistics
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import metrics
+from .generate import _call, atomic_json, atomic_write, load_samples, patch_config
+from .report import load_timing
+from .spec import RunSpec, SpecError, Sweep
+
+DEFAULT_SWEEPS = (  # each method's main knob, over a range that takes shapes' computed fraction across ~0.3-0.9
+    "cg_taylor:schedule=2|3|4|5",
+    "first_block_cache:threshold=0.05|0.1|0.15|0.2|0.3",
+    "taylorseer:cache_interval=2|3|4|5",
+    "mag_cache:threshold=0.03|0.06|0.12|0.24",  # FLUX only: diffusers ships no other model's magnitude ratios
+    "pyramid_attention_broadcast:spatial_attention_block_skip_range=2|3|4|6",
+    "faster_cache:spatial_attention_block_skip_range=2|3|4",
+)
+DOMINANCE_RANGE = (0.3, 0.7)
+BIN_WIDTH = 0.1
+# Denoiser calls a method must get through to count as running here: both guidance branches of the first step (where
+# pyramid_attention_broadcast refuses separate branches) and the next step's first.
+PROBE_CALLS = 3
+
+
+# Which methods run on the pipeline ---------------------------------------------------------------------------------
+
+class _Probed(Exception):
+    """The probe's denoiser calls went through."""
+
+
+def refusal(pipe, spec: RunSpec, config) -> str | None:
+    """Why the configuration cannot run on this pipeline (at patching or in its first denoiser calls), or None."""
+    denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
+    calls = itertools.count(1)
+
+    def stop(module, args, kwargs):
+        if next(calls) > PROBE_CALLS:
+            raise _Probed
+
+    hook = denoiser.register_forward_pre_hook(stop, with_kwargs=True) if isinstance(denoiser, torch.nn.Module) else None
+    try:
+        with patch_config(pipe, config, spec):
+            _call(pipe, spec.prompts[0], 0, spec.call, spec.device)
+    except _Probed:
+        return None
+    except (ValueError, TypeError, NotImplementedError, RuntimeError) as err:  # what the methods raise on models they can't patch
+        return " ".join(str(err).split())
+    finally:
+        if hook:
+            hook.remove()
+    return None
+
+
+def applicable(pipe, spec: RunSpec, strict: bool) -> RunSpec:
+    """The spec cut down to the sweeps whose method runs on this pipeline. A sweep asked for by name that cannot run is
+    an error (strict); a default one is left out, and why is kept for the notes."""
+    kept, left_out = [], {}
+    for sweep in spec.sweeps:
+        why = refusal(pipe, spec, sweep.configs()[0])
+        if why and strict:
+            raise SpecError(f"--sweep {sweep.name}: {why}")
+        if why:
+            left_out[sweep.method] = why
+        else:
+            kept.append(sweep)
+    if not kept:
+        raise SpecError(f"--sweep: none of the default methods runs on {type(pipe).__name__}: "
+                        + "; ".join(f"{m}: {w}" for m, w in left_out.items()))
+    return dataclasses.replace(spec, configs=[c for s in kept for c in s.configs()], sweeps=kept, left_out=left_out)
+
+
+# Per-sample measures and their aggregation --------------------------------------------------------------------------
+
+def _lpips_reason(baseline: np.ndarray) -> str | None:
+    try:
+        metrics.lpips(baseline[:1], baseline[:1])
+    except metrics.Unavailable as why:
+        return str(why)
+    return None
+
+
+def one_level_psnr(sample: np.ndarray) -> float:
+    """The PSNR of a sample one 8-bit level off in one of its values: the closest two different samples can be."""
+    return 10 * math.log10(255**2 * sample.size)
+
+
+def sample_measures(samples: np.ndarray, baseline: np.ndarray, stats: list[dict], with_lpips: bool) -> dict[str, list]:
+    """Each sample against the baseline's of the same prompt and seed (a video: over its frames), and its computed
+    fraction (None for a method that skips no step). A sample identical to the baseline's has an infinite PSNR, which
+    would make the mean infinite: it counts as `one_level_psnr`, and is marked identical."""
+    out = {"psnr": [], "ssim": [], "fraction": [], "identical": [], **({"lpips": []} if with_lpips else {})}
+    for sample, base, stat in zip(samples, baseline, stats):
+        fid, identical = metrics.fidelity(sample[None], base[None]), bool(np.array_equal(sample, base))
+        out["psnr"].append(one_level_psnr(sample) if identical else fid["psnr"])
+        out["identical"].append(identical)
+        out["ssim"].append(fid["ssim"])
+        out["fraction"].append(stat["computed"] / stat["steps"] if stat.get("steps") else None)
+        if with_lpips:
+            out["lpips"].append(metrics.lpips(sample[None], base[None])["lpips"])
+    return out
+
+
+def mean_std(key: str, values: list) -> dict:
+    """Mean and standard deviation over samples (n-1; 0 for one sample); None where a sample has no value."""
+    if any(v is None for v in values):
+        return {key: None, f"{key}_std": None}
+    return {key: statistics.fmean(values), f"{key}_std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def speedup(timing: dict, baseline: str, label: str) -> dict:
+    """Mean and range of each timed round's paired ratio: the baseline's latency over the configuration's, both of the
+    same round, so a slow moment of the machine slows both sides."""
+    base, own = (timing["configs"][k]["latencies_s"] for k in (baseline, label))
+    ratios = [b / x for b, x in zip(base, own)]
+    return {"speedup": statistics.fmean(ratios), "speedup_min": min(ratios), "speedup_max": max(ratios),
+            "rounds": len(ratios)}
+
+
+def point(sweep: Sweep, value, label: str, measures: dict[str, list], timing: dict, baseline: str) -> dict:
+    row = {"line": sweep.name, "method": sweep.method, "knob": sweep.knob, "value": value, "config": label,
+           "n": len(measures["psnr"]), "identical": sum(measures["identical"])}
+    for key in ("fraction", "psnr", "ssim", "lpips"):
+        if key in measures:
+            row.update(mean_std(key, measures[key]))
+    return {**row, **speedup(timing, baseline, label), "samples": measures}
+
+
+def fraction_bins() -> list[tuple[float, float]]:
+    low, high = DOMINANCE_RANGE
+    count = round((high - low) / BIN_WIDTH)
+    return [(round(low + i * BIN_WIDTH, 6), round(low + (i + 1) * BIN_WIDTH, 6)) for i in range(count)]
+
+
+def _in_bin(fraction: float | None, low: float, high: float, last: bool) -> bool:
+    if fraction is None:
+        return False
+    fraction = round(fraction, 6)  # 6 steps of 20 averaged over samples is 0.3 give or take the last bit
+    return low <= fraction < high or (last and fraction == high)
+
+
+def dominance(rows: list[dict]) -> list[dict]:
+    """Per computed-fraction bin: the line whose best point in the bin has the highest mean PSNR, its margin over the
+    next line's best point there, and whether the margin exceeds the spread (the larger of the two points' std over
+    samples)."""
+    bins, out = fraction_bins(), []
+    for i, (low, high) in enumerate(bins):
+        best: dict[str, dict] = {}
+        for row in rows:
+            if _in_bin(row["fraction"], low, high, i == len(bins) - 1) and row["psnr"] > best.get(row["line"], {}).get("psnr", -np.inf):
+                best[row["line"]] = row
+        ranked = sorted(best.values(), key=lambda r: r["psnr"], reverse=True)
+        entry = {"bin": [low, high], "best": {k: ranked[0][k] for k in ("line", "config", "psnr")} if ranked else None}
+        if len(ranked) > 1:
+            margin, spread = ranked[0]["psnr"] - ranked[1]["psnr"], max(ranked[0]["psnr_std"], ranked[1]["psnr_std"])
+            entry.update(runner_up={k: ranked[1][k] for k in ("line", "config", "psnr")}, margin=margin, spread=spread,
+                         beyond_spread=margin > spread)
+        out.append(entry)
+    return out
+
+
+def dominance_line(entries: list[dict]) -> str:
+    parts = []
+    for e in entries:
+        span, best = f"{e['bin'][0]:.1f}-{e['bin'][1]:.1f}", e["best"]
+        if best is None:
+            parts.append(f"{span}: no point")
+        elif "margin" not in e:
+            parts.append(f"{span}: {best['config']} {best['psnr']:.1f} dB, the only method here")
+        else:
+            verdict = "beyond" if e["beyond_spread"] else "within"
+            parts.append(f"{span}: {best['config']} {best['psnr']:.1f} dB, +{e['margin']:.1f} dB over "
+                         f"{e['runner_up']['config']} ({verdict} the spread of {e['spread']:.1f} dB)")
+    return "Dominance (best mean PSNR per computed-fraction bin): " + "; ".join(parts)
+
+
+def pareto_results(run_dir: str, spec: RunSpec) -> dict:
+    """Every sweep point's row, the dominance per bin, and what they rest on."""
+    timing = load_timing(run_dir, spec)
+    baseline, _ = load_samples(run_dir, spec, spec.configs[0])
+    lpips_why = _lpips_reason(baseline)
+    rows = []
+    for sweep in tqdm(spec.sweeps, desc="pareto metrics"):
+        for value, config in zip(sweep.values, sweep.configs()):
+            samples, stats = load_samples(run_dir, spec, config)
+            measures = sample_measures(samples, baseline, stats, lpips_why is None)
+            rows.append(point(sweep, value, config.label, measures, timing, spec.configs[0].label))
+    omitted = {**spec.left_out, **({"LPIPS": lpips_why} if lpips_why else {})}
+    base_latency = statistics.median(timing["configs"][spec.configs[0].label]["latencies_s"])
+    counts = {"samples": len(baseline), "prompts": len(spec.prompts), "seeds": spec.seeds,
+              "frames": int(baseline.shape[1]) if baseline.ndim == 5 else None, "rounds": len(timing["rounds"])}
+    return {"pipeline": spec.pipeline, "environment": timing["environment"], "counts": counts,
+            "baseline_latency_s": base_latency, "identical_psnr": one_level_psnr(baseline[0]), "lines": [s.to_json() | {"name": s.name} for s in spec.sweeps],
+            "rows": rows, "dominance": dominance(rows), "left_out": omitted}
+
+
+# The table ---------------------------------------------------------------------------------------------------------
+
+def _value_text(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _pm(row: dict, key: str, fmt: str) -> str:
+    return "n/a" if row[key] is None else f"{fmt.format(row[key])} ± {fmt.format(row[key + '_std'])}"
+
+
+def _header(results: dict) -> str:
+    c, env = results["counts"], results["environment"]
+    video = f" videos of {c['frames']} frames" if c["frames"] else " samples"
+    where = env.get("gpu") or env.get("device")
+    return (f"# Pareto sweep: {results['pipeline']}\n\n"
+            f"Each point: {c['samples']}{video} ({c['prompts']} prompts x {c['seeds']} seeds), each compared with the "
+            "baseline's sample of the same prompt and seed; mean ± std over the samples. Computed: the share of "
+            f"denoiser steps computed. Speedup: the baseline's latency over the configuration's in each of {c['rounds']} "
+            "interleaved rounds after a warm-up round (one sample a round: the first prompt, seed 0), mean (min-max); "
+            f"baseline {results['baseline_latency_s']:.3f} s a sample (median), on {where}, {env.get('dtype')}, "
+            f"call {env.get('call')}.")
+
+
+def _line_table(results: dict, line: dict) -> list[str]:
+    rows = [r for r in results["rows"] if r["line"] == line["name"]]
+    lpips = "lpips" in rows[0]
+    fixed = ", ".join(f"{k}={_value_text(v)}" for k, v in line["fixed"].items())
+    lines = [f"## {line['name']}" + (f" ({fixed})" if fixed else ""), "",
+             f"| {line['knob']} | computed | PSNR dB | SSIM |{' LPIPS |' if lpips else ''} speedup |",
+             "|---|---|---|---|" + ("---|" if lpips else "") + "---|"]
+    for r in rows:
+        identical = f" ({r['identical']}/{r['n']} identical)" if r["identical"] else ""
+        cells = [_value_text(r["value"]), _pm(r, "fraction", "{:.2f}"), _pm(r, "psnr", "{:.2f}") + identical,
+                 _pm(r, "ssim", "{:.4f}"),
+                 *([_pm(r, "lpips", "{:.4f}")] if lpips else []),
+                 f"{r['speedup']:.2f}x ({r['speedup_min']:.2f}-{r['speedup_max']:.2f})"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def markdown(results: dict) -> str:
+    body = [_header(results), ""]
+    for line in results["lines"]:
+        body += _line_table(results, line)
+    notes = [f"- {name}: left out: {why}" for name, why in results["left_out"].items()]
+    notes.append(f"- A sample identical to the baseline's (PSNR infinite) counts as {results['identical_psnr']:.1f} dB, "
+                 "the PSNR of one 8-bit level off in one value; the tables say how many are.")
+    notes.append("- Plots: pareto_fraction.png (PSNR vs computed fraction), pareto_speedup.png (PSNR vs speedup); "
+                 "results.md has the pooled metrics of every configuration.")
+    return "\n".join([*body, dominance_line(results["dominance"]), "", "Notes:", *notes])
+
+
+# The plots ---------------------------------------------------------------------------------------------------------
+
+AXES = {"fraction": "computed fraction of the denoiser steps (mean ± std over samples)",
+        "speedup": "speedup over the baseline (mean, min-max over the timed rounds)"}
+
+
+def _errors(rows: list[dict], x: str) -> list:
+    if x == "fraction":
+        return [r["fraction_std"] for r in rows]
+    return [[r["speedup"] - r["speedup_min"] for r in rows], [r["speedup_max"] - r["speedup"] for r in rows]]
+
+
+def plot(results: dict, x: str, path: str) -> None:
+    """Mean PSNR against `x` ("fraction" or "speedup"): a line per method through its knob values (each point labelled
+    with its value), error bars for the spread over samples (PSNR, fraction) or timed rounds (speedup)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5.5), layout="constrained")
+    for line in results["lines"]:
+        rows = sorted((r for r in results["rows"] if r["line"] == line["name"] and r[x] is not None), key=lambda r: r[x])
+        if not rows:
+            continue
+        ax.errorbar([r[x] for r in rows], [r["psnr"] for r in rows], yerr=[r["psnr_std"] for r in rows],
+                    xerr=_errors(rows, x), marker="o", capsize=3, label=line["name"])
+        for r in rows:
+            ax.annotate(_value_text(r["value"]), (r[x], r["psnr"]), xytext=(4, 4), textcoords="offset points", fontsize=7)
+    if x == "fraction":
+        ax.axvspan(*DOMINANCE_RANGE, color="grey", alpha=0.08, label="dominance bins")
+    else:
+        ax.axvline(1.0, color="black", linewidth=0.5)
+    c = results["counts"]
+    ax.set(xlabel=AXES[x], ylabel="PSNR to the baseline (dB, mean ± std over samples)",
+           title=f"{results['pipeline']}: PSNR vs {x.replace('fraction', 'computed fraction')}\n{c['samples']} samples a point ({c['prompts']} prompts x "
+                 f"{c['seeds']} seeds), {c['rounds']} timed rounds; point labels: knob values")
+    ax.title.set_fontsize(10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write(path, lambda f: f.write(buf.getvalue()))
+
+
+def write_pareto(run_dir: str, spec: RunSpec) -> str:
+    results = pareto_results(run_dir, spec)
+    text = markdown(results)
+    atomic_write(os.path.join(run_dir, "pareto.md"), lambda f: f.write(f"{text}\n".encode()))
+    atomic_json(os.path.join(run_dir, "pareto.json"), results)
+    for x in ("fraction", "speedup"):
+        plot(results, x, os.path.join(run_dir, f"pareto_{x}.png"))
+    return text

@@ -1,0 +1,217 @@
+"""accel-eval pareto: sweeps parsed and refused, a small sweep end to end and resumed, the aggregation on hand-made rows
+(random-weight shapes pipeline, 4 steps: mechanics, not quality)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from accel.eval.harness import generate, pareto
+from accel.eval.harness.cli import main
+from accel.eval.harness.spec import RunSpec, SpecError, parse_sweep
+from accel.pipelines.shapes.models import image_transformer
+from accel.pipelines.shapes.pipelines import ShapesImagePipeline
+
+SWEEPS = ["--seeds", "1", "--sweep", "cg_taylor:schedule=2|3", "--sweep", "first_block_cache:threshold=0|1e9"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """On a CPU shared with other jobs, torch's threads wait on each other far longer than one thread computes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pareto")
+    torch.manual_seed(0)
+    ShapesImagePipeline(image_transformer().eval(), FlowMatchEulerDiscreteScheduler()).save_pretrained(root / "pipe")
+    (root / "prompts.txt").write_text("a red circle\na blue square\n")
+    (root / "one.txt").write_text("a red circle\n")
+    return root
+
+
+def _args(setup, out, *extra, prompts="prompts.txt", steps=4):
+    return ["pareto", "--pipeline", str(setup / "pipe"), "--prompts", str(setup / prompts), "--steps", str(steps),
+            "--repeats", "1", "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def swept(setup):
+    """A finished two-method sweep, 2 prompts x 1 seed."""
+    out = setup / "swept"
+    assert main(_args(setup, out, *SWEEPS)) == 0
+    return out
+
+
+def _quality(out):
+    rows = json.load(open(out / "pareto.json"))["rows"]
+    return [{k: v for k, v in r.items() if not k.startswith(("speedup", "rounds"))} for r in rows]
+
+
+def test_sweep_parses_its_knob_values_and_fixed_options():
+    sweep = parse_sweep("taylorseer:cache_interval=2|3|4,disable_cache_before_step=3")
+    assert (sweep.method, sweep.knob, sweep.values, dict(sweep.fixed)) == ("taylorseer", "cache_interval", (2, 3, 4),
+                                                                             {"disable_cache_before_step": 3})
+    assert sweep.name == "taylorseer (cache_interval)"
+    assert [c.label for c in sweep.configs()][0] == "taylorseer(cache_interval=2,disable_cache_before_step=3)"
+    assert parse_sweep("first_block_cache:threshold=0.1").values == (0.1,)  # one value: a one-point line
+    assert parse_sweep("cg_taylor:schedule=[0,2,4]|[0,3]").values == ([0, 2, 4], [0, 3])
+    assert parse_sweep("cg_taylor:schedule=gate|3").values == ("gate", 3)
+
+
+BAD_SWEEPS = {  # --sweep text: what the message must say
+    "cg_taylor": "no knob",
+    "cg_taylor:schedule=2||3": "empty value",
+    "cg_taylor:schedule=2|2": "given twice",
+    "cg_taylor:schedule=0|2": "schedule must be",
+    "cg_taylor:schedule=2|3,threshold=0.1|0.2": "one knob per --sweep",
+    "cg_taylor:schedule=2|3,bogus=1": "unknown cg_taylor option",
+    "warp:level=1|2": "unknown method 'warp'",
+    "baseline:x=1|2": "name a method",
+    "mag_cache:threshold=0.1|0.2": "magnitude ratios",  # refused when patched
+    "pyramid_attention_broadcast:spatial_attention_block_skip_range=2|3": "two transformer calls",  # refused at step 0
+}
+
+
+@pytest.mark.parametrize("text", BAD_SWEEPS)
+def test_bad_sweep_is_one_line_exit_2_and_writes_nothing(setup, text, capsys):
+    out = setup / "refused"
+    assert main(_args(setup, out, "--sweep", text)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("accel-eval: error: --sweep") and BAD_SWEEPS[text] in err
+    assert not out.exists()
+
+
+def test_a_knob_swept_twice_is_refused(setup, capsys):
+    argv = _args(setup, setup / "twice", "--sweep", "cg_taylor:schedule=2|3", "--sweep", "cg_taylor:schedule=4|5")
+    assert main(argv) == 2 and "swept twice" in capsys.readouterr().err
+
+
+def test_small_sweep_writes_tables_json_plots_and_report_rebuilds_them(setup, swept, capsys):
+    for name in ("pareto.md", "pareto.json", "pareto_fraction.png", "pareto_speedup.png", "results.md", "samples.png"):
+        assert (swept / name).stat().st_size > 0
+    results = json.load(open(swept / "pareto.json"))
+    assert [line["name"] for line in results["lines"]] == ["cg_taylor (schedule)", "first_block_cache (threshold)"]
+    rows = {r["config"]: r for r in results["rows"]}
+    assert all(r["n"] == 2 and len(r["samples"]["psnr"]) == 2 for r in rows.values())  # 2 prompts x 1 seed
+    same = rows["first_block_cache(threshold=0)"]  # never skips: every sample identical to the baseline's
+    assert same["fraction"] == 1.0 and same["identical"] == 2 and same["psnr_std"] == 0.0
+    assert same["psnr"] == pareto.one_level_psnr(np.zeros((32, 32, 3))) == results["identical_psnr"]
+    assert rows["first_block_cache(threshold=1000000000.0)"]["fraction"] < 1.0
+    assert all(r["speedup_min"] <= r["speedup"] <= r["speedup_max"] and r["rounds"] == 1 for r in rows.values())
+    table = (swept / "pareto.md").read_text()
+    assert "## cg_taylor (schedule)" in table and "| schedule | computed | PSNR dB | SSIM |" in table
+    assert "Each point: 2 samples (2 prompts x 1 seeds)" in table and "(2/2 identical)" in table and "Dominance (best mean PSNR" in table
+    if pareto._lpips_reason(np.zeros((1, 8, 8, 3), np.uint8)):
+        assert "LPIPS: left out" in table and "LPIPS |" not in table
+    (swept / "pareto.md").unlink()
+    capsys.readouterr()
+    assert main(["report", str(swept)]) == 0
+    assert (swept / "pareto.md").read_text() == table and "Dominance" in capsys.readouterr().out
+
+
+def test_default_sweep_runs_the_methods_that_apply_and_notes_the_others(setup):
+    out = setup / "default"
+    assert main(_args(setup, out, "--seeds", "1", prompts="one.txt", steps=2)) == 0
+    results = json.load(open(out / "pareto.json"))
+    assert [line["method"] for line in results["lines"]] == ["cg_taylor", "first_block_cache", "taylorseer"]
+    assert {"mag_cache", "pyramid_attention_broadcast", "faster_cache"} <= set(results["left_out"])
+    assert "- mag_cache: left out: mag_cache needs per-model magnitude ratios" in (out / "pareto.md").read_text()
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_interrupted_sweep_resumes_and_gives_the_same_numbers(setup, swept, monkeypatch):
+    out = setup / "resumed"
+    call = generate._call
+
+    def dies_after_five(*args, **kwargs):
+        if len(list((out / "samples").rglob("*.npy"))) >= 5:
+            raise Interrupted
+        return call(*args, **kwargs)
+
+    monkeypatch.setattr(generate, "_call", dies_after_five)
+    with pytest.raises(Interrupted):
+        main(_args(setup, out, *SWEEPS))
+    monkeypatch.setattr(generate, "_call", call)
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "samples").rglob("*.npy")}
+    assert len(stamps) == 5 and not (out / "pareto.json").exists()
+    assert main(_args(setup, out, *SWEEPS)) == 0
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # nothing done twice
+    assert len(list((out / "samples").rglob("*.npy"))) == 5 * 2 and _quality(out) == _quality(swept)
+
+
+# The aggregation, on hand-made numbers ------------------------------------------------------------------------------
+
+def _row(line, config, fraction, psnr, psnr_std):
+    return {"line": line, "config": config, "fraction": fraction, "psnr": psnr, "psnr_std": psnr_std}
+
+
+def test_mean_and_std_over_samples_and_paired_speedup():
+    assert pareto.mean_std("psnr", [30.0, 32.0, 34.0]) == {"psnr": 32.0, "psnr_std": 2.0}  # n-1 std
+    assert pareto.mean_std("psnr", [30.0]) == {"psnr": 30.0, "psnr_std": 0.0}
+    assert pareto.mean_std("fraction", [0.5, None]) == {"fraction": None, "fraction_std": None}
+    timing = {"configs": {"baseline": {"latencies_s": [2.0, 4.0, 3.0]}, "fast": {"latencies_s": [1.0, 1.0, 3.0]}}}
+    assert pareto.speedup(timing, "baseline", "fast") == {"speedup": 7 / 3, "speedup_min": 1.0, "speedup_max": 4.0,
+                                                          "rounds": 3}
+
+
+def test_fraction_bins_and_their_edges():
+    assert pareto.fraction_bins() == [(0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (0.6, 0.7)]
+    assert pareto._in_bin(0.3, 0.3, 0.4, last=False) and not pareto._in_bin(0.4, 0.3, 0.4, last=False)
+    assert pareto._in_bin(np.mean([0.3] * 7), 0.3, 0.4, last=False)  # a mean a last bit under 0.3
+    assert pareto._in_bin(0.7, 0.6, 0.7, last=True) and not pareto._in_bin(0.71, 0.6, 0.7, last=True)
+    assert not pareto._in_bin(None, 0.3, 0.4, last=False)
+
+
+def test_dominance_names_the_best_line_per_bin_and_weighs_its_margin_against_the_spread():
+    rows = [_row("a", "a(1)", 0.35, 30.0, 1.0), _row("a", "a(2)", 0.38, 28.0, 1.0), _row("b", "b(1)", 0.32, 25.0, 2.0),
+            _row("a", "a(3)", 0.45, 31.0, 3.0), _row("b", "b(2)", 0.48, 30.0, 1.0),
+            _row("b", "b(3)", 0.55, 33.0, 1.0), _row("a", "a(4)", 0.9, 40.0, 1.0)]
+    entries = pareto.dominance(rows)
+    assert [e["bin"] for e in entries] == [[0.3, 0.4], [0.4, 0.5], [0.5, 0.6], [0.6, 0.7]]
+    first, second, third, fourth = entries
+    assert first["best"]["config"] == "a(1)" and first["runner_up"]["config"] == "b(1)"
+    assert first["margin"] == 5.0 and first["spread"] == 2.0 and first["beyond_spread"]
+    assert second["best"]["config"] == "a(3)" and second["margin"] == 1.0 and not second["beyond_spread"]
+    assert third["best"]["config"] == "b(3)" and "margin" not in third and fourth["best"] is None
+    line = pareto.dominance_line(entries)
+    assert "0.3-0.4: a(1) 30.0 dB, +5.0 dB over b(1) (beyond the spread of 2.0 dB)" in line
+    assert "0.4-0.5: a(3) 31.0 dB, +1.0 dB over b(2) (within the spread of 3.0 dB)" in line
+    assert "0.5-0.6: b(3) 33.0 dB, the only method here" in line and "0.6-0.7: no point" in line
+
+
+def test_table_and_plots_from_hand_made_results(tmp_path):
+    def row(line, value, fraction, psnr):
+        return {"line": line, "value": value, "config": f"{line}={value}", "n": 4, "identical": 0, "fraction": fraction,
+                "fraction_std": 0.01, "psnr": psnr, "psnr_std": 1.5, "ssim": 0.9, "ssim_std": 0.01, "speedup": 1 / fraction,
+                "speedup_min": 0.9 / fraction, "speedup_max": 1.1 / fraction, "rounds": 2}
+    rows = [row("a (k)", 2, 0.55, 30.0), row("a (k)", 3, 0.4, 27.0), row("b (t)", 0.1, 0.6, 33.0)]
+    results = {"pipeline": "shapes-image", "environment": {"device": "cpu", "dtype": "float32", "call": {}},
+               "counts": {"samples": 4, "prompts": 2, "seeds": 2, "frames": None, "rounds": 2}, "baseline_latency_s": 1.0,
+               "identical_psnr": 83.0,
+               "lines": [{"name": "a (k)", "knob": "k", "fixed": {"w": 2}}, {"name": "b (t)", "knob": "t", "fixed": {}}],
+               "rows": rows, "dominance": pareto.dominance(rows), "left_out": {"mag_cache": "needs ratios"}}
+    table = pareto.markdown(results)
+    assert "## a (k) (w=2)" in table and "| 2 | 0.55 ± 0.01 | 30.00 ± 1.50 | 0.9000 ± 0.0100 | 1.82x (1.64-2.00) |" in table
+    assert "- mag_cache: left out: needs ratios" in table and "0.5-0.6: a (k)=2 30.0 dB" in table
+    for x in ("fraction", "speedup"):
+        pareto.plot(results, x, str(tmp_path / f"{x}.png"))
+        assert (tmp_path / f"{x}.png").stat().st_size > 0
+
+
+def test_spec_json_keeps_the_sweeps_and_refuses_configs_that_are_not_theirs():
+    sweeps = [parse_sweep("cg_taylor:schedule=2|3")]
+    spec = RunSpec("shapes-image", sweeps[0].configs(), ["a red circle"], sweeps=sweeps, left_out={"mag_cache": "why"})
+    assert RunSpec.from_json(json.loads(json.dumps(spec.to_json()))) == spec
+    assert "sweeps" not in RunSpec("shapes-image", sweeps[0].configs(), ["a red circle"]).to_json()  # plain runs as before
+    with pytest.raises(SpecError, match="the sweeps' configurations"):
+        RunSpec("shapes-image", sweeps[0].configs()[:1], ["a red circle"], sweeps=sweeps)
