@@ -112,7 +112,7 @@ class Catalog:
 
     @classmethod
     def build(cls, folders: list[str], device: str, dtype: torch.dtype) -> "Catalog":
-        entries = [describe(name, weights_dir(name), name) for name in reference_names()]
+        entries = [describe(name, weights_dir(name), name) for name in reference_names(prompted_only=True)]
         taken = {e.name for e in entries}
         for folder in folders:
             name = base = os.path.basename(os.path.normpath(folder))

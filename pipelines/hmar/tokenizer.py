@@ -99,20 +99,43 @@ class VARTokenizer(ModelMixin, ConfigMixin):
 
     # ---- whole pyramids -----------------------------------------------------------------------------------------
 
+    def _residual_quantize(self, features: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Features (B, Cvae, n, n) -> (token indices of every scale, f_hat after each scale). The choice of tokens
+        follows the features only; each f_hat is differentiable in the codebook and Phi (the codebook loss)."""
+        residual, f_hat, indices, f_hats = features.detach(), 0, [], []
+        for k, pn in enumerate(self.scales):
+            z = F.interpolate(residual, size=(pn, pn), mode="area") if pn != self.scales[-1] else residual
+            idx = self._nearest(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])).view(len(features), pn * pn)
+            h = self.upsampled_scale(k, idx)
+            residual, f_hat = residual - h.detach(), f_hat + h
+            indices.append(idx)
+            f_hats.append(f_hat)
+        return indices, f_hats
+
+    def _check_images(self, owner: str, images: torch.Tensor) -> None:
+        if images.ndim != 4 or tuple(images.shape[1:]) != (3, self.image_size, self.image_size):
+            raise ValueError(f"VARTokenizer.{owner}: images must be (B, 3, {self.image_size}, {self.image_size}), "
+                             f"got {tuple(images.shape)}")
+
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Images (B, 3, H, W) in [-1, 1] -> [(B, pn_k^2) long token indices for each scale k]."""
-        if images.ndim != 4 or tuple(images.shape[1:]) != (3, self.image_size, self.image_size):
-            raise ValueError(f"VARTokenizer.encode: images must be (B, 3, {self.image_size}, {self.image_size}), "
-                             f"got {tuple(images.shape)}")
-        residual = self.quant_conv(self.encoder(images))
-        indices = []
-        for k, pn in enumerate(self.scales):
-            z = F.interpolate(residual, size=(pn, pn), mode="area") if pn != self.scales[-1] else residual
-            idx = self._nearest(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])).view(len(images), pn * pn)
-            residual = residual - self.upsampled_scale(k, idx)
-            indices.append(idx)
-        return indices
+        self._check_images("encode", images)
+        return self._residual_quantize(self.quant_conv(self.encoder(images)))[0]
+
+    def forward(self, images: torch.Tensor, commitment: float = 0.25) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training: images (B, 3, H, W) in [-1, 1] -> (reconstruction (B, 3, H, W), unclamped; VQ loss).
+
+        VAR's quantizer loss, averaged over scales: ||f_hat_k - sg(f)||^2 (pulls the codebook and Phi to the
+        features) + commitment ||sg(f_hat_k) - f||^2 (keeps the encoder near the codes). The decoder reads the final
+        f_hat with a straight-through gradient to the encoder."""
+        self._check_images("forward", images)
+        features = self.quant_conv(self.encoder(images))
+        _, f_hats = self._residual_quantize(features)
+        vq_loss = sum(F.mse_loss(f_hat, features.detach()) + commitment * F.mse_loss(f_hat.detach(), features)
+                      for f_hat in f_hats) / len(f_hats)
+        f_hat = features + (f_hats[-1] - features).detach()
+        return self.decoder(self.post_quant_conv(f_hat)), vq_loss
 
     def cumulative_reconstructions(self, indices: list[torch.Tensor]) -> list[torch.Tensor]:
         """f_hat after each scale of the given token maps: [(B, Cvae, n, n)] (as many as token maps given)."""

@@ -13,6 +13,9 @@ _REFERENCES = {  # name -> (module, relative to accel.pipelines.shapes, pipeline
     "shapes-video": (".pipelines", "ShapesVideoPipeline"),
     "shapes-long-video": (".long_video", "ShapesLongVideoPipeline"),
     "shapes-streaming": ("..streaming_t2v.shapes", "ShapesStreamingT2VPipeline"),
+    # Class-conditional (class ids, not captions): `accel.pipelines.hmar.train` and the folders' cards.
+    "shapes-var": ("..hmar", "VARPipeline"),
+    "shapes-hmar": ("..hmar", "HMARPipeline"),
 }
 CLASSIFIER = "shapes-classifier"
 CLIP = "shapes-clip"  # an open_clip model: its architecture config shapes-clip.json beside the checkpoint
@@ -39,9 +42,13 @@ def weights_dir(name: str) -> str:
     return _folder(name)
 
 
-def reference_names() -> list[str]:
-    """The reference pipelines whose weights this installation holds."""
-    return sorted(name for name in _REFERENCES if _installed(name))
+CLASS_CONDITIONAL = ("shapes-var", "shapes-hmar")  # called with class ids, not prompts
+
+
+def reference_names(prompted_only: bool = False) -> list[str]:
+    """The reference pipelines whose weights this installation holds; `prompted_only`: those called with a prompt."""
+    return sorted(name for name in _REFERENCES
+                  if _installed(name) and not (prompted_only and name in CLASS_CONDITIONAL))
 
 
 def reference_pipeline(name: str, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None):

@@ -66,7 +66,7 @@ def test_unknown_and_missing_names_get_clear_errors(monkeypatch, tmp_path):
         reference_pipeline("shapes-long-video")
 
 
-def test_weights_are_safetensors_within_40_mb_each_with_a_card():
+def test_weights_are_safetensors_within_50_mb_each_with_a_card():
     root = os.path.dirname(weights_dir("shapes-image"))
     total = 0
     for name in [*reference_names(), "shapes-classifier"]:
@@ -77,7 +77,8 @@ def test_weights_are_safetensors_within_40_mb_each_with_a_card():
         for needed in ("README.md", "evaluation.json", "training.json", "loss.png"):
             assert os.path.isfile(os.path.join(folder, needed)), f"{name}: no {needed}"
         total += sum(os.path.getsize(f) for f in files if f.endswith(".safetensors"))
-    assert total <= 40e6, f"shipped weights are {total / 1e6:.1f} MB under {root}"
+    # 50 MB since shapes-var and shapes-hmar (about 10 MB together, each with its own copy of the tokenizer).
+    assert total <= 50e6, f"shipped weights are {total / 1e6:.1f} MB under {root}"
 
 
 def test_classifier_accuracy_on_held_out_data_is_what_its_card_reports(classifier):
