@@ -43,7 +43,7 @@ def _auto_backend(q: torch.Tensor, segments: SegmentMask) -> str:
     if q.dtype not in HALF_DTYPES:
         return "sdpa"
     # H100, HMAR shape (benchmarks/results/hmar_h100.json): block-diagonal forward varlen 0.40 ms, block-sparse
-    # 0.55, SDPA per segment 0.49 (its backward 3x slower); block-causal has no varlen form.
+    # 0.54, SDPA per segment 0.50 (its backward 3x slower); block-causal has no varlen form.
     if q.device.type == "cuda" and not segments.causal and varlen_attn is not None:
         return "varlen"
     return "block_sparse"

@@ -74,8 +74,9 @@ class ScaleLayout:
 
 
 SEGMENT_BACKENDS = ("auto", "block_sparse", "sdpa", "varlen")
-# The block-sparse masks' block: 64 beat 128 at the HMAR shape (H100: block-diagonal forward 0.55 vs 0.63 ms,
-# backward 1.48 vs 1.74; block-causal backward 1.74 vs 1.92), 32 lost both (benchmarks/results/hmar_h100.json).
+# The block-sparse masks' block: 64 beat 128 at the HMAR shape (H100, benchmarks/results/hmar_h100.json: block-diagonal
+# forward 0.54 vs 0.62 ms, backward 1.49 vs 1.74; block-causal backward 1.74 vs 1.92); 32 lost both
+# (benchmarks/results/block_sparse_backward_h100.json).
 SEGMENT_MASK_BLOCK = 64
 
 
