@@ -20,6 +20,9 @@ dynamic: `dynamic_block_mask` (pool + scores + selection on the GPU) + the kerne
     from a CUDA graph; per-call `table_mask` (the host-synchronising path the issue measured) for comparison.
 step: a Wan-2.1-1.3B-shaped transformer (random init, diffusers) at 480p / 81 frames, one step: dense vs local_3d vs
     tiled_3d (and dynamic, hybrid), medians of 3 steps after a warm-up step (needs diffusers).
+compose: the same model over a 20-step loop (cg_taylor_gpu.py's, one cache_context a step), one warm-up then one timed
+    generation each: dense; tiled_3d; cg_taylor (its Wan preset: fixed schedule); cg_taylor composed with tiled_3d.
+    Seconds per generation, median computed / predicted step, speedup over dense, final latent's distance to dense's.
 """
 
 from __future__ import annotations
@@ -42,9 +45,17 @@ import triton.testing
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-_spec = importlib.util.spec_from_file_location("block_sparse_attention_gpu", os.path.join(HERE, "block_sparse_attention_gpu.py"))
-bsg = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bsg)  # its loader, timing and FlexAttention helpers (loads accel.kernels.block_sparse)
+
+
+def _sibling(name: str):
+    """Another benchmark script of this folder, loaded as a module."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bsg = _sibling("block_sparse_attention_gpu")  # its loader, timing and FlexAttention helpers
 bsa = bsg.bsa
 
 import accel.kernels.block_sparse.dynamic_mask as dyn  # noqa: E402
@@ -294,9 +305,43 @@ def bench_step(deadline, res: dict) -> dict:
     return res
 
 
+def bench_compose(res: dict, steps: int = 20) -> dict:
+    """Sparse attention and CG-Taylor each and together over a whole generation: attention shortens computed steps,
+    caching removes steps, so the two should multiply."""
+    import accel
+    from accel.attention.sparse import tiled_3d
+
+    cgt = _sibling("cg_taylor_gpu")
+    m, x, _, _ = cgt.build("wan")
+    res.update({"model": "Wan2.1-1.3B shape, random init, bf16, 480p / 81 frames", "steps": steps})
+    sparse = ("sparse_attention", {"pattern": tiled_3d()})
+    cache = ("cg_taylor", {"num_inference_steps": steps})  # the Wan preset: a fixed schedule
+    configs = {"dense": [], "tiled_3d": [sparse], "cg_taylor": [cache], "cg_taylor+tiled_3d": [sparse, cache]}
+    dense_latent = None
+    for name, methods in configs.items():
+        handles = [accel.patch(m, method=method, **options) for method, options in methods]
+        try:
+            cgt.run_loop(m, x, steps, "wan")  # warm-up
+            per, latent = cgt.run_loop(m, x, steps, "wan")
+            predicted = {i for h in handles for i in h.stats().get("predicted_steps", [])}
+        finally:
+            for h in reversed(handles):
+                h.remove()
+        computed = [p for i, p in enumerate(per) if i not in predicted]
+        r = res[name] = {"generation_s": sum(per), "computed": len(computed),
+                         "median_computed_step_ms": 1e3 * statistics.median(computed)}
+        if dense_latent is None:
+            dense_latent = latent
+        else:
+            r["speedup_vs_dense"] = res["dense"]["generation_s"] / r["generation_s"]
+            r["rel_diff_vs_dense_latent"] = rel_err(latent, dense_latent)
+        log("compose", name, r)
+    return res
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sections", default="tiles,dynamic,step")
+    p.add_argument("--sections", default="tiles,dynamic,step,compose")
     p.add_argument("--deadline", type=float, default=300.0)
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -333,6 +378,8 @@ def main():
         guarded("tiles", lambda part: bench_tiles(["wan1.3b", "wan14b"], bsg.flex_setup(), args.deadline, part))
     if "step" in sections:
         guarded("step", lambda part: bench_step(args.deadline + 120, part))
+    if "compose" in sections:
+        guarded("compose", lambda part: bench_compose(part))
     # Summary table (the reply carries the end of the output).
     for name, r in res.get("tiles", {}).items():
         if not isinstance(r, dict) or "windows" not in r:
