@@ -111,6 +111,10 @@ class PatchHandle:
         """Back to the exact original behaviour, whatever hooks were registered after ours. Safe to call twice."""
         if self.removed:
             return
+        # Hooks' state sits in reference cycles (hook <-> registry <-> module): dropped only by the cyclic collector,
+        # which may wait long enough to count gigabytes of cached features against whatever runs next. Reset first.
+        for model in self.models:
+            HookRegistry.check_if_exists_or_initialize(model).reset_stateful_hooks(recurse=True)
         for remover in reversed(self._removers):
             remover()
         for model in self.models:

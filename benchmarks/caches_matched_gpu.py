@@ -165,9 +165,9 @@ def patched(b: Bench, config):
 
 
 def release(b: Bench) -> None:
-    """Free on the GPU what removed hooks still hold: their state sits in reference cycles, which Python's collector
-    may leave for long, counted in the next configuration's memory (gigabytes on FLUX: TaylorSeer's series). Memory
-    is measured on the GPU only, and a full collection takes a while: nothing to do on the CPU."""
+    """Free on the GPU whatever a configuration left behind before the next one is measured (`handle.remove()`
+    resets the hooks' state; a collection catches anything else in reference cycles). GPU only: nothing is
+    measured on the CPU, and a full collection takes a while."""
     if b.cuda:
         gc.collect()
         torch.cuda.empty_cache()
