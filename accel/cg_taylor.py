@@ -11,19 +11,24 @@ skips block 0 too.
 The unconditional branch follows the conditional branch's decision and keeps its own last-block series; called
 on its own (a pipeline running CFG as two calls a step) it skips block 0 on predicted steps, as the paper's released
 Wan code does. With batched CFG only the conditional half of the batch feeds the gate.
+Under diffusers' context parallelism each rank's blocks see a shard of the sequence: the gate's two norms are summed
+over the context-parallel group, so every rank gates on the error of the whole sequence and takes the same decision.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import numbers
+import weakref
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from diffusers.hooks import HookRegistry, ModelHook
 
 from .diffusers_internals import BaseState, StateManager
 from .models import Block, block_input, blocks_of
+from .parallel import context_parallel_group
 from .steps import Step, StepClock
 from .taylor import SERIES_FORMS, TaylorSeries
 from .validation import check_int, check_real
@@ -196,14 +201,20 @@ def _cond_slice(x: torch.Tensor, cond_half: str | None) -> torch.Tensor:
     return {"first": x[:half], "last": x[half:]}.get(cond_half, x)
 
 
-def gate_error(forecast: torch.Tensor, actual: torch.Tensor, cond_half: str | None = None) -> float:
+def gate_error(forecast: torch.Tensor, actual: torch.Tensor, cond_half: str | None = None,
+               group: dist.ProcessGroup | None = None) -> float:
     """mean|forecast - actual| / mean|actual| (as a ratio of L1 norms: fewer kernels), accumulated in the wider of
-    the two dtypes and float32."""
+    the two dtypes and float32. With `group` (each rank holding a shard of the tokens) both norms are first summed
+    over the group: every rank gets the same value, the error of the whole sequence."""
     forecast, actual = _cond_slice(forecast, cond_half).detach(), _cond_slice(actual, cond_half).detach()
     difference = forecast - actual  # in the wider of the two dtypes (a float64 forecast of a float32 feature)
     dtype = torch.promote_types(difference.dtype, torch.float32)
-    num = torch.linalg.vector_norm(difference, ord=1, dtype=dtype)
-    den = torch.linalg.vector_norm(actual, ord=1, dtype=dtype)
+    norms = torch.stack([torch.linalg.vector_norm(x, ord=1, dtype=dtype) for x in (difference, actual)])
+    if group is not None:
+        # One collective, issued on the device like the norms: no host sync before the one below. An all-reduce
+        # hands every rank the same sums, so the ratio, and the decision, is the same on every rank.
+        dist.all_reduce(norms, group=group)
+    num, den = norms
     return float(num / den.clamp_min(torch.finfo(dtype).tiny))  # the one host sync per step
 
 
@@ -219,8 +230,11 @@ def scheduled(schedule: "int | tuple[int, ...]", step: Step, start: int, warmup_
 class _Shared:
     """State common to the hooks of one model: the step clock, the config, the decisions per step."""
 
-    def __init__(self, clock: StepClock, config: CGTaylorConfig):
+    def __init__(self, clock: StepClock, config: CGTaylorConfig, model: torch.nn.Module):
         self.clock, self.config = clock, config
+        # Its parallel config is read at each gated step (enable_parallelism may come after the patch); weakly, so that
+        # the hooks on its blocks do not keep the model alive.
+        self.model = weakref.ref(getattr(model, "_orig_mod", model))  # torch.compile's wrapper: the module
         orders = (config.first_block_order, config.last_block_order)
         self.series = StateManager(_BranchSeries, (SERIES_FORMS[config.series], *orders))
         self.decisions: dict[int, bool] = {}
@@ -264,6 +278,8 @@ class CGTaylorHeadHook(ModelHook):
         cfg = self.shared.config
         state.start = step.index if state.start is None else state.start
         if not cfg.gated:
+            # A fixed schedule depends on the step index and on the series' readiness only, the same on every rank
+            # of a context-parallel group: no communication.
             return self._settle(step, None, state.last.ready and not scheduled(cfg.schedule, step, state.start,
                                                                                 cfg.warmup_steps))
         eligible = (
@@ -282,7 +298,8 @@ class CGTaylorHeadHook(ModelHook):
 
     def _gate_signal(self, step: Step, state: _BranchSeries, hidden: torch.Tensor) -> float:
         """What the threshold is compared with: the relative error of block 0's forecast."""
-        return gate_error(state.first.predict(step.index), hidden, step.cond_half)
+        return gate_error(state.first.predict(step.index), hidden, step.cond_half,
+                          context_parallel_group(self.shared.model()))
 
     def _settle(self, step: Step, error: float | None, skip: bool) -> bool:
         self.shared.decisions[step.index] = skip
@@ -331,7 +348,7 @@ def apply_cg_taylor(model: torch.nn.Module, config: CGTaylorConfig, clock: StepC
     blocks = blocks_of(model)
     if len(blocks) < 2:
         raise ValueError(f"cg_taylor needs at least 2 transformer blocks; {type(model).__name__} has {len(blocks)}")
-    shared = _Shared(clock, config)
+    shared = _Shared(clock, config, model)
     roles = [CGTaylorHeadHook] + [CGTaylorMiddleHook] * (len(blocks) - 2) + [CGTaylorTailHook]
     for block, role in zip(blocks, roles):
         HookRegistry.check_if_exists_or_initialize(block.module).register_hook(role(shared, block), CG_TAYLOR_HOOK)

@@ -16,16 +16,24 @@ Patterns beyond one fixed mask (`SparsePattern`):
 - `dynamic`: a mask chosen per call from the current q and k on the GPU (dynamic_mask.py), no host sync;
 - `pbs`: PBS-Attn, keys permuted within frames by importance before a dynamic mask (pbs.py);
 - `hybrid`: LongGen's schedule, some layers left with their original dense processor.
+
+Under diffusers' Ulysses context parallelism (`ContextParallelConfig(ulysses_degree=N)`) each rank's layers hold a
+shard of the sequence: as diffusers' own Ulysses attention does, an all-to-all gives each rank the whole sequence of
+H/N heads, the pattern attends there with its mask restricted to those heads, and an all-to-all takes the output
+back. Ring attention is refused (each rank would hold a shard of the keys, which the masks cannot index).
 """
 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import math
 import re
-from typing import Callable, Union
+from typing import TYPE_CHECKING, Callable, Union
 
 import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
 from accel.diffusers_internals import get_wan_qkv_projections
 from accel.kernels.block_sparse import BlockSparseMask, block_sparse_attention, local_3d_mask, strided_shards_mask, table_mask
@@ -36,6 +44,10 @@ from accel.kernels.block_sparse.pbs import pbs_block_sparse_attention
 from accel.kernels.block_sparse.tile_order import (
     TiledMask, check_tile, check_tile_window, criss_cross_mask, tile_permutation, tiled_window_mask,
 )
+from accel.parallel import context_parallel
+
+if TYPE_CHECKING:
+    from diffusers import ContextParallelConfig
 
 Grid = tuple[int, int, int]
 Pattern = Callable[[Grid, int, torch.device], BlockSparseMask]  # (grid, heads, device) -> mask
@@ -57,6 +69,18 @@ class SparsePattern:
     def sparse_layers(self, num_layers: int) -> list[bool]:
         """Which self-attention layers get the sparse processor (the others keep theirs, untouched)."""
         return [True] * num_layers
+
+    def select_heads(self, built, start: int, stop: int):
+        """`built` for heads [start, stop) of the `heads` it was built for: a rank's heads under Ulysses."""
+        raise NotImplementedError(f"{type(self).__name__} cannot run under Ulysses context parallelism: it does not "
+                                  f"say how to restrict what it builds to a rank's heads (SparsePattern.select_heads)")
+
+
+def _mask_heads(mask: BlockSparseMask, start: int, stop: int) -> BlockSparseMask:
+    if mask.shape[1] == 1:  # one pattern for every head
+        return mask
+    tables = ("full_counts", "full_indices", "partial_counts", "partial_indices")
+    return dataclasses.replace(mask, **{name: getattr(mask, name)[:, start:stop].contiguous() for name in tables})
 
 
 def _kernel(q, k, v, mask) -> torch.Tensor:
@@ -82,6 +106,9 @@ class MaskPattern(SparsePattern):
     def attend(self, built, q, k, v):
         return _kernel(q, k, v, built)
 
+    def select_heads(self, built, start, stop):
+        return _mask_heads(built, start, stop)
+
 
 class TiledPattern(SparsePattern):
     """A block table over the tile order (tile_order.py): q, k, v are gathered into tile order after the rotary
@@ -100,6 +127,9 @@ class TiledPattern(SparsePattern):
         perm = built.perm
         out = _kernel(q.index_select(1, perm), k.index_select(1, perm), v.index_select(1, perm), built.mask)
         return out.index_select(1, built.inverse)
+
+    def select_heads(self, built, start, stop):
+        return dataclasses.replace(built, mask=_mask_heads(built.mask, start, stop))
 
 
 class DynamicPattern(SparsePattern):
@@ -134,6 +164,9 @@ class DynamicPattern(SparsePattern):
         out = block_sparse_attention(qt, kt, vt, self.masks(built, qt, kt)).transpose(1, 2)
         return out if built["perm"] is None else out.index_select(1, built["perm"][1])
 
+    def select_heads(self, built, start, stop):
+        return built  # the same for every head: each head's mask is chosen from its own q and k
+
 
 class PBSPattern(SparsePattern):
     """PBS-Attn (pbs.py): keys and values permuted within segments (a frame by default) by importance under the mean
@@ -155,6 +188,9 @@ class PBSPattern(SparsePattern):
                                          built["segment"], built["sink"], self.block_size)
         return out.transpose(1, 2)
 
+    def select_heads(self, built, start, stop):
+        return built  # the same for every head: each head's blocks are chosen from its own q and k
+
 
 class HybridPattern(SparsePattern):
     """LongGen's hybrid schedule: the layers in `dense_layers` keep their original (dense) processor; the others run
@@ -168,6 +204,9 @@ class HybridPattern(SparsePattern):
 
     def attend(self, built, q, k, v):
         return self.inner.attend(built, q, k, v)
+
+    def select_heads(self, built, start, stop):
+        return self.inner.select_heads(built, start, stop)
 
     def sparse_layers(self, num_layers):
         if self.dense_layers is None:
@@ -349,25 +388,80 @@ def _as_pattern(pattern: Union[str, Pattern, SparsePattern, BlockSparseMask]) ->
     )
 
 
+def _ulysses(model: torch.nn.Module) -> ContextParallelConfig | None:
+    """The model's context-parallel config where it runs Ulysses over several ranks, else None; an error where the
+    sparse processor cannot follow it."""
+    cp = context_parallel(model)
+    if cp is None:
+        return None
+    if cp.ring_degree > 1:
+        raise ValueError(
+            f"sparse attention cannot run under ring attention (ContextParallelConfig(ring_degree={cp.ring_degree})): "
+            f"each rank would hold a shard of the keys, which the block masks cannot index; use Ulysses "
+            f"(ContextParallelConfig(ulysses_degree=N)), which gives each rank every token of some heads"
+        )
+    if getattr(cp, "ulysses_anything", False):
+        raise ValueError("sparse attention under Ulysses needs equal shards: use ulysses_anything=False, with token "
+                         "and head counts divisible by ulysses_degree")
+    return cp
+
+
+def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
+    """Chunk r of dim 0 goes to rank r of `group`; chunk r of the result came from rank r (differentiable: the
+    backward is the same exchange of the gradients)."""
+    out = funcol.all_to_all_single_autograd(x.contiguous(), None, None, group)
+    # Eager mode wraps the result, to wait at its first use; the Triton kernels need the plain tensor's storage.
+    return out.wait() if isinstance(out, funcol.AsyncCollectiveTensor) else out
+
+
+def _sequence_to_heads(x: torch.Tensor, group, world: int) -> torch.Tensor:
+    """(B, N/W, H, D), this rank's tokens of every head -> (B, N, H/W, D), every token of this rank's heads.
+
+    Rank r of the group gets heads [r H/W, (r + 1) H/W); the tokens come in rank order, as diffusers' split of the
+    sequence hands them out (rank r holds tokens [r N/W, (r + 1) N/W))."""
+    b, n, h, d = x.shape
+    # Chunk r (sent to rank r): rank r's heads of our tokens. Chunk r received: our heads of rank r's tokens.
+    x = _all_to_all(x.reshape(b, n, world, h // world, d).permute(2, 0, 1, 3, 4), group)  # (W, B, N/W, H/W, D)
+    return x.permute(1, 0, 2, 3, 4).reshape(b, world * n, h // world, d)
+
+
+def _heads_to_sequence(x: torch.Tensor, group, world: int) -> torch.Tensor:
+    """The inverse of _sequence_to_heads: (B, N, H/W, D) -> (B, N/W, H, D)."""
+    b, n, h, d = x.shape  # h = H/W: this rank's heads
+    # Chunk r (sent to rank r): our heads of rank r's tokens. Chunk r received: rank r's heads of our tokens.
+    x = _all_to_all(x.reshape(b, world, n // world, h, d).transpose(0, 1), group)  # (W, B, N/W, H/W, D)
+    return x.permute(1, 2, 0, 3, 4).reshape(b, n // world, world * h, d)
+
+
 class _GridState:
-    """The current latent grid (set by the model's pre-hook) and what the pattern built for it."""
+    """The current latent grid and context-parallel config (set by the model's pre-hook) and what the pattern built
+    for the grid."""
 
     def __init__(self, pattern: SparsePattern, patch_size: tuple[int, int, int]):
         self.pattern, self.patch_size = pattern, patch_size
         self.grid: Grid | None = None
+        self.ulysses: ContextParallelConfig | None = None
         self.masks: dict[tuple, object] = {}  # (grid, heads, device) -> the pattern's build (a mask for mask patterns)
+        # Under Ulysses: (grid, heads, device, (start, stop)) -> the build restricted to heads [start, stop) (the whole
+        # build is not kept: a rank needs only its heads)
+        self.rank_masks: dict[tuple, object] = {}
 
     def record(self, module, args, kwargs) -> None:
         latents = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        self.grid = tuple(s // p for s, p in zip(latents.shape[2:], self.patch_size))
+        self.grid = tuple(s // p for s, p in zip(latents.shape[2:], self.patch_size))  # the whole grid, unsplit here
+        self.ulysses = _ulysses(module)  # read per call: enable_parallelism may come after the patch
 
-    def built(self, num_tokens: int, heads: int, device: torch.device):
+    def built(self, num_tokens: int, heads: int, device: torch.device, head_range: tuple[int, int] | None = None):
         if self.grid is None or math.prod(self.grid) != num_tokens:
             raise RuntimeError(f"sparse attention got {num_tokens} tokens but the latent grid is {self.grid}")
-        key = (self.grid, heads, device)
-        if key not in self.masks:
-            self.masks[key] = self.pattern.build(self.grid, heads, device)
-        return self.masks[key]
+        if head_range is None:
+            key, cache = (self.grid, heads, device), self.masks
+        else:
+            key, cache = (self.grid, heads, device, head_range), self.rank_masks
+        if key not in cache:
+            built = self.pattern.build(self.grid, heads, device)
+            cache[key] = built if head_range is None else self.pattern.select_heads(built, *head_range)
+        return cache[key]
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -398,10 +492,24 @@ class WanSparseAttnProcessor:
         query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
         if rotary_emb is not None:
             query, key = _rotate(query, *rotary_emb), _rotate(key, *rotary_emb)
-        built = self.state.built(query.shape[1], attn.heads, query.device)
-        out = self.state.pattern.attend(built, query, key, value)  # (B, N, H, D)
+        if self.state.ulysses is None:
+            built = self.state.built(query.shape[1], attn.heads, query.device)
+            out = self.state.pattern.attend(built, query, key, value)  # (B, N, H, D)
+        else:
+            out = self._attend_ulysses(self.state.ulysses, attn.heads, query, key, value)
         out = out.flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
+
+    def _attend_ulysses(self, cp: ContextParallelConfig, heads: int, query, key, value) -> torch.Tensor:
+        """Attention on this rank's tokens (B, N/W, H, D) through every token of its heads, as diffusers' Ulysses."""
+        group, world = cp._ulysses_mesh.get_group(), cp.ulysses_degree
+        if heads % world:
+            raise ValueError(f"sparse attention under Ulysses needs the head count ({heads}) divisible by "
+                             f"ulysses_degree ({world})")
+        start = dist.get_rank(group) * (heads // world)  # the heads the first all-to-all sends to this rank
+        query, key, value = (_sequence_to_heads(x, group, world) for x in (query, key, value))
+        built = self.state.built(query.shape[1], heads, query.device, (start, start + heads // world))
+        return _heads_to_sequence(self.state.pattern.attend(built, query, key, value), group, world)
 
 
 def apply_sparse_attention(
@@ -423,6 +531,7 @@ def apply_sparse_attention(
             f"sparse attention supports {', '.join(SUPPORTED)}, not model={type(model).__name__} (for a pipeline, use "
             f"accel.patch(pipe, method='sparse_attention') or pass pipe.transformer)"
         )
+    _ulysses(model)  # ring attention refused now where parallelism came first
     layers = [block.attn1 for block in model.blocks]
     if any(isinstance(layer.processor, WanSparseAttnProcessor) for layer in layers):
         raise RuntimeError(f"{type(model).__name__} already runs sparse attention; call the restore function first")
@@ -437,7 +546,12 @@ def apply_sparse_attention(
 
     def restore() -> None:
         hook.remove()
+        config = getattr(model, "_parallel_config", None)
         for layer, original in zip(layers, originals):
+            if getattr(config, "context_parallel_config", None) is not None and hasattr(original, "_parallel_config"):
+                # What enable_parallelism gives the processors in place, had it run while ours were: without it the
+                # original processor would attend over its rank's shard of the tokens only.
+                original._parallel_config = config
             layer.set_processor(original)
 
     return restore
