@@ -1,6 +1,7 @@
 """`accel-eval` (also `python -m accel.eval`): quality vs speed of accelerators on a diffusers pipeline.
 
-    accel-eval quickstart [--out DIR] [--device cuda] the shipped reference pipelines (on the CPU: a few minutes)
+    accel-eval quickstart [--out DIR] [--device cuda] the shipped reference pipelines (on the CPU: a few minutes),
+                                                      and HMAR against VAR as class-conditional image generators
     accel-eval run --pipeline P --prompts FILE --method cg_taylor:threshold=0.1 --method first_block_cache [...]
     accel-eval pareto --pipeline P --prompts FILE [--sweep cg_taylor:schedule=2|3|4 ...]  each method's knob swept:
                                                       quality vs computed fraction and vs speedup (pareto.md, plots)
@@ -31,6 +32,12 @@ QUICKSTART_METHODS = ["cg_taylor", "cg_taylor:threshold=0.1", "first_block_cache
 QUICKSTART_IMAGE_PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow cross", "a magenta square",
                             "a cyan circle", "a red cross", "a blue triangle"]
 QUICKSTART_VIDEO_PROMPTS = ["a red circle moving left", "a blue square moving up", "a green cross moving right"]
+# Class-conditional generators, side by side (the first is the baseline): every class once per seed, at the guidance
+# their cards measure (3.0). 6 seeds: 144 samples each, the fewest above the classifier's 128 feature dimensions that
+# FID needs (one sample takes ~0.03 s on the CPU).
+QUICKSTART_GENERATORS = ["shapes-var", "shapes-hmar"]
+QUICKSTART_GENERATOR_SEEDS = 6
+QUICKSTART_GENERATOR_CALL = {"guidance_scale": 3.0}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,7 +50,8 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="accel-eval", description="Quality vs speed of diffusion accelerators.")
     sub = p.add_subparsers(dest="command", required=True)
-    q = sub.add_parser("quickstart", help="the shipped reference pipelines, baseline and several methods, on the CPU")
+    q = sub.add_parser("quickstart", help="the shipped reference pipelines, baseline and several methods, on the CPU; "
+                                          "then HMAR against VAR as class-conditional generators")
     q.add_argument("--out", default="accel-quickstart")
     q.add_argument("--device", default="cpu", help="cpu (the README's first command) or cuda")
     r = sub.add_parser("run", help="evaluate methods on any diffusers pipeline")
@@ -214,12 +222,49 @@ def pareto(args) -> str | None:
     return execute(pipe, spec, args.out)
 
 
+def compare_generators(prepared: list[tuple], out: str) -> str:
+    """Class-conditional generators side by side, the first the baseline: each a baseline-only run in its own folder
+    (samples, results.md), all timed in the same interleaved rounds, then one table with their peak memory and, for
+    the shapes generators, real images' figures as the floor: generators.md / .json in out."""
+    from .class_conditional import comparison, peak_memory_gb, real_figures
+    from .generate import atomic_json, atomic_write, generate, time_runs, timing_path
+    from .metrics import is_shapes_pipeline
+
+    runs = [(pipe, spec, os.path.join(out, name)) for pipe, spec, name in prepared]
+    for pipe, spec, run_dir in runs:
+        atomic_json(os.path.join(run_dir, "spec.json"), spec.to_json())
+        generate(pipe, spec, run_dir, spec.jobs())
+    time_runs(runs)
+    peaks = {spec.pipeline: peak_memory_gb(pipe, spec) for pipe, spec, _ in runs}
+    results, timings = {}, {}
+    for _, spec, run_dir in runs:
+        report(run_dir, spec)
+        results[spec.pipeline] = json.load(open(os.path.join(run_dir, "results.json")))
+        timings[spec.pipeline] = json.load(open(timing_path(run_dir)))
+    shapes = all(is_shapes_pipeline(spec.pipeline) for _, spec, _ in runs)
+    real = real_figures(results[runs[0][1].pipeline]["counts"]["samples"]) if shapes else None
+    table, data = comparison(results, timings, peaks, real)
+    atomic_write(os.path.join(out, "generators.md"), lambda f: f.write(f"{table}\n".encode()))
+    atomic_json(os.path.join(out, "generators.json"), data)
+    return table
+
+
 def quickstart(out: str, device: str = "cpu") -> str:
+    """The shipped prompted pipelines under each quickstart method, then the shipped class-conditional generators
+    side by side; every run checked before any generates."""
+    from accel.pipelines.hmar.train import CLASS_NAMES
+
     configs = [parse_method(m) for m in QUICKSTART_METHODS]
     runs = [(RunSpec("shapes-image", configs, QUICKSTART_IMAGE_PROMPTS, repeats=3, device=device), "shapes-image"),
             (RunSpec("shapes-video", configs, QUICKSTART_VIDEO_PROMPTS, repeats=2, device=device), "shapes-video")]
-    prepared = [(*prepare(spec, os.path.join(out, name)), name) for spec, name in runs]  # both checked first
-    tables = [f"## {name}\n\n{execute(pipe, spec, os.path.join(out, name))}" for pipe, spec, name in prepared]
+    generators = [(RunSpec(name, [], list(CLASS_NAMES), seeds=QUICKSTART_GENERATOR_SEEDS,
+                           call=QUICKSTART_GENERATOR_CALL, repeats=3, device=device), name)
+                  for name in QUICKSTART_GENERATORS]
+    prepared = [(*prepare(spec, os.path.join(out, name)), name) for spec, name in runs + generators]
+    tables = [f"## {name}\n\n{execute(pipe, spec, os.path.join(out, name))}"
+              for pipe, spec, name in prepared[:len(runs)]]
+    tables.append(f"## HMAR vs VAR: {' against '.join(QUICKSTART_GENERATORS[::-1])}, class-conditional generators\n\n"
+                  f"{compare_generators(prepared[len(runs):], out)}")
     return "\n\n".join(tables) + f"\n\nResults, plots and samples: {out}/"
 
 

@@ -5,8 +5,9 @@ Layout of a run folder:
     samples/<config>/<prompt>-<seed>.npy    uint8 (H, W, 3) or (T, H, W, 3), written through a temporary file
     samples/<config>/<prompt>-<seed>.json   the accelerator's stats for that sample
     timing.json                       every configuration's latencies over the interleaved rounds, peak memory
-A sample already on disk is never generated again, so an interrupted run resumes where it stopped; the timing is
-written once, whole, after the samples.
+A class-conditional pipeline's sample also records its class id in its .json (class_conditional.py). A sample already
+on disk is never generated again, so an interrupted run resumes where it stopped; the timing is written once, whole,
+after the samples.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 import accel
 from accel.pipelines import reference_names, reference_pipeline
 
+from .class_conditional import TIMED_BATCH, is_class_conditional, label_ids, methods_refusal
 from .spec import CALL_FLAGS, MethodConfig, RunSpec, SpecError
 
 
@@ -35,6 +37,8 @@ OWN_PIPELINES = {  # class name in a saved model_index.json -> the accel module 
     "LongSanaVideoPipeline": "accel.pipelines",
     "StreamingT2VPipeline": "accel.pipelines",
     "ShapesStreamingT2VPipeline": "accel.pipelines",
+    "VARPipeline": "accel.pipelines.hmar",
+    "HMARPipeline": "accel.pipelines.hmar",
 }
 
 
@@ -95,18 +99,24 @@ def check_call_arguments(pipe, call: dict) -> dict:
 
 def _call(pipe, prompt: str, seed: int, call: dict, device: str) -> np.ndarray:
     """One sample as uint8, channels last; frames first for videos."""
+    return _batch(pipe, [prompt], [seed], call)[0]
+
+
+def _batch(pipe, prompts: list[str], seeds: list[int], call: dict) -> np.ndarray:
+    """One sample per prompt, sample i drawn from its own generator of seeds[i]. A prompted pipeline gets one prompt
+    (`timed_batch`); a class-conditional one a batch of class ids, as such a generator is used."""
     params = inspect.signature(pipe.__call__).parameters
     kwargs = check_call_arguments(pipe, call)
     if "prompt" in params:
-        kwargs["prompt"] = prompt
-    elif "class_labels" in params:  # DiTPipeline: ImageNet label names as prompts
-        kwargs["class_labels"] = pipe.get_label_ids([prompt])
+        (kwargs["prompt"],) = prompts
+    elif "class_labels" in params:  # class names (or ids) as prompts
+        kwargs["class_labels"] = label_ids(pipe, prompts)
     if "output_type" in params:  # long-video pipelines return numpy frames anyway
         kwargs["output_type"] = "np"
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    out = pipe(**kwargs, generator=generator)
+    generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
+    out = pipe(**kwargs, generator=generators[0] if len(generators) == 1 else generators)
     pixels = out.frames if hasattr(out, "frames") else out.images
-    return (np.asarray(pixels)[0] * 255).round().clip(0, 255).astype(np.uint8)
+    return (np.asarray(pixels) * 255).round().clip(0, 255).astype(np.uint8)
 
 
 class _Probed(Exception):
@@ -135,10 +145,31 @@ def _refusal(pipe, prompt: str, call: dict, device: str) -> str | None:
     return None
 
 
+def _check_class_names(pipe, spec: RunSpec) -> None:
+    """Each prompt of a class-conditional run names a class the pipeline has; then one call checks the settings: they
+    are the same for every class, so a call per prompt would check nothing more."""
+    owner, count = type(pipe).__name__, len(spec.prompts)
+    num_classes = getattr(getattr(pipe.transformer, "config", None), "num_classes", None)
+    for index, prompt in enumerate(spec.prompts):
+        try:
+            (label,) = label_ids(pipe, [prompt])
+        except ValueError as err:
+            raise SpecError(f"--prompts: prompt {index + 1} of {count} ({prompt!r}): {err}") from None
+        if num_classes is not None and not 0 <= label < num_classes:
+            raise SpecError(f"--prompts: prompt {index + 1} of {count} ({prompt!r}): {owner} has classes 0 .. "
+                            f"{num_classes - 1}")
+    why = _refusal(pipe, spec.prompts[0], spec.call, spec.device)
+    if why:
+        given = " ".join(f"{CALL_FLAGS[k]} {v}" for k, v in spec.call.items()) or "the default settings"
+        raise SpecError(f"{given}: {owner} refuses these settings: {why}")
+
+
 def check_inputs(pipe, spec: RunSpec) -> None:
     """Every prompt, with the run's call settings, as the pipeline will get them: a refusal names the prompt or the
     settings (the prompt is to blame when the pipeline also refuses it with its default settings)."""
     check_call_arguments(pipe, spec.call)
+    if is_class_conditional(pipe):
+        return _check_class_names(pipe, spec)
     essential = {k: v for k, v in spec.call.items() if k == "num_frames"}  # a long video needs its length
     owner = type(pipe).__name__
     first_index: dict[str, int] = {}
@@ -176,7 +207,11 @@ def environment(spec: RunSpec) -> dict:
 
 
 def patch_config(pipe, config: MethodConfig, spec: RunSpec):
-    """accel.patch with the configuration's options; mag_cache lays its ratios out over the run's --steps."""
+    """accel.patch with the configuration's options; mag_cache lays its ratios out over the run's --steps. A pipeline
+    no method applies to is refused here, with the reason (every path to a patch comes through here)."""
+    why = methods_refusal(pipe)
+    if why:
+        raise NotImplementedError(why)
     options = dict(config.options)
     if config.method == "mag_cache" and "num_inference_steps" in spec.call:
         options.setdefault("num_inference_steps", spec.call["num_inference_steps"])
@@ -186,6 +221,7 @@ def patch_config(pipe, config: MethodConfig, spec: RunSpec):
 def generate(pipe, spec: RunSpec, run_dir: str, jobs: list[tuple[int, int]]) -> None:
     """All samples of `jobs` for every configuration, skipping those on disk."""
     todo = [(c, j) for c in spec.configs for j in jobs if not os.path.exists(sample_path(run_dir, c, *j))]
+    class_conditional = is_class_conditional(pipe)
     bar = tqdm(total=len(todo), desc="samples", disable=not todo)
     for config in spec.configs:
         missing = [j for j in jobs if not os.path.exists(sample_path(run_dir, config, *j))]
@@ -196,9 +232,12 @@ def generate(pipe, spec: RunSpec, run_dir: str, jobs: list[tuple[int, int]]) -> 
             for prompt_index, seed in missing:
                 if handle:
                     handle.reset()  # the totals then count this sample's generations (a long video: one per chunk)
-                pixels = _call(pipe, spec.prompts[prompt_index], seed, spec.call, spec.device)
+                prompt = spec.prompts[prompt_index]
+                pixels = _call(pipe, prompt, seed, spec.call, spec.device)
                 path = sample_path(run_dir, config, prompt_index, seed)
-                atomic_json(path[:-4] + ".json", handle.totals() if handle else {})
+                # A class-conditional sample keeps its class id: the report then needs neither pipeline nor names.
+                label = {"class_label": label_ids(pipe, [prompt])[0]} if class_conditional else {}
+                atomic_json(path[:-4] + ".json", {**(handle.totals() if handle else {}), **label})
                 atomic_write(path, lambda f: np.save(f, pixels))  # last: its presence marks the sample done
                 bar.update()
         finally:
@@ -211,9 +250,16 @@ def timing_path(run_dir: str) -> str:
     return os.path.join(run_dir, "timing.json")
 
 
+def timed_batch(pipe, spec: RunSpec) -> int:
+    """Samples a timed call makes: one, or for a class-conditional pipeline a batch, one per prompt (a generator of
+    images is used in batches; up to TIMED_BATCH)."""
+    return min(len(spec.prompts), TIMED_BATCH) if is_class_conditional(pipe) else 1
+
+
 def _timed_call(pipe, spec: RunSpec, config: MethodConfig) -> tuple[float, dict | None, float | None]:
-    """Seconds of one call of the first prompt under the configuration (patching excluded), its accelerator stats and
-    peak GPU memory."""
+    """Seconds of one call of the first prompt (a class-conditional pipeline: the first `timed_batch` prompts) under
+    the configuration (patching excluded), its accelerator stats and peak GPU memory."""
+    prompts = spec.prompts[: timed_batch(pipe, spec)]
     handle = patch_config(pipe, config, spec) if config.method else None
     cuda = torch.device(spec.device) if spec.device.startswith("cuda") else None
     try:
@@ -221,7 +267,7 @@ def _timed_call(pipe, spec: RunSpec, config: MethodConfig) -> tuple[float, dict 
             torch.cuda.reset_peak_memory_stats(cuda)
         _sync(spec.device)
         start = time.perf_counter()
-        _call(pipe, spec.prompts[0], 0, spec.call, spec.device)
+        _batch(pipe, prompts, list(range(len(prompts))), spec.call)
         _sync(spec.device)
         seconds = time.perf_counter() - start
         return seconds, handle.totals() if handle else None, torch.cuda.max_memory_allocated(cuda) / 1e9 if cuda else None
@@ -239,25 +285,45 @@ def timing_rounds(configs: list[MethodConfig], repeats: int) -> list[list[Method
 
 def time_configs(pipe, spec: RunSpec, run_dir: str) -> None:
     """Latencies of every configuration, interleaved (see `timing_rounds`), in timing.json (skipped if there)."""
-    path = timing_path(run_dir)
-    if os.path.exists(path):
+    time_runs([(pipe, spec, run_dir)])
+
+
+def time_runs(runs: list[tuple]) -> None:
+    """Every configuration of each (pipe, spec, run_dir) in the same interleaved rounds (`timing_rounds` over all of
+    them: several generators side by side pair their latencies as a run pairs its configurations), each run's in its
+    timing.json. Skipped if every run has one; all retimed if one lacks it (its rounds would pair with nothing)."""
+    if all(os.path.exists(timing_path(run_dir)) for _, _, run_dir in runs):
         return
-    rounds = timing_rounds(spec.configs, spec.repeats)
-    record = {c.label: {"latencies_s": [], "stats": [], "peak_memory_gb": None} for c in spec.configs}
+    entries = [(i, config) for i, (_, spec, _) in enumerate(runs) for config in spec.configs]
+    rounds = timing_rounds(entries, max(spec.repeats for _, spec, _ in runs))
+    records = _time_rounds(runs, rounds)
+    names = [spec.pipeline for _, spec, _ in runs]
+    for i, (pipe, spec, run_dir) in enumerate(runs):
+        atomic_json(timing_path(run_dir), {  # the other runs' entries of a round named by their pipeline
+            "rounds": [[c.label if j == i else f"{names[j]}: {c.label}" for j, c in order] for order in rounds[1:]],
+            "warm_up_rounds": 1, "configs": records[i], "timed_batch": timed_batch(pipe, spec),
+            "environment": environment(spec)})
+
+
+def _time_rounds(runs: list[tuple], rounds: list[list[tuple[int, MethodConfig]]]) -> list[dict]:
+    """Each run's configurations' latencies, accelerator stats and peak memory over the rounds (the first, the
+    warm-up, not kept); a round's entries are (run index, configuration)."""
+    records = [{c.label: {"latencies_s": [], "stats": [], "peak_memory_gb": None} for c in spec.configs}
+               for _, spec, _ in runs]
     bar = tqdm(total=sum(map(len, rounds)), desc="timing (round 0: warm-up)")
     for round_index, order in enumerate(rounds):
-        for config in order:
+        for i, config in order:
+            pipe, spec, _ = runs[i]
             seconds, stats, peak = _timed_call(pipe, spec, config)
             bar.update()
             if round_index == 0:
                 continue
-            entry = record[config.label]
+            entry = records[i][config.label]
             entry["latencies_s"].append(seconds)
             entry["stats"].append(stats)
             entry["peak_memory_gb"] = max(filter(None, [entry["peak_memory_gb"], peak]), default=None)
     bar.close()
-    atomic_json(path, {"rounds": [[c.label for c in order] for order in rounds[1:]], "warm_up_rounds": 1,
-                       "configs": record, "environment": environment(spec)})
+    return records
 
 
 def load_samples(run_dir: str, spec: RunSpec, config: MethodConfig) -> tuple[np.ndarray, list[dict]]:

@@ -97,16 +97,19 @@ def feature_extractor(pipeline_name: str, inception_path: str | None = None) -> 
 # Sample-count rules (n: independent samples a side; a video counts once, its frames are not independent).
 KID_MIN_SAMPLES = 10
 KID_SUBSETS = 100
-STATISTICS_RULES = (
+HALVES_RULE = (
     "FID and KID compare two independent sets: each configuration's odd-numbered samples against the baseline's "
     "even-numbered ones (the same seeds would be paired, near-duplicate samples), so the baseline row gives the value "
-    "two sets of one distribution show at this sample count: the floor. "
+    "two sets of one distribution show at this sample count: the floor."
+)
+SAMPLE_COUNT_RULES = (
     "FID needs more samples a side than the feature size d (n > d); with fewer, the feature covariance is singular "
     "and FID is mostly estimator bias. "
     f"KID needs n >= {KID_MIN_SAMPLES} a side: it is the mean +- std over {KID_SUBSETS} random subsets of n/2 samples "
     "(frames, for videos); smaller subsets make it mostly noise. "
     "Latency and speedup: median (min-max) over the timed rounds."
 )
+STATISTICS_RULES = f"{HALVES_RULE} {SAMPLE_COUNT_RULES}"
 
 
 def independent_halves(samples: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -198,6 +201,26 @@ def clip_score_with(model, tokenizer, samples: np.ndarray, prompts: list[str]) -
     img = torch.nn.functional.normalize(model.encode_image((images - mean) / std), dim=-1)
     txt = torch.nn.functional.normalize(model.encode_text(tokenizer(prompts)), dim=-1).repeat_interleave(frames, 0)
     return float((100 * (img * txt).sum(-1)).clamp_min(0).mean())
+
+
+def class_agreement(samples: np.ndarray, labels: list[int]) -> dict[str, float]:
+    """Share of samples in which the shipped shapes classifier sees the class's shape and colour (the shapes-var /
+    shapes-hmar cards' measure, `accel.pipelines.hmar.report.agreement`), and of each part alone."""
+    from accel.pipelines import reference_classifier
+    from accel.pipelines.hmar.report import agreement
+
+    with torch.no_grad():
+        shares = agreement(reference_classifier(), samples, torch.tensor(labels))
+    return {"class_agreement": shares["shape_and_colour"], "class_agreement_shape": shares["shape"],
+            "class_agreement_colour": shares["colour"], "class_agreement_n": len(labels)}
+
+
+def shapes_real_images(count: int) -> np.ndarray:
+    """`count` real images of the shapes data (uint8, channels last), from the held-out seed the cards' FID uses."""
+    from accel.pipelines.hmar.report import real_images
+    from accel.pipelines.shapes.report import HELD_OUT_SEED
+
+    return real_images(HELD_OUT_SEED, count)[0]
 
 
 def caption_agreement(samples: np.ndarray, prompts: list[str]) -> dict[str, float]:

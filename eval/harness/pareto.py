@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import metrics
+from .class_conditional import methods_refusal
 from .generate import _call, atomic_json, atomic_write, load_samples, patch_config
 from .report import load_timing
 from .spec import RunSpec, SpecError, Sweep
@@ -75,6 +76,9 @@ def refusal(pipe, spec: RunSpec, config) -> str | None:
 def applicable(pipe, spec: RunSpec, strict: bool) -> RunSpec:
     """The spec cut down to the sweeps whose method runs on this pipeline. A sweep asked for by name that cannot run is
     an error (strict); a default one is left out, and why is kept for the notes."""
+    why = methods_refusal(pipe)
+    if why:  # no sweep can run: one reason, not the same one per method
+        raise SpecError(f"--sweep: {why}")
     kept, left_out = [], {}
     for sweep in spec.sweeps:
         why = refusal(pipe, spec, sweep.configs()[0])

@@ -18,6 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import metrics
+from .class_conditional import SHAPES_REFERENCE_RULE, sample_labels
 from .generate import atomic_json, atomic_write, load_samples, timing_path
 from .spec import RunSpec, SpecError
 
@@ -64,20 +65,28 @@ def _computed_share(stats: list[dict]) -> float | None:
     return sum(s.get("computed", 0) for s in stats) / steps if steps else None
 
 
-def _quality(spec: RunSpec, samples: np.ndarray, baseline: np.ndarray, prompts: list[str], extractor) -> list:
-    """(values, reasons) of each wanted metric."""
+def _distribution(samples: np.ndarray, reference: np.ndarray, extractor) -> list:
+    return [_try(fn, samples, reference, extractor) if isinstance(extractor, metrics.FeatureExtractor)
+            else ({}, {fn.__name__: extractor}) for fn in (metrics.fid, metrics.kid)]
+
+
+def _quality(spec: RunSpec, samples: np.ndarray, baseline: np.ndarray, prompts: list[str], extractor,
+             labels: list[int] | None = None) -> list:
+    """(values, reasons) of each wanted metric. `labels`: the class ids of a class-conditional run's samples."""
     wanted = set(spec.metrics)
+    shapes_classes = labels is not None and metrics.is_shapes_pipeline(spec.pipeline)
     parts = []
     if "fidelity" in wanted:
         parts += [_try(metrics.fidelity, samples, baseline), _try(metrics.lpips, samples, baseline)]
-    if "fid" in wanted:
-        halves = metrics.independent_halves(samples, baseline)
-        for fn in (metrics.fid, metrics.kid):
-            parts.append(_try(fn, *halves, extractor) if isinstance(extractor, metrics.FeatureExtractor)
-                         else ({}, {fn.__name__: extractor}))
-    if "clip" in wanted:
+    if "fid" in wanted and shapes_classes:  # a generator of the shapes data: against its real images
+        parts += _distribution(samples, metrics.shapes_real_images(len(samples)), extractor)
+    elif "fid" in wanted:
+        parts += _distribution(*metrics.independent_halves(samples, baseline), extractor)
+    if "clip" in wanted and labels is None:  # class names are no captions
         parts.append(_try(metrics.clip_score, samples, prompts))
-    if "agreement" in wanted and metrics.is_shapes_pipeline(spec.pipeline):
+    if "agreement" in wanted and shapes_classes:
+        parts.append(_try(metrics.class_agreement, samples, labels))
+    elif "agreement" in wanted and metrics.is_shapes_pipeline(spec.pipeline):
         parts.append(_try(metrics.caption_agreement, samples, prompts))
     if "flicker" in wanted and samples.ndim == 5:
         parts.append(_try(metrics.temporal_flicker, samples))
@@ -94,19 +103,28 @@ def evaluate(run_dir: str, spec: RunSpec) -> dict:
     except metrics.Unavailable as why:
         extractor = str(why)
     rows, omitted = [], {}
+    labels = None
     for config in tqdm(spec.configs, desc="metrics"):
         samples, stats = load_samples(run_dir, spec, config)
+        labels = sample_labels(stats)
         row = {"config": config.label, "method": config.method or "baseline", "options": config.options_text,
                **timing_summary(timing, spec.configs[0].label, config.label),
                "computed_share": _computed_share(stats) if config.method else 1.0}
-        for values, why in _quality(spec, samples, baseline, prompts, extractor):
+        for values, why in _quality(spec, samples, baseline, prompts, extractor, labels):
             row.update(values)
             omitted.update(why)
         rows.append(row)
     counts = {"samples": len(baseline), "prompts": len(spec.prompts), "seeds": spec.seeds,
-              "frames": int(baseline.shape[1]) if baseline.ndim == 5 else None, "rounds": len(timing["rounds"])}
+              "frames": int(baseline.shape[1]) if baseline.ndim == 5 else None, "rounds": len(timing["rounds"]),
+              "timed_batch": timing.get("timed_batch", 1), "class_conditional": labels is not None}
     return {"environment": timing["environment"], "spec": spec.to_json(), "counts": counts, "rows": rows,
-            "omitted": omitted, "rules": metrics.STATISTICS_RULES}
+            "omitted": omitted, "rules": _rules(spec, labels)}
+
+
+def _rules(spec: RunSpec, labels: list[int] | None) -> str:
+    if labels is not None and metrics.is_shapes_pipeline(spec.pipeline):  # FID / KID against real images, not halves
+        return f"{SHAPES_REFERENCE_RULE} {metrics.SAMPLE_COUNT_RULES}"
+    return metrics.STATISTICS_RULES
 
 
 # The table --------------------------------------------------------------------------------------------------------
@@ -122,9 +140,9 @@ def _range(row: dict, key: str, fmt: str, low: str, high: str) -> str:
     return text if row["rounds"] < 2 else f"{text} ({_num(row[low], fmt)}-{_num(row[high], fmt)})"
 
 
-def _agreement(row: dict) -> str:
-    n = row["agreement_n"]
-    return f"{row['agreement']:.0%} ({round(row['agreement'] * n)}/{n})"
+def _agreement(row: dict, key: str = "agreement") -> str:
+    n = row[f"{key}_n"]
+    return f"{row[key]:.0%} ({round(row[key] * n)}/{n})"
 
 
 COLUMNS = [  # (key that must be in a row, header, the cell's text)
@@ -140,19 +158,29 @@ COLUMNS = [  # (key that must be in a row, header, the cell's text)
     ("kid", "KID", lambda r: f"{r['kid']:.4f} ± {r['kid_std']:.4f}"),
     ("clip_score", "CLIPScore", lambda r: _num(r["clip_score"], "{:.2f}")),
     ("agreement", "caption agreement", _agreement),
+    ("class_agreement", "class agreement", lambda r: _agreement(r, "class_agreement")),
     ("flicker", "flicker", lambda r: _num(r["flicker"], "{:.2f}")),
 ]
 
 
+def _samples_sentence(c: dict) -> str:
+    if c.get("class_conditional"):
+        return (f"Each configuration: {c['samples']} samples ({c['prompts']} classes x {c['seeds']} seeds), compared "
+                "with the baseline's samples of the same seeds (PSNR, SSIM, LPIPS) and with their classes (agreement).")
+    video = f" videos of {c['frames']} frames" if c["frames"] else " samples"
+    return (f"Each configuration: {c['samples']}{video} ({c['prompts']} prompts x {c['seeds']} seeds), compared with "
+            "the baseline's samples of the same seeds (PSNR, SSIM, LPIPS, agreement over all of them).")
+
+
 def _counts_line(results: dict) -> str:
     c, rows = results["counts"], results["rows"]
-    video = f" videos of {c['frames']} frames" if c["frames"] else ""
-    line = (f"Each configuration: {c['samples']}{video or ' samples'} ({c['prompts']} prompts x {c['seeds']} seeds), "
-            "compared with the baseline's samples of the same seeds (PSNR, SSIM, LPIPS, agreement over all of them).")
+    line = _samples_sentence(c)
     n = next((r.get("fid_n") or r.get("kid_n") for r in rows if "fid_n" in r or "kid_n" in r), None)
     if n:
         line += f" FID / KID: {n} samples a side."
-    return line + (f" Timing: one sample per configuration in each of {c['rounds']} interleaved rounds after a warm-up "
+    batch = c.get("timed_batch", 1)
+    timed = f"a batch of {batch} images (one per prompt)" if batch > 1 else "one sample"
+    return line + (f" Timing: {timed} per configuration in each of {c['rounds']} interleaved rounds after a warm-up "
                    f"round on {results['environment'].get('gpu') or results['environment'].get('device')}; "
                    "median (min-max); speedup from each round's paired ratio to the baseline.")
 

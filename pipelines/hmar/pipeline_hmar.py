@@ -5,7 +5,9 @@ far: nothing else is attended to, so nothing is cached), CFG with VAR's ramp, to
 all pn_k^2 tokens. The mask schedule then says how many tokens each step keeps: schedule[k] = [c_0, c_1, ...] keeps
 the c_0 most confident drafted tokens, hides the rest, and each further step re-predicts the hidden ones with the
 mask branch and keeps c_i more (the most confident), until all are kept. [pn_k^2] means no refinement. The schedule
-is a sampling argument: change it freely, no retraining.
+is a sampling setting, not a weight: a pipeline carries its default in its config (`mask_schedule`, saved in
+model_index.json, so a model trained for other scales than VAR's samples right when loaded), and a call may pass
+another, no retraining.
 
 The mask branch's CFG is `mask_guidance_scale` (HMAR's release uses ~0: 1e-6 x cfg); at 0 only the conditional
 half runs.
@@ -29,11 +31,13 @@ HMAR_MASK_SCHEDULE = ((1,), (1, 3), (1, 1, 2, 5), (16,), (25,), (36,), (64,), (1
 
 
 def check_mask_schedule(owner: str, schedule, scales: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
-    """One list of positive token counts per scale, summing to that scale's token count."""
+    """One list of positive token counts per scale, summing to that scale's token count; None: HMAR's schedule, which
+    exists for VAR's scales only."""
     if schedule is None:
         if tuple(scales) != VAR_SCALES:
             raise ValueError(f"{owner}: HMAR's default mask schedule is for scales {list(VAR_SCALES)}; for scales "
-                             f"{list(scales)} pass mask_schedule (e.g. [[n * n] for n in scales]: no refinement)")
+                             f"{list(scales)} pass mask_schedule (e.g. [[n * n] for n in scales]: no refinement), "
+                             f"per call or to the pipeline (HMARPipeline(..., mask_schedule=...): saved with it)")
         return HMAR_MASK_SCHEDULE
     if not isinstance(schedule, (list, tuple)) or len(schedule) != len(scales):
         raise ValueError(f"{owner}: mask_schedule must hold one list per scale ({len(scales)}), got {schedule!r}")
@@ -53,14 +57,24 @@ def least_confident(confidence: torch.Tensor, count: int) -> torch.Tensor:
 
 
 class HMARPipeline(DiffusionPipeline):
-    """Components: `transformer` (HMARTransformer) and `tokenizer` (VARTokenizer), with the same scales."""
+    """Components: `transformer` (HMARTransformer) and `tokenizer` (VARTokenizer), with the same scales.
+
+    mask_schedule: the default of every call (see the module's docstring); None: HMAR's, for VAR's scales. Kept in the
+    pipeline's config, diffusers' place for a pipeline's own settings (as SDXL's `force_zeros_for_empty_prompt`), so
+    `save_pretrained` writes it to model_index.json and `from_pretrained` reads it back; folders saved before it
+    existed load with None."""
 
     model_cpu_offload_seq = "transformer->tokenizer"
 
-    def __init__(self, transformer: HMARTransformer, tokenizer: VARTokenizer):
+    def __init__(self, transformer: HMARTransformer, tokenizer: VARTokenizer,
+                 mask_schedule: list[list[int]] | tuple[tuple[int, ...], ...] | None = None):
         super().__init__()
-        tokenizer.check_scales_fit(type(self).__name__, transformer.layout.scales)
+        owner = type(self).__name__
+        tokenizer.check_scales_fit(owner, transformer.layout.scales)
         self.register_modules(transformer=transformer, tokenizer=tokenizer)
+        if mask_schedule is not None:  # a bad schedule fails at loading, not at the first call
+            mask_schedule = [list(c) for c in check_mask_schedule(owner, mask_schedule, transformer.layout.scales)]
+        self.register_to_config(mask_schedule=mask_schedule)
 
     def check_inputs(self, class_labels, guidance_scale, mask_guidance_scale, top_k, top_p, mask_schedule, generator,
                      output_type, return_dict):
@@ -68,6 +82,8 @@ class HMARPipeline(DiffusionPipeline):
         labels = check_class_labels(owner, class_labels, self.transformer.config.num_classes)
         check_sampling(owner, guidance_scale, top_k, top_p, generator, len(labels), output_type, return_dict)
         check_real(owner, "mask_guidance_scale", mask_guidance_scale, minimum=0.0)
+        if mask_schedule is None:  # the pipeline's own; checked again, as `register_to_config` may have replaced it
+            mask_schedule = self.config.mask_schedule
         schedule = check_mask_schedule(owner, mask_schedule, self.transformer.layout.scales)
         return labels.to(self._execution_device), schedule
 
@@ -101,8 +117,9 @@ class HMARPipeline(DiffusionPipeline):
                  generator: torch.Generator | list[torch.Generator] | None = None, output_type: str = "pil",
                  return_dict: bool = True):
         """One image per class label. guidance_scale: next-scale CFG at the last scale (ramped from 0); top_k, top_p:
-        0 turns each off; mask_schedule: tokens kept per refinement step per scale (default HMAR's, for VAR's
-        scales). Returns `NextScalePipelineOutput` (images, token_indices), or that tuple."""
+        0 turns each off; mask_schedule: tokens kept per refinement step per scale (default: the pipeline's
+        `config.mask_schedule`, else HMAR's, for VAR's scales). Returns `NextScalePipelineOutput` (images,
+        token_indices), or that tuple."""
         labels, schedule = self.check_inputs(class_labels, guidance_scale, mask_guidance_scale, top_k, top_p,
                                              mask_schedule, generator, output_type, return_dict)
         layout, n = self.transformer.layout, self.tokenizer.scales[-1]

@@ -13,9 +13,9 @@ came from (training.json). Then, on held-out data (seed 1000; training draws see
 - the tokenizer alone: PSNR and classifier agreement of its reconstructions (what no transformer over its tokens
   can beat), and the share of its codebook in use;
 - CPU seconds for a batch of 24 images (one per class).
-Each at guidance scales GUIDANCE_SCALES, HMAR with its mask refinement (`MASK_SCHEDULE`) and without (one draft
-per scale). Writes `evaluation.json`, `samples.png` (4 samples of each class, at the last guidance scale) and
-`loss.png` (every stage) into both folders.
+Each at guidance scales GUIDANCE_SCALES, HMAR with its mask refinement (the schedule its folder carries,
+`train.MASK_SCHEDULE`) and without (one draft per scale). Writes `evaluation.json`, `samples.png` (4 samples of each
+class, at the last guidance scale) and `loss.png` (every stage) into both folders.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from ..shapes.report import HELD_OUT_SEED, _grid
 from ..shapes.train import _replace_folder
 from .pipeline_hmar import HMARPipeline
 from .pipeline_var import VARPipeline
-from .train import MASK_SCHEDULE, SCALES, class_labels
+from .train import SCALES, class_labels
 
 MODELS = {"shapes-var": ("var", VARPipeline), "shapes-hmar": ("hmar", HMARPipeline)}
 STAGES_OF = {"var": ("tokenizer", "var"), "hmar": ("tokenizer", "var", "hmar")}
@@ -158,9 +158,9 @@ def measure(weights: str, samples: int) -> tuple[dict, dict[str, np.ndarray]]:
     real, real_labels = real_images(HELD_OUT_SEED, samples)
     other_real, _ = real_images(HELD_OUT_SEED + 1, samples)
     configs = {"shapes-var": (pipes["shapes-var"], {}),
-               "shapes-hmar": (pipes["shapes-hmar"], {"mask_schedule": MASK_SCHEDULE}),
+               "shapes-hmar": (pipes["shapes-hmar"], {}),  # its saved schedule
                "shapes-hmar, no refinement": (pipes["shapes-hmar"], {"mask_schedule": NO_REFINEMENT})}
-    results = {"samples": samples, "mask_schedule": MASK_SCHEDULE,
+    results = {"samples": samples, "mask_schedule": pipes["shapes-hmar"].config.mask_schedule,
                "real": {"agreement": agreement(classifier, real, real_labels), "fid_floor": fid(other_real, real)},
                "tokenizer": tokenizer_figures(pipes["shapes-var"].tokenizer, classifier, real, real_labels)}
     images = {}

@@ -19,7 +19,7 @@ order of `shapes.data.SHAPES` and `COLOURS`), the convention of the shipped shap
   mask for `next_scale_steps` steps, then the mask branch alone, copied from the next-scale branch
   (`training.start_mask_branch_from_next_scale`, `masked_prediction_loss`), for the remaining steps (a resumed run
   given more --steps refines longer). `--init`: the VARPipeline folder.
-  Export: an HMARPipeline folder (sample it with `mask_schedule=MASK_SCHEDULE`: HMAR's default is for VAR's scales).
+  Export: an HMARPipeline folder carrying MASK_SCHEDULE as its default (HMAR's own is for VAR's scales).
 
 Every step's batch, class dropout and mask draws are functions of (seed, step), so a run resumed from
 OUT/checkpoint.safetensors (the default when it exists) ends as an uninterrupted run would. On the CPU everything
@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from ..shapes.data import COLOURS, image_batch
+from ..shapes.data import COLOURS, image_batch, image_caption
 from ..shapes.models import NUM_CLASSES
 # The other trainers' conventions: step seeds, atomic folder replacement, one-file safetensors checkpoints.
 from ..shapes.train import _replace_folder, _step_seed
@@ -100,6 +100,11 @@ class TrainConfig:
 def class_labels(batch) -> torch.Tensor:
     """The 24 classes: shape-major, class = shape * 6 + colour."""
     return batch.shape * len(COLOURS) + batch.colour
+
+
+# Each class's name: shapes-image's caption of it ("a red circle"), in class order (what `accel-eval` takes as the
+# prompts of shapes-var and shapes-hmar).
+CLASS_NAMES = tuple(image_caption(c // len(COLOURS), c % len(COLOURS)) for c in range(NUM_CLASSES))
 
 
 # Stages: the trained module, the loss of a step, phases (HMAR), the export ------------------------------------------
@@ -183,6 +188,11 @@ class HMARStage(VARStage):
         indices, labels = self.tokens(step)
         with autocast(self.device):
             return masked_prediction_loss(model, self.tokenizer, indices, labels, None, COND_DROP_RATE, generator)
+
+    def export(self, ema, folder: str) -> None:
+        # The schedule goes into model_index.json: the folder then samples with it, no argument needed.
+        self.pipeline(transformer=shippable(ema), tokenizer=shippable(self.tokenizer),
+                      mask_schedule=MASK_SCHEDULE).save_pretrained(folder)
 
     def trained_parameters(self, model, step: int) -> list[torch.nn.Parameter]:
         """Next-scale steps train everything; masked steps the mask branch alone (the rest frozen, as HMAR does)."""

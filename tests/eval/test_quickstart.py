@@ -18,3 +18,11 @@ def test_quickstart_runs_offline_and_writes_tables_and_plots(tmp_path, capsys, m
         rows = json.load(open(folder / "results.json"))["rows"]
         assert [r["config"] for r in rows][0] == "baseline" and len(rows) == 1 + len(cli.QUICKSTART_METHODS)
         assert rows[0]["psnr"] == float("inf") and all(0 < r["computed_share"] <= 1 for r in rows)
+    assert "## HMAR vs VAR" in out  # the class-conditional generators, side by side
+    generators = json.load(open(tmp_path / "generators.json"))
+    assert os.path.isfile(tmp_path / "generators.md") and generators["generators"] == cli.QUICKSTART_GENERATORS
+    *made, real = generators["rows"]
+    samples = 24 * cli.QUICKSTART_GENERATOR_SEEDS
+    for row in made:  # enough samples for FID on the classifier's 128 features
+        assert row["class_agreement_n"] == samples and row["fid"] > 0 and row["peak_memory_gb"] > 0
+    assert real["class_agreement_n"] == samples and real["fid"] < min(row["fid"] for row in made)

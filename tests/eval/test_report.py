@@ -14,20 +14,28 @@ def _spec(**kw):
     return RunSpec("shapes-image", CONFIGS, ["a red circle", "a blue square"], **kw)
 
 
+class _Prompted:
+    """A stand-in pipeline called with a prompt: timed one sample a call."""
+
+    def __call__(self, prompt):
+        raise AssertionError("the timed call is replaced")
+
+
 def test_timing_warms_up_then_interleaves_every_configuration_in_turning_order(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(generate, "_timed_call", lambda pipe, spec, config: (calls.append(config.label), (1.0, None, None))[1])
     monkeypatch.setattr(generate, "environment", lambda spec: {"device": "cpu"})
     spec = _spec(repeats=3)
-    generate.time_configs(None, spec, str(tmp_path))
+    generate.time_configs(_Prompted(), spec, str(tmp_path))
     labels = [c.label for c in spec.configs]
     rounds = [calls[i:i + 4] for i in range(0, len(calls), 4)]
     assert len(rounds) == 4 and all(sorted(r) == sorted(labels) for r in rounds)  # a warm-up round, then 3 timed
     assert [r[0] for r in rounds] == labels  # each round starts one further on: the baseline is not always first
     timing = json.load(open(tmp_path / "timing.json"))
     assert timing["rounds"] == rounds[1:] and all(len(t["latencies_s"]) == 3 for t in timing["configs"].values())
+    assert timing["timed_batch"] == 1
     calls.clear()
-    generate.time_configs(None, spec, str(tmp_path))
+    generate.time_configs(_Prompted(), spec, str(tmp_path))
     assert calls == []  # a resumed run keeps its timing
 
 

@@ -1,5 +1,7 @@
-"""HMARPipeline on tiny random-init models (CPU): sampling without cache, masked refinement by schedule, outputs and
-the checks on schedules, scales and class labels."""
+"""HMARPipeline on tiny random-init models (CPU): sampling without cache, masked refinement by schedule, the schedule
+saved with the pipeline, outputs and the checks on schedules, scales and class labels."""
+
+import json
 
 import numpy as np
 import pytest
@@ -72,6 +74,44 @@ def test_outputs(pipe):
 def test_bad_schedules(pipe, schedule, error):
     with pytest.raises(ValueError, match=error):
         pipe([1], mask_schedule=schedule)
+
+
+def _tokens(out) -> list[torch.Tensor]:
+    return out.token_indices
+
+
+def test_the_schedule_travels_with_the_saved_pipeline_and_is_each_calls_default(pipe, tmp_path):
+    HMARPipeline(pipe.transformer, pipe.tokenizer, mask_schedule=REFINE).save_pretrained(tmp_path)
+    assert json.load(open(tmp_path / "model_index.json"))["mask_schedule"] == REFINE
+    loaded = HMARPipeline.from_pretrained(tmp_path, dtype=torch.float64)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.config.mask_schedule == REFINE
+    saved = loaded([1, 3], generator=torch.Generator().manual_seed(0), output_type="pt")
+    assert all(torch.equal(a, b) for a, b in zip(_tokens(saved), _tokens(run(pipe, REFINE))))
+    plain = [[1], [4], [16]]  # a call's own schedule still wins
+    assert all(torch.equal(a, b) for a, b in zip(_tokens(run(loaded, plain)), _tokens(run(pipe, plain))))
+
+
+def test_a_folder_saved_before_the_schedule_was_kept_loads_without_one(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path)
+    index = json.load(open(tmp_path / "model_index.json"))
+    del index["mask_schedule"]
+    json.dump(index, open(tmp_path / "model_index.json", "w"))
+    loaded = HMARPipeline.from_pretrained(tmp_path, dtype=torch.float64)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.config.mask_schedule is None
+    with pytest.raises(ValueError, match="pass mask_schedule"):  # no default for these scales: said, not guessed
+        loaded([1])
+    assert len(run(loaded, REFINE).token_indices) == len(SCALES)
+
+
+def test_a_bad_pipeline_schedule_is_refused_when_the_pipeline_is_made(pipe):
+    with pytest.raises(ValueError, match=r"mask_schedule\[2\] = \[2, 2\] sums to 4, but scale 2 \(4x4\) has 16"):
+        HMARPipeline(pipe.transformer, pipe.tokenizer, mask_schedule=[[1], [4], [2, 2]])
+    edited = HMARPipeline(pipe.transformer, pipe.tokenizer, mask_schedule=REFINE)
+    edited.register_to_config(mask_schedule=[[1], [4]])  # replaced afterwards: caught at the call
+    with pytest.raises(ValueError, match="one list per scale"):
+        edited([1])
 
 
 def test_default_schedule_is_hmars_for_vars_scales():

@@ -54,9 +54,10 @@ def _checkpoint(out) -> dict:
 def test_the_stages_export_pipelines_that_generate(runs):
     var = VARPipeline.from_pretrained(runs / "var" / "model", dtype=torch.float32)
     hmar = HMARPipeline.from_pretrained(runs / "hmar" / "model", dtype=torch.float32)
-    for pipe, call in ((var, {}), (hmar, {"mask_schedule": MASK_SCHEDULE})):
+    assert hmar.config.mask_schedule == [list(c) for c in MASK_SCHEDULE]  # the export carries its schedule
+    for pipe in (var, hmar):
         pipe.set_progress_bar_config(disable=True)
-        images = pipe([0, 23], output_type="np", **call).images
+        images = pipe([0, 23], output_type="np").images
         assert images.shape == (2, 32, 32, 3)
     config = json.load(open(runs / "hmar" / "model" / "tokenizer" / "config.json"))
     assert "_name_or_path" not in config  # no path of the machine that trained it
@@ -132,9 +133,23 @@ def test_the_shipped_models_generate_the_classes_asked_for(name, monkeypatch):
     assert name in reference_names()
     pipe = reference_pipeline(name)
     pipe.set_progress_bar_config(disable=True)
-    call = {"mask_schedule": MASK_SCHEDULE} if name == "shapes-hmar" else {}
-    images = pipe([0, 23], generator=torch.Generator().manual_seed(0), output_type="np", **call).images
+    images = pipe([0, 23], generator=torch.Generator().manual_seed(0), output_type="np").images
     assert images.shape == (2, 32, 32, 3) and 0 <= images.min() and images.max() <= 1
     for bad in (24, [-1, 3]):
         with pytest.raises(ValueError, match="unknown class ids"):
-            pipe(bad, **call)
+            pipe(bad)
+
+
+def test_the_shipped_hmar_samples_with_its_saved_schedule(monkeypatch):
+    """Its folder carries the schedule it was trained for: the same tokens as passing it, and not HMAR's default
+    (which is for VAR's scales and would be refused)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pipe = reference_pipeline("shapes-hmar")
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.config.mask_schedule == [list(c) for c in MASK_SCHEDULE]
+    draw = lambda **call: pipe(list(range(24)), generator=torch.Generator().manual_seed(0), guidance_scale=3.0,  # noqa: E731
+                               output_type="pt", **call).token_indices
+    saved, explicit = draw(), draw(mask_schedule=MASK_SCHEDULE)
+    assert all(torch.equal(a, b) for a, b in zip(saved, explicit))
+    plain = draw(mask_schedule=[[n * n] for n in training.SCALES])  # a call's schedule still wins
+    assert not all(torch.equal(a, b) for a, b in zip(saved, plain))
