@@ -1,6 +1,7 @@
-"""Block-sparse self-attention for diffusers video transformers (WanTransformer3DModel's `attn1` layers).
+"""Block-sparse self-attention for diffusers video transformers (WanTransformer3DModel's `attn1` layers; the
+image-image part of HunyuanVideoTransformer3DModel's joint image-text attention).
 
-    restore = apply_sparse_attention(transformer, pattern="local_3d")   # or local_3d(radius=(2, 8, 8)), ...
+    restore = apply_sparse_attention(transformer, pattern="preset")     # or "local_3d", local_3d(radius=(2, 8, 8)), ...
     ...
     restore()                                                           # the original processor objects, exactly
 
@@ -15,7 +16,15 @@ Patterns beyond one fixed mask (`SparsePattern`):
   rotary embedding, the kernel runs a pure block table, and the output is gathered back (tile_order.py);
 - `dynamic`: a mask chosen per call from the current q and k on the GPU (dynamic_mask.py), no host sync;
 - `pbs`: PBS-Attn, keys permuted within frames by importance before a dynamic mask (pbs.py);
-- `hybrid`: LongGen's schedule, some layers left with their original dense processor.
+- `hybrid`: LongGen's schedule, some layers left with their original dense processor;
+- `preset` (the default): the model family's entry of SPARSE_PRESETS, a tiled_3d window whose tile is chosen per
+  latent grid (dense where the grid is too small for a window to pay), the choice logged once per grid.
+
+HunyuanVideo's blocks attend over [image tokens, text tokens]: image queries see the image keys the pattern allows
+plus every text key the attention mask leaves in (joint_mask: text keys after the image keys, padded to a block
+boundary), text queries every valid key (SDPA). Patterns chosen from q and k (`dynamic`, `pbs`) are refused there, as
+is context parallelism. SANA / SANA-Video self-attention is linear (no softmax): refused, pointing to the
+`linear_attention_kernels` method.
 
 Under diffusers' Ulysses context parallelism (`ContextParallelConfig(ulysses_degree=N)`) each rank's layers hold a
 shard of the sequence: as diffusers' own Ulysses attention does, an all-to-all gives each rank the whole sequence of
@@ -27,22 +36,28 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import logging
 import math
 import re
 from typing import TYPE_CHECKING, Callable, Union
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 import torch.distributed._functional_collectives as funcol
 
 from accel.diffusers_internals import get_wan_qkv_projections
 from accel.kernels.block_sparse import BlockSparseMask, block_sparse_attention, local_3d_mask, strided_shards_mask, table_mask
-from accel.kernels.block_sparse.dynamic_mask import check_selection, dynamic_block_mask
-from accel.kernels.block_sparse.mask import check_block_size, is_int, num_blocks
+from accel.kernels.block_sparse import attention as _attention_module
+from accel.kernels.block_sparse.dynamic_mask import (
+    DeviceBlockSparseMask, check_selection, dynamic_block_mask, dynamic_block_mask_reference, partial_lists,
+)
+from accel.kernels.block_sparse.mask import COORD_BITS, COORD_LIMIT, check_block_size, from_block_tables, is_int, num_blocks
 from accel.kernels.block_sparse.patterns import check_shards, check_window, window_global_random_mask
 from accel.kernels.block_sparse.pbs import pbs_block_sparse_attention
 from accel.kernels.block_sparse.tile_order import (
-    TiledMask, check_tile, check_tile_window, criss_cross_mask, tile_permutation, tiled_window_mask,
+    TiledMask, check_grid, check_tile, check_tile_window, criss_cross_mask, tile_grid, tile_permutation,
+    tiled_window_mask,
 )
 from accel.parallel import context_parallel
 
@@ -51,7 +66,11 @@ if TYPE_CHECKING:
 
 Grid = tuple[int, int, int]
 Pattern = Callable[[Grid, int, torch.device], BlockSparseMask]  # (grid, heads, device) -> mask
-SUPPORTED = ("WanTransformer3DModel",)
+SUPPORTED = ("WanTransformer3DModel", "HunyuanVideoTransformer3DModel")
+FAMILIES = {"WanTransformer3DModel": "wan", "HunyuanVideoTransformer3DModel": "hunyuan_video"}
+# Models whose self-attention is linear (ReLU kernels, no softmax): block-sparse softmax masks do not apply.
+LINEAR_ATTENTION_MODELS = ("SanaVideoTransformer3DModel", "SanaTransformer2DModel", "CausalSanaVideoTransformer3DModel")
+logger = logging.getLogger("accel")
 
 
 class SparsePattern:
@@ -74,6 +93,72 @@ class SparsePattern:
         """`built` for heads [start, stop) of the `heads` it was built for: a rank's heads under Ulysses."""
         raise NotImplementedError(f"{type(self).__name__} cannot run under Ulysses context parallelism: it does not "
                                   f"say how to restrict what it builds to a rank's heads (SparsePattern.select_heads)")
+
+    # Joint attention (HunyuanVideo: image and text tokens in one sequence). The pattern covers image-image pairs;
+    # image queries also see every (valid) text key. `joint` extends what `build` made by `num_text` text keys placed
+    # after the image keys (joint_mask); `attend_joint` attends image queries (B, N, H, D) over the image keys and
+    # text keys (B, T, H, D) and returns the image rows in their order.
+    def joint(self, built, num_text: int):
+        raise NotImplementedError(f"{type(self).__name__} cannot run in joint image-text attention (HunyuanVideo): "
+                                  f"use a fixed-mask or tile-order pattern (\"preset\", \"tiled_3d\", \"local_3d\", "
+                                  f"\"dense\", \"criss_cross\", \"window_global_random\", or \"hybrid\" of one)")
+
+    def attend_joint(self, joint, q, k, v, k_text, v_text) -> torch.Tensor:
+        raise NotImplementedError
+
+
+PAD_COORD = (COORD_LIMIT - 1) << (2 * COORD_BITS)  # box3d coordinate (frame 1023, row 0, col 0) of padding keys
+
+
+def joint_mask(mask: BlockSparseMask, num_text: int) -> BlockSparseMask:
+    """`mask` (image queries x image keys) extended by `num_text` text keys that every query sees.
+
+    Keys are laid out [image keys, P padding keys, text keys], P = the padding that makes the text start on a block
+    boundary, so that no key block mixes image keys the pattern leaves out with text keys every query needs. The
+    padding keys are masked by the box3d rule (a coordinate out of every query's window; text keys get the global
+    coordinate -1): the image-image pairs are exactly those of `mask`. Rule "none" masks become box3d with radius 0
+    and every image token at coordinate 0 (the rule only decides inside partial blocks: the image tail block and the
+    last text block)."""
+    if mask.rule not in ("none", "box3d"):
+        raise NotImplementedError(f"joint image-text attention takes masks of rule 'none' or 'box3d', not {mask.rule!r}")
+    if mask.q_len != mask.kv_len:
+        raise ValueError(f"an image mask must be square, got {(mask.q_len, mask.kv_len)}")
+    if not is_int(num_text) or num_text < 1:
+        raise ValueError(f"num_text must be an int >= 1, got {num_text!r}")
+    n, bs, device = mask.q_len, mask.block_size, mask.device
+    pad = -n % bs
+    kv_len = n + pad + num_text
+    full, partial = mask.block_tables()  # (B', H', Mq, Mi)
+    if pad:  # the image tail block now holds padding keys: decided by the rule
+        partial = partial.clone()
+        partial[..., -1] |= full[..., -1]
+        full = full.clone()
+        full[..., -1] = False
+    text_blocks = num_blocks(num_text, bs)
+    on = torch.ones(*full.shape[:3], text_blocks, dtype=torch.bool, device=device)
+    full = torch.cat([full, on], -1)
+    partial = torch.cat([partial, torch.zeros_like(on)], -1)
+    if mask.rule == "none" and not pad:
+        return from_block_tables(full, partial, n, kv_len, bs)
+    if mask.rule == "none":
+        q_aux = k_img = torch.zeros(n, dtype=torch.int32, device=device)
+        radius = (0, 0, 0)
+    else:
+        q_aux, k_img, radius = mask.q_aux, mask.k_aux, mask.radius
+        frames = (q_aux >> (2 * COORD_BITS)) & (COORD_LIMIT - 1)
+        if pad and (bool((q_aux < 0).any()) or int(frames.max()) + radius[0] >= COORD_LIMIT - 1):
+            raise NotImplementedError("joint attention: this box3d mask has global queries or windows reaching frame "
+                                      f"{COORD_LIMIT - 1}, which the padding keys need to stay unseen")
+    k_aux = torch.cat([k_img.to(torch.int32), torch.full((pad,), PAD_COORD, dtype=torch.int32, device=device),
+                       torch.full((num_text,), -1, dtype=torch.int32, device=device)])
+    return from_block_tables(full, partial, n, kv_len, bs, "box3d", q_aux, k_aux, radius)
+
+
+def _joint_kernel(q, k, v, k_text, v_text, mask: BlockSparseMask) -> torch.Tensor:
+    """Image queries (B, N, H, D) over [image keys, zero padding, text keys] with a `joint_mask`."""
+    pad = mask.kv_len - q.shape[1] - k_text.shape[1]
+    zeros = k.new_zeros(k.shape[0], pad, *k.shape[2:])
+    return _kernel(q, torch.cat([k, zeros, k_text], 1), torch.cat([v, zeros, v_text], 1), mask)
 
 
 def _mask_heads(mask: BlockSparseMask, start: int, stop: int) -> BlockSparseMask:
@@ -109,6 +194,12 @@ class MaskPattern(SparsePattern):
     def select_heads(self, built, start, stop):
         return _mask_heads(built, start, stop)
 
+    def joint(self, built, num_text):
+        return joint_mask(built, num_text)
+
+    def attend_joint(self, joint, q, k, v, k_text, v_text):
+        return _joint_kernel(q, k, v, k_text, v_text, joint)
+
 
 class TiledPattern(SparsePattern):
     """A block table over the tile order (tile_order.py): q, k, v are gathered into tile order after the rotary
@@ -130,6 +221,14 @@ class TiledPattern(SparsePattern):
 
     def select_heads(self, built, start, stop):
         return dataclasses.replace(built, mask=_mask_heads(built.mask, start, stop))
+
+    def joint(self, built, num_text):
+        return dataclasses.replace(built, mask=joint_mask(built.mask, num_text))
+
+    def attend_joint(self, joint, q, k, v, k_text, v_text):
+        perm = joint.perm
+        q, k, v = (x.index_select(1, perm) for x in (q, k, v))
+        return _joint_kernel(q, k, v, k_text, v_text, joint.mask).index_select(1, joint.inverse)
 
 
 class DynamicPattern(SparsePattern):
@@ -154,8 +253,17 @@ class DynamicPattern(SparsePattern):
 
     def masks(self, built, q, k):
         """The mask this pattern chooses for q, k (B, H, N, D), already in the order it attends in."""
-        return dynamic_block_mask(q, k, built["budget"], self.mass, built["width"], built["sink"], built["diagonal"],
-                                  self.block_size)
+        args = (q, k, built["budget"], self.mass, built["width"], built["sink"], built["diagonal"], self.block_size)
+        if q.device.type == "cpu" and not _attention_module.INTERPRETED:
+            # No Triton on the CPU outside the interpreter: the same selection in PyTorch (dynamic_mask's reference),
+            # as block_sparse_attention itself falls back to its reference there.
+            full_counts, full_indices, part_counts = dynamic_block_mask_reference(*args)
+            mk = num_blocks(k.shape[2], self.block_size)
+            part_counts, part_indices = partial_lists(
+                tuple(part_counts.shape), part_counts if k.shape[2] % self.block_size else None, mk, q.device)
+            return DeviceBlockSparseMask(q.shape[2], k.shape[2], self.block_size, full_counts.to(torch.int32),
+                                         full_indices.to(torch.int32), part_counts, part_indices)
+        return dynamic_block_mask(*args)
 
     def attend(self, built, q, k, v):
         if built["perm"] is not None:
@@ -207,6 +315,12 @@ class HybridPattern(SparsePattern):
 
     def select_heads(self, built, start, stop):
         return self.inner.select_heads(built, start, stop)
+
+    def joint(self, built, num_text):
+        return self.inner.joint(built, num_text)
+
+    def attend_joint(self, joint, q, k, v, k_text, v_text):
+        return self.inner.attend_joint(joint, q, k, v, k_text, v_text)
 
     def sparse_layers(self, num_layers):
         if self.dense_layers is None:
@@ -337,6 +451,122 @@ def hybrid(pattern: Union[str, Pattern, SparsePattern, BlockSparseMask] = "tiled
     return HybridPattern(inner, dense_every, None if dense_layers is None else tuple(dense_layers))
 
 
+@dataclasses.dataclass(frozen=True)
+class SparsePreset:
+    """A model family's default sparse pattern: a sliding-tile window (tiled_3d) whose tile is picked per grid.
+
+    tiles: candidate tiles, in order of preference (each of volume block_size: whole blocks, the block-table path);
+    window: the tile window; max_density: the most block pairs (share) a tiled window may keep to be worth its
+    gathers -- above it, below min_tokens latent tokens (64 blocks: attention is a small share of the step there, and
+    on the shipped 1,088-token shapes-video model a tiled window costs ~24 dB PSNR against dense,
+    eval/harness/sparse_quality.py), or where no tile suits the grid, the preset runs `fallback` (dense: exact attention, the
+    kernel's all-pairs mask goes to SDPA on CUDA). A tile suits a grid when it fits inside it on every axis and the
+    grid holds more than 2 * window + 1 tiles along some axis (else the window covers the whole grid)."""
+
+    tiles: tuple[tuple[int, int, int], ...]
+    window: tuple[int, int, int] = (1, 1, 1)
+    max_density: float = 0.5
+    block_size: int = 128
+    min_tokens: int = 8192
+    fallback: str = "dense"
+    note: str = ""
+
+
+# Per model family (the transformer's class: FAMILIES). Tile (2, 8, 8) window (1, 1, 1) is the configuration measured
+# on Wan-1.3B at 480p / 81 frames (grid (21, 30, 52), density 0.12): 2.03x a dense step on an H200
+# (benchmarks/results/sparse_video_h200.json). The other tiles serve grids it does not suit: (1, 8, 16) single frames
+# or short clips, (4, 4, 8) narrow frames. HunyuanVideo (head dim 128, like Wan) takes the same block-size tiles; its
+# speed is not measured here. SANA-Video has none: its self-attention is linear (no softmax to mask).
+SPARSE_PRESETS: dict[str, SparsePreset] = {
+    "wan": SparsePreset(tiles=((2, 8, 8), (1, 8, 16), (4, 4, 8)), window=(1, 1, 1), max_density=0.5,
+                        note="measured 2.03x a dense Wan-1.3B step (H200) at grid (21, 30, 52), density 0.12"),
+    "hunyuan_video": SparsePreset(tiles=((2, 8, 8), (1, 8, 16), (4, 4, 8)), window=(1, 1, 1), max_density=0.5,
+                                  note="Wan's tiles (same head dim and block size); not timed on a GPU here"),
+}
+
+
+def _unsuited(grid: Grid, tile, window) -> str | None:
+    """Why `tile` does not suit `grid` (None where it does)."""
+    if any(t > g for t, g in zip(tile, grid)):
+        return f"tile {tile} is larger than the grid"
+    if all(n <= 2 * w + 1 for n, w in zip(tile_grid(grid, tile), window)):
+        return f"tile {tile}: the window covers the whole grid"
+    return None
+
+
+def resolve_preset(preset: SparsePreset, grid: Grid, device=None) -> tuple[str, SparsePattern, TiledMask | None]:
+    """The preset's choice for `grid`: (description, pattern, the tiled mask built for it or None)."""
+    grid = check_grid(grid)
+    tried = []
+    if math.prod(grid) < preset.min_tokens:
+        tried.append(f"{math.prod(grid)} tokens < min_tokens={preset.min_tokens}")
+    for tile in preset.tiles if not tried else ():
+        why = _unsuited(grid, tile, preset.window)
+        if why:
+            tried.append(why)
+            continue
+        tiled = tiled_window_mask(grid, tile, preset.window, preset.block_size, device)
+        density = tiled.density()
+        if density <= preset.max_density:
+            text = f"tiled_3d(tile={tile}, window={preset.window}, block_size={preset.block_size}), density {density:.3f}"
+            return text, tiled_3d(tile, preset.window, preset.block_size), tiled
+        tried.append(f"tile {tile} keeps {density:.2f} of the block pairs (> {preset.max_density})")
+    text = f"{preset.fallback}(block_size={preset.block_size}) (fallback: {'; '.join(tried)})"
+    return text, _as_pattern(PATTERNS[preset.fallback](block_size=preset.block_size)), None
+
+
+class PresetPattern(SparsePattern):
+    """The family preset (SPARSE_PRESETS), resolved per latent grid when the grid's masks are built, and logged:
+    INFO for a tiled window, WARNING when the grid is too small for one and the preset falls back to dense.
+    `resolved` maps each grid seen to the choice made (a description string)."""
+
+    def __init__(self, family: str | None = None):
+        if family is not None and family not in SPARSE_PRESETS:
+            raise ValueError(f"no sparse attention preset for family {family!r}; presets: {', '.join(SPARSE_PRESETS)}")
+        self.family = family
+        self.resolved: dict[Grid, str] = {}
+        self._inner: dict[Grid, SparsePattern] = {}
+
+    def for_family(self, family: str) -> "PresetPattern":
+        """This preset bound to `family` (apply time, from the model's class), unless one was given."""
+        return self if self.family is not None else PresetPattern(family)
+
+    def inner(self, grid: Grid) -> SparsePattern:
+        if self.family is None:
+            raise RuntimeError("the 'preset' pattern resolves per model family: apply it to a model (apply_sparse_attention)")
+        if grid not in self._inner:
+            text, pattern, _ = resolve_preset(SPARSE_PRESETS[self.family], grid)
+            self._inner[grid], self.resolved[grid] = pattern, text
+            fell_back = not isinstance(pattern, TiledPattern)
+            logger.log(logging.WARNING if fell_back else logging.INFO,
+                       "accel: sparse attention preset %r for latent grid %s: %s%s", self.family, grid, text,
+                       " -- no speed-up from sparsity at this size" if fell_back else "")
+        return self._inner[grid]
+
+    def build(self, grid, heads, device):
+        inner = self.inner(grid)
+        return inner, inner.build(grid, heads, device)
+
+    def attend(self, built, q, k, v):
+        return built[0].attend(built[1], q, k, v)
+
+    def select_heads(self, built, start, stop):
+        return built[0], built[0].select_heads(built[1], start, stop)
+
+    def joint(self, built, num_text):
+        return built[0], built[0].joint(built[1], num_text)
+
+    def attend_joint(self, joint, q, k, v, k_text, v_text):
+        return joint[0].attend_joint(joint[1], q, k, v, k_text, v_text)
+
+
+def preset(family: str | None = None) -> PresetPattern:
+    """The model family's preset (SPARSE_PRESETS): a sliding-tile window whose tile is chosen per latent grid, or
+    dense attention (logged) where the grid is too small for one. family: "wan", "hunyuan_video", or None to take it
+    from the model the pattern is applied to."""
+    return PresetPattern(family)
+
+
 PATTERNS: dict[str, Callable[..., Union[Pattern, SparsePattern]]] = {
     "local_3d": local_3d,
     "strided_shards": strided_shards,
@@ -347,6 +577,7 @@ PATTERNS: dict[str, Callable[..., Union[Pattern, SparsePattern]]] = {
     "window_global_random": window_global_random,
     "pbs": pbs,
     "hybrid": hybrid,
+    "preset": preset,
 }
 _CALL = re.compile(r"^\s*(\w+)\s*\((.*)\)\s*$", re.S)
 
@@ -463,6 +694,13 @@ class _GridState:
             cache[key] = built if head_range is None else self.pattern.select_heads(built, *head_range)
         return cache[key]
 
+    def joint_built(self, num_image: int, heads: int, device: torch.device, num_text: int):
+        """What the pattern built for the grid, extended by `num_text` text keys (SparsePattern.joint)."""
+        key = (self.grid, heads, device, "joint", num_text)
+        if key not in self.masks:
+            self.masks[key] = self.pattern.joint(self.built(num_image, heads, device), num_text)
+        return self.masks[key]
+
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """diffusers' Wan rotary embedding (interleaved pairs), in the same arithmetic."""
@@ -512,35 +750,161 @@ class WanSparseAttnProcessor:
         return _heads_to_sequence(self.state.pattern.attend(built, query, key, value), group, world)
 
 
+class HunyuanVideoSparseAttnProcessor:
+    """HunyuanVideoAttnProcessor2_0 (dual- and single-stream blocks) with the image-image attention block-sparse.
+
+    The blocks attend over one sequence [image tokens, text tokens]. Image queries see the image keys the pattern
+    allows and every text key the attention mask leaves in (one kernel call per distinct set of valid text keys,
+    joint_mask); text queries see every valid key (SDPA with the mask, as diffusers). Projections, q/k norms, the
+    rotary embedding of the image tokens and the output projections are diffusers' own."""
+
+    def __init__(self, state: _GridState):
+        self.state = state
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        if encoder_hidden_states is None:
+            raise RuntimeError("HunyuanVideoSparseAttnProcessor is for joint image-text attention (text tokens given)")
+        if hidden_states.dtype not in (torch.float16, torch.bfloat16):
+            raise TypeError(
+                f"sparse attention needs float16 or bfloat16 activations, got {hidden_states.dtype}: run the model in bf16"
+            )
+        num_text = encoder_hidden_states.shape[1]
+        if attn.add_q_proj is None:  # single-stream blocks: one set of projections over the whole sequence
+            hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
+        query, key, value = (proj(hidden_states).unflatten(2, (attn.heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if image_rotary_emb is not None:
+            from diffusers.models.embeddings import apply_rotary_emb
+
+            if attn.add_q_proj is None:
+                query, key = (torch.cat([apply_rotary_emb(x[:, :-num_text], image_rotary_emb, sequence_dim=1),
+                                         x[:, -num_text:]], dim=1) for x in (query, key))
+            else:
+                query, key = (apply_rotary_emb(x, image_rotary_emb, sequence_dim=1) for x in (query, key))
+        if attn.add_q_proj is not None:  # dual-stream blocks: the text tokens' own projections
+            text = [proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+                    for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)]
+            if attn.norm_added_q is not None:
+                text[0] = attn.norm_added_q(text[0])
+            if attn.norm_added_k is not None:
+                text[1] = attn.norm_added_k(text[1])
+            query, key, value = (torch.cat([x, t], dim=1) for x, t in zip((query, key, value), text))
+        out = self.attend(query, key, value, num_text, attention_mask, attn.heads).flatten(2, 3).to(query.dtype)
+        hidden_states, encoder_hidden_states = out[:, :-num_text], out[:, -num_text:]
+        if getattr(attn, "to_out", None) is not None:
+            hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if getattr(attn, "to_add_out", None) is not None:
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        return hidden_states, encoder_hidden_states
+
+    def attend(self, query, key, value, num_text: int, attention_mask, heads: int) -> torch.Tensor:
+        """Joint attention on (B, N + T, H, D): the image rows block-sparse, the text rows dense; (B, N + T, H, D)."""
+        b, total = query.shape[:2]
+        n = total - num_text
+        if self.state.ulysses is not None:
+            raise NotImplementedError("sparse attention on HunyuanVideo does not run under context parallelism")
+        keep = torch.ones(b, total, dtype=torch.bool, device=query.device)
+        if attention_mask is not None:
+            if attention_mask.dtype != torch.bool or attention_mask.numel() != b * total:
+                raise ValueError(f"sparse attention on HunyuanVideo takes a bool key mask of {b} x {total} tokens "
+                                 f"(diffusers' (B, 1, 1, N)), got {attention_mask.dtype} {tuple(attention_mask.shape)}")
+            keep = attention_mask.reshape(b, total)
+            if not bool(keep[:, :n].all()):
+                raise ValueError("sparse attention on HunyuanVideo: the attention mask hides image tokens; only text "
+                                 "tokens may be masked")
+        text_rows = F.scaled_dot_product_attention(
+            query[:, n:].transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+            attn_mask=keep[:, None, None, :]).transpose(1, 2)
+        image_rows = torch.empty_like(query[:, :n])
+        q, k, v = query[:, :n], key[:, :n], value[:, :n]
+        groups: dict[tuple, list[int]] = {}  # batch items by their valid text keys
+        for i, row in enumerate(keep[:, n:].tolist()):
+            groups.setdefault(tuple(j for j, on in enumerate(row) if on), []).append(i)
+        for valid, items in groups.items():
+            idx = torch.tensor(items, device=query.device)
+            qi, ki, vi = (x.index_select(0, idx) for x in (q, k, v))
+            if not valid:  # no text key: the pattern alone
+                out = self.state.pattern.attend(self.state.built(n, heads, query.device), qi, ki, vi)
+            else:
+                cols = torch.tensor(valid, device=query.device) + n
+                kt, vt = (x.index_select(0, idx).index_select(1, cols) for x in (key, value))
+                joint = self.state.joint_built(n, heads, query.device, len(valid))
+                out = self.state.pattern.attend_joint(joint, qi, ki, vi, kt, vt)
+            image_rows[idx] = out.to(image_rows.dtype)
+        return torch.cat([image_rows, text_rows.to(image_rows.dtype)], dim=1)
+
+
+_PROCESSORS = (WanSparseAttnProcessor, HunyuanVideoSparseAttnProcessor)
+
+
+def _bind_family(pattern: SparsePattern, family: str) -> SparsePattern:
+    """A "preset" pattern (also inside a hybrid) bound to the model's family."""
+    if isinstance(pattern, PresetPattern):
+        return pattern.for_family(family)
+    if isinstance(pattern, HybridPattern) and isinstance(pattern.inner, PresetPattern):
+        return HybridPattern(pattern.inner.for_family(family), pattern.dense_every, pattern.dense_layers)
+    return pattern
+
+
+def _check_model(model) -> None:
+    name = type(model).__name__
+    if name in LINEAR_ATTENTION_MODELS:
+        raise NotImplementedError(
+            f"sparse attention does not apply to {name}: its self-attention is linear (ReLU kernels, no softmax), so "
+            f"block-sparse softmax masks have nothing to mask; use accel.patch(pipe, method=\"linear_attention_kernels\") "
+            f"(accel's Triton linear-attention kernels) instead"
+        )
+    if name not in SUPPORTED:
+        raise NotImplementedError(
+            f"sparse attention supports {', '.join(SUPPORTED)}, not model={name} (for a pipeline, use "
+            f"accel.patch(pipe, method='sparse_attention') or pass pipe.transformer)"
+        )
+
+
 def apply_sparse_attention(
-    model: torch.nn.Module, pattern: Union[str, Pattern, BlockSparseMask] = "local_3d"
+    model: torch.nn.Module, pattern: Union[str, Pattern, BlockSparseMask] = "preset"
 ) -> Callable[[], None]:
-    """Run the self-attention of `model` (WanTransformer3DModel) through block-sparse attention.
+    """Run the self-attention of `model` (WanTransformer3DModel's `attn1`; HunyuanVideoTransformer3DModel's joint
+    attention, image-image part) through block-sparse attention.
 
     pattern: a name of PATTERNS ("local_3d", "strided_shards", "dense", "tiled_3d", "dynamic", "criss_cross",
-        "window_global_random", "pbs", "hybrid": the defaults of the factories of the same names), such a name with keyword
-        arguments ("dynamic(budget=0.1)"), a pattern built by those factories, any callable
+        "window_global_random", "pbs", "hybrid", "preset": the defaults of the factories of the same names), such a
+        name with keyword arguments ("dynamic(budget=0.1)"), a pattern built by those factories, any callable
         (grid, heads, device) -> BlockSparseMask, or a fixed mask. Hybrid patterns replace only their sparse layers.
+        "preset" (the default): the model family's preset (SPARSE_PRESETS), its tile chosen per grid and logged.
+        On HunyuanVideo, patterns chosen from q and k ("dynamic", "pbs") are refused.
     Returns `restore()`, which puts back the original processor objects and removes the grid hook.
     """
     model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (a diffusers transformer), got {type(model).__name__}")
-    if type(model).__name__ not in SUPPORTED:
-        raise NotImplementedError(
-            f"sparse attention supports {', '.join(SUPPORTED)}, not model={type(model).__name__} (for a pipeline, use "
-            f"accel.patch(pipe, method='sparse_attention') or pass pipe.transformer)"
-        )
+    _check_model(model)
+    family = FAMILIES[type(model).__name__]
     _ulysses(model)  # ring attention refused now where parallelism came first
-    layers = [block.attn1 for block in model.blocks]
-    if any(isinstance(layer.processor, WanSparseAttnProcessor) for layer in layers):
+    if family == "wan":
+        layers, patch_size, processor_cls = [block.attn1 for block in model.blocks], tuple(model.config.patch_size), WanSparseAttnProcessor
+    else:
+        if context_parallel(model) is not None:
+            raise NotImplementedError("sparse attention on HunyuanVideo does not run under context parallelism")
+        layers = [block.attn for block in (*model.transformer_blocks, *model.single_transformer_blocks)]
+        patch_size = (model.config.patch_size_t, model.config.patch_size, model.config.patch_size)
+        processor_cls = HunyuanVideoSparseAttnProcessor
+    if any(isinstance(layer.processor, _PROCESSORS) for layer in layers):
         raise RuntimeError(f"{type(model).__name__} already runs sparse attention; call the restore function first")
-    state = _GridState(_as_pattern(pattern), tuple(model.config.patch_size))
+    sparse_pattern = _bind_family(_as_pattern(pattern), family)
+    if family == "hunyuan_video":
+        probe = sparse_pattern.inner if isinstance(sparse_pattern, HybridPattern) else sparse_pattern
+        if type(probe).joint is SparsePattern.joint:
+            probe.joint(None, 1)  # raises: the pattern has no joint form
+    state = _GridState(sparse_pattern, patch_size)
     chosen = state.pattern.sparse_layers(len(layers))
     layers = [layer for layer, sparse in zip(layers, chosen) if sparse]
     originals = [layer.processor for layer in layers]
     hook = model.register_forward_pre_hook(state.record, with_kwargs=True)
-    processor = WanSparseAttnProcessor(state)
+    processor = processor_cls(state)
     for layer in layers:
         layer.set_processor(processor)
 

@@ -285,7 +285,8 @@ def test_linear_attention_options(call, error, match):
 
 @pytest.mark.parametrize("call, error, match", [
     pytest.param(lambda: apply_sparse_attention(tm.flux()), NotImplementedError,
-                 "supports WanTransformer3DModel, not model=FluxTransformer2DModel", id="sparse-unsupported-model"),
+                 "supports WanTransformer3DModel, HunyuanVideoTransformer3DModel, not model=FluxTransformer2DModel",
+                 id="sparse-unsupported-model"),
     pytest.param(lambda: apply_sparse_attention("wan"), TypeError, "model must be a torch.nn.Module.*str",
                  id="sparse-not-a-module"),
     pytest.param(lambda: apply_sparse_attention(tm.wan(), pattern="locall_3d"), ValueError,
