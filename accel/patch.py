@@ -211,7 +211,7 @@ def patch(target: Any, method: Any = "cg_taylor", num_inference_steps: int | Non
         with the config's fields as keyword options: "cg_taylor" (fields left out come from the model family's
         preset), "first_block_cache", "taylorseer", "mag_cache", "pyramid_attention_broadcast", "faster_cache",
         "sea_cache", "text_kv_cache", or an attention method, which composes with one of those:
-        "linear_attention_kernels" (SANA, SANA-Video), "sparse_attention" (Wan).
+        "linear_attention_kernels" (SANA, SANA-Video), "sparse_attention" (Wan, HunyuanVideo).
     num_inference_steps: for a bare transformer called outside a pipeline that sets
         `cache_context(..., num_inference_steps=)`, so the last step is recognised; mag_cache needs it (or its
         config's field) always.

@@ -11,14 +11,15 @@ import os
 import pytest
 
 from accel.attention.sparse import SPARSE_PRESETS, _as_pattern, _bind_family
-from accel.eval.harness import sparse_quality
+from accel.eval.harness import cli, sparse_quality
 
 
 def test_tiny_run_writes_json_and_markdown(tmp_path, capsys):
     out = tmp_path / "q"
-    result = sparse_quality.main(["--out", str(out), "--prompts", "a red circle moving left", "--seeds", "0",
-                                  "--steps", "1", "--frames", "3", "--patterns", "dense", "preset",
-                                  "tiled_3d(tile=(1, 8, 8), window=(0, 0, 0))"])
+    rc = cli.main(["sparse-quality", "--out", str(out), "--prompts", "a red circle moving left", "--seeds", "0",
+                   "--steps", "1", "--frames", "3", "--patterns", "dense", "preset",
+                   "tiled_3d(tile=(1, 8, 8), window=(0, 0, 0))"])
+    assert rc == 0
     assert sorted(os.listdir(out)) == ["sparse_quality.json", "sparse_quality.md"]  # no temporary file left
     saved = json.loads((out / "sparse_quality.json").read_text())
     assert saved["grid"] == [3, 8, 8] and saved["layers"] == 6 and saved["heads"] == 3
@@ -32,8 +33,13 @@ def test_tiny_run_writes_json_and_markdown(tmp_path, capsys):
     assert rows["dense"]["psnr"]["mean"] > tiled["psnr"]["mean"] + 5
     md = (out / "sparse_quality.md").read_text()
     assert "| pattern | resolved | block density | PSNR | SSIM |" in md and "`preset`" in md
-    assert result["patterns"] == saved["patterns"]
-    assert "4/4 tiled_3d" in capsys.readouterr().err  # progress
+    printed = capsys.readouterr()
+    assert md.strip() in printed.out and "4/4 tiled_3d" in printed.err  # the table, and progress
+
+
+def test_bad_steps_refused_before_loading(capsys):
+    assert cli.main(["sparse-quality", "--out", "unused", "--steps", "0"]) == 2
+    assert "--steps and --frames must be >= 1" in capsys.readouterr().err
 
 
 def test_density_of_hybrid_and_dynamic_patterns():

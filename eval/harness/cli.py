@@ -7,6 +7,8 @@
                                                       quality vs computed fraction and vs speedup (pareto.md, plots)
     accel-eval report DIR                             rebuild table and plots from a run folder
     accel-eval long-video --out FILE.json [--chunks 20 --seeds 0,1,2]  the shipped long-video models side by side
+    accel-eval sparse-quality --out DIR [--patterns preset tiled_3d ...]  sparse attention patterns against dense
+                                                      on a shipped video model (PSNR / SSIM, block density)
     accelerate launch -m accel.eval run ...           shard the prompts over processes / GPUs
 
 Bad input gets a one-line message and exit code 2, before anything is generated or written: the arguments, the
@@ -25,6 +27,7 @@ import sys
 
 import torch
 
+from . import sparse_quality
 from .spec import RunSpec, SpecError, load_prompts, parse_method, parse_sweep, read_spec
 
 QUICKSTART_METHODS = ["cg_taylor", "cg_taylor:threshold=0.1", "first_block_cache:threshold=0.05",
@@ -71,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     lv.add_argument("--chunks", type=int, default=20)
     lv.add_argument("--steps", type=int, default=20, help="num_inference_steps a chunk")
     lv.add_argument("--device", default="cpu")
+    sq = sub.add_parser("sparse-quality", help="sparse attention patterns against dense attention on a shipped video "
+                                               "model: PSNR / SSIM per pattern, block density")
+    sparse_quality.add_arguments(sq)
     return p
 
 
@@ -286,6 +292,14 @@ def long_video(args) -> str:
     return run_shipped(args.out, prompts, seeds, args.chunks, args.steps, args.device)
 
 
+def sparse_quality_table(args, argv) -> str:
+    if args.steps < 1 or (args.frames is not None and args.frames < 1):
+        raise SpecError("--steps and --frames must be >= 1")
+    check_device_present(args.device)
+    argv = sys.argv[1:] if argv is None else argv
+    return sparse_quality.markdown(sparse_quality.run(args, "accel-eval " + " ".join(argv)))
+
+
 def main(argv=None) -> int:
     try:
         args = _parser().parse_args(argv)
@@ -298,6 +312,8 @@ def main(argv=None) -> int:
             text = pareto(args)
         elif args.command == "long-video":
             text = long_video(args)
+        elif args.command == "sparse-quality":
+            text = sparse_quality_table(args, argv)
         else:
             text = report(args.dir)
     except SpecError as err:

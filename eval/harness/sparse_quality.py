@@ -1,6 +1,7 @@
 """Quality of sparse attention patterns against dense attention on a shipped video model (issue 25).
 
-    python -m accel.eval.harness.sparse_quality --out DIR [--pipeline shapes-video] [--patterns preset tiled_3d ...]
+    accel-eval sparse-quality --out DIR [--pipeline shapes-video] [--patterns preset tiled_3d ...]
+    (or python -m accel.eval.harness.sparse_quality with the same options)
 
 Generates every (prompt, seed) once with the unpatched pipeline (dense attention, diffusers' processor) and once per
 pattern under `accel.patch(pipe, method="sparse_attention", pattern=...)`, from the same generator seed, and scores
@@ -34,8 +35,8 @@ DEFAULT_PATTERNS = ("dense", "preset", "tiled_3d", "local_3d", "dynamic(budget=0
 DEFAULT_PROMPTS = ("a red circle moving left", "a yellow square moving right", "a cyan triangle moving up")
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m accel.eval.harness.sparse_quality", description=__doc__.split("\n\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options, shared by this module's command line and `accel-eval sparse-quality`."""
     p.add_argument("--out", required=True, help="folder for sparse_quality.json and sparse_quality.md")
     p.add_argument("--pipeline", default="shapes-video", help="a shipped video pipeline name or a local folder")
     p.add_argument("--patterns", nargs="+", default=list(DEFAULT_PATTERNS),
@@ -47,6 +48,11 @@ def parse_args(argv):
     p.add_argument("--frames", type=int, default=None, help="frames per video (default: the pipeline's)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m accel.eval.harness.sparse_quality", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
     args = p.parse_args(argv)
     if args.steps < 1 or (args.frames is not None and args.frames < 1):
         p.error("--steps and --frames must be >= 1")
@@ -139,7 +145,12 @@ def markdown(result: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    return run(parse_args(argv), "python -m accel.eval.harness.sparse_quality " + " ".join(argv))
+
+
+def run(args: argparse.Namespace, command: str) -> dict:
+    """Dense, then each pattern, on every (prompt, seed); the results written to args.out and returned."""
     import accel
     from accel.attention.sparse import FAMILIES, PresetPattern, _as_pattern, _bind_family
 
@@ -198,7 +209,7 @@ def main(argv=None) -> dict:
         "pipeline": args.pipeline, "grid": list(grid), "heads": heads, "layers": layers, "prompts": args.prompts,
         "seeds": args.seeds, "steps": args.steps, "frames": args.frames, "dtype": args.dtype, "device": args.device,
         "torch": torch.__version__, "seconds": time.perf_counter() - start,
-        "command": "python -m accel.eval.harness.sparse_quality " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command,
         "patterns": rows,
     }
     os.makedirs(args.out, exist_ok=True)
