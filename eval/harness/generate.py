@@ -207,7 +207,8 @@ def environment(spec: RunSpec) -> dict:
 
 
 def patch_config(pipe, config: MethodConfig, spec: RunSpec):
-    """accel.patch with the configuration's options; mag_cache lays its ratios out over the run's --steps. A pipeline
+    """accel.patch with the configuration's options; mag_cache lays its ratios out over the run's --steps, and takes
+    the run's measured ratios (`spec.mag_ratios`) where its options give none. A pipeline
     no method applies to is refused here, with the reason (every path to a patch comes through here)."""
     why = methods_refusal(pipe)
     if why:
@@ -215,6 +216,8 @@ def patch_config(pipe, config: MethodConfig, spec: RunSpec):
     options = dict(config.options)
     if config.method == "mag_cache" and "num_inference_steps" in spec.call:
         options.setdefault("num_inference_steps", spec.call["num_inference_steps"])
+    if config.method == "mag_cache" and spec.mag_ratios is not None:
+        options.setdefault("mag_ratios", spec.mag_ratios)
     return accel.patch(pipe, method=config.method, **options)
 
 

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+import accel
+
 from . import metrics
 from .class_conditional import methods_refusal
 from .generate import _call, atomic_json, atomic_write, load_samples, patch_config
@@ -33,12 +35,13 @@ DEFAULT_SWEEPS = (  # each method's main knob, over a range that takes shapes' c
     "cg_taylor:schedule=2|3|4|5",
     "first_block_cache:threshold=0.05|0.1|0.15|0.2|0.3",
     "taylorseer:cache_interval=2|3|4|5",
-    "mag_cache:threshold=0.03|0.06|0.12|0.24",  # FLUX only: diffusers ships no other model's magnitude ratios
+    "mag_cache:threshold=0.03|0.06|0.12|0.24",  # ratios: FLUX's from diffusers, else measured here (with_mag_ratios)
     "pyramid_attention_broadcast:spatial_attention_block_skip_range=2|3|4|6",
     "faster_cache:spatial_attention_block_skip_range=2|3|4",
 )
 DOMINANCE_RANGE = (0.3, 0.7)
 BIN_WIDTH = 0.1
+MAG_RATIOS_MISSING = "needs per-model magnitude ratios"  # accel's MagCache error where a model has none
 # Denoiser calls a method must get through to count as running here: both guidance branches of the first step (where
 # pyramid_attention_broadcast refuses separate branches) and the next step's first.
 PROBE_CALLS = 3
@@ -79,6 +82,7 @@ def applicable(pipe, spec: RunSpec, strict: bool) -> RunSpec:
     why = methods_refusal(pipe)
     if why:  # no sweep can run: one reason, not the same one per method
         raise SpecError(f"--sweep: {why}")
+    spec = with_mag_ratios(pipe, spec)
     kept, left_out = [], {}
     for sweep in spec.sweeps:
         why = refusal(pipe, spec, sweep.configs()[0])
@@ -92,6 +96,20 @@ def applicable(pipe, spec: RunSpec, strict: bool) -> RunSpec:
         raise SpecError(f"--sweep: none of the default methods runs on {type(pipe).__name__}: "
                         + "; ".join(f"{m}: {w}" for m, w in left_out.items()))
     return dataclasses.replace(spec, configs=[c for s in kept for c in s.configs()], sweeps=kept, left_out=left_out)
+
+
+def with_mag_ratios(pipe, spec: RunSpec) -> RunSpec:
+    """MagCache's magnitude ratios, measured on this pipeline where the model has none of its own (diffusers ships
+    FLUX's only): one generation of the first prompt with seed 0 at the run's settings, nothing skipped
+    (`accel.calibrate_mag_ratios`). They are kept in the spec (spec.json) and given to every mag_cache point."""
+    sweep = next((s for s in spec.sweeps if s.method == "mag_cache"), None)
+    if sweep is None or spec.mag_ratios is not None or "mag_ratios" in dict(sweep.fixed):
+        return spec
+    if MAG_RATIOS_MISSING not in (refusal(pipe, spec, sweep.configs()[0]) or ""):
+        return spec  # FLUX, or a model MagCache refuses for another reason (applicable() says which)
+    run_once = lambda: _call(pipe, spec.prompts[0], 0, spec.call, spec.device)  # noqa: E731
+    ratios = accel.calibrate_mag_ratios(pipe.transformer, run_once)
+    return dataclasses.replace(spec, mag_ratios=[round(float(r), 6) for r in ratios])
 
 
 # Per-sample measures and their aggregation --------------------------------------------------------------------------
@@ -215,7 +233,7 @@ def pareto_results(run_dir: str, spec: RunSpec) -> dict:
               "frames": int(baseline.shape[1]) if baseline.ndim == 5 else None, "rounds": len(timing["rounds"])}
     return {"pipeline": spec.pipeline, "environment": timing["environment"], "counts": counts,
             "baseline_latency_s": base_latency, "identical_psnr": one_level_psnr(baseline[0]), "lines": [s.to_json() | {"name": s.name} for s in spec.sweeps],
-            "rows": rows, "dominance": dominance(rows), "left_out": omitted}
+            "rows": rows, "dominance": dominance(rows), "left_out": omitted, "mag_ratios": spec.mag_ratios}
 
 
 # The table ---------------------------------------------------------------------------------------------------------
@@ -263,6 +281,9 @@ def markdown(results: dict) -> str:
     for line in results["lines"]:
         body += _line_table(results, line)
     notes = [f"- {name}: left out: {why}" for name, why in results["left_out"].items()]
+    if results.get("mag_ratios"):
+        notes.append(f"- mag_cache: magnitude ratios measured on this pipeline by one generation of the first prompt "
+                     f"(seed 0), nothing skipped: {', '.join(f'{r:.3f}' for r in results['mag_ratios'])}")
     notes.append(f"- A sample identical to the baseline's (PSNR infinite) counts as {results['identical_psnr']:.1f} dB, "
                  "the PSNR of one 8-bit level off in one value; the tables say how many are.")
     notes.append("- Plots: pareto_fraction.png (PSNR vs computed fraction), pareto_speedup.png (PSNR vs speedup); "

@@ -242,6 +242,8 @@ class RunSpec:
     metrics: tuple[str, ...] = METRICS
     sweeps: list[Sweep] = field(default_factory=list)  # a Pareto run's lines; its configs are theirs
     left_out: dict = field(default_factory=dict)  # a Pareto run: the default sweeps this pipeline cannot run, and why
+    # A Pareto run's MagCache ratios, measured on its pipeline where the model has none of its own (pareto.py)
+    mag_ratios: list[float] | None = None
 
     def __post_init__(self):
         self.configs = [MethodConfig(None)] + [c for c in self.configs if c.method is not None]
@@ -288,6 +290,8 @@ class RunSpec:
         d["sweeps"] = [s.to_json() for s in self.sweeps]
         if not self.sweeps:  # a plain run's spec.json as before: its folders still resume
             del d["sweeps"], d["left_out"]
+        if self.mag_ratios is None:
+            del d["mag_ratios"]
         return d
 
     @classmethod

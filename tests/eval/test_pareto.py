@@ -74,7 +74,6 @@ BAD_SWEEPS = {  # --sweep text: what the message must say
     "cg_taylor:schedule=2|3,bogus=1": "unknown cg_taylor option",
     "warp:level=1|2": "unknown method 'warp'",
     "baseline:x=1|2": "name a method",
-    "mag_cache:threshold=0.1|0.2": "magnitude ratios",  # refused when patched
     "pyramid_attention_broadcast:spatial_attention_block_skip_range=2|3": "two transformer calls",  # refused at step 0
 }
 
@@ -120,9 +119,13 @@ def test_default_sweep_runs_the_methods_that_apply_and_notes_the_others(setup):
     out = setup / "default"
     assert main(_args(setup, out, "--seeds", "1", prompts="one.txt", steps=2)) == 0
     results = json.load(open(out / "pareto.json"))
-    assert [line["method"] for line in results["lines"]] == ["cg_taylor", "first_block_cache", "taylorseer"]
-    assert {"mag_cache", "pyramid_attention_broadcast", "faster_cache"} <= set(results["left_out"])
-    assert "- mag_cache: left out: mag_cache needs per-model magnitude ratios" in (out / "pareto.md").read_text()
+    assert [line["method"] for line in results["lines"]] == ["cg_taylor", "first_block_cache", "taylorseer",
+                                                             "mag_cache"]
+    assert {"pyramid_attention_broadcast", "faster_cache"} <= set(results["left_out"])
+    # MagCache runs on a model diffusers has no ratios for: measured once, one per step, kept for a resumed run
+    ratios = json.load(open(out / "spec.json"))["mag_ratios"]
+    assert len(ratios) == 2 and ratios[0] == 1.0 and results["mag_ratios"] == ratios
+    assert "- mag_cache: magnitude ratios measured on this pipeline" in (out / "pareto.md").read_text()
 
 
 class Interrupted(Exception):
