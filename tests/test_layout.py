@@ -40,6 +40,9 @@ def test_source_folders_are_not_packages_and_every_sub_package_is_mapped():
             if parent in SOURCE_FOLDERS:  # a sub-package right under a source folder: mapped explicitly
                 assert mapped.get(folder) == f"accel.{folder.replace('/', '.')}", f"{folder} is not in package-dir"
             assert f"accel.{folder.replace('/', '.')}" in setuptools["packages"], f"{folder} is not in packages"
+    for init in (ROOT / "accel").rglob("__init__.py"):  # accel's own sub-packages (accel.attention.sparse, ...)
+        name = init.parent.relative_to(ROOT).as_posix().replace("/", ".")
+        assert name in setuptools["packages"], f"{name} is not in packages: a non-editable install would leave it out"
 
 
 def test_installed_packages_named_like_the_source_folders_win_from_the_repo_root(tmp_path):
