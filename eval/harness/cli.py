@@ -20,6 +20,7 @@ folder resumes where it stopped.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import json
 import os
@@ -218,12 +219,22 @@ def report(run_dir: str, spec: RunSpec | None = None) -> str:
     return write_pareto(run_dir, spec) if spec.sweeps else table
 
 
+def _saved_mag_ratios(run_dir: str) -> list[float] | None:
+    """The MagCache ratios a run folder's spec.json holds: a resumed sweep reuses them rather than measuring again
+    (another measurement may differ in the last bits, and the folder would then read as another run's)."""
+    try:
+        return json.load(open(os.path.join(run_dir, "spec.json"), encoding="utf-8")).get("mag_ratios")
+    except (OSError, ValueError, AttributeError):
+        return None  # no run there yet (or a damaged spec.json, which _check_out reports)
+
+
 def pareto(args) -> str | None:
     """The sweeps given, or every default one whose method runs on the pipeline, as one run."""
     from .pareto import DEFAULT_SWEEPS, applicable
 
     sweeps = [parse_sweep(s) for s in args.sweep or DEFAULT_SWEEPS]
     spec = _spec_from_args(args, [c for s in sweeps for c in s.configs()], sweeps)
+    spec = dataclasses.replace(spec, mag_ratios=_saved_mag_ratios(args.out))
     pipe, spec = prepare(spec, args.out, narrow=lambda pipe, spec: applicable(pipe, spec, strict=bool(args.sweep)))
     return execute(pipe, spec, args.out)
 
@@ -231,7 +242,7 @@ def pareto(args) -> str | None:
 def compare_generators(prepared: list[tuple], out: str) -> str:
     """Class-conditional generators side by side, the first the baseline: each a baseline-only run in its own folder
     (samples, results.md), all timed in the same interleaved rounds, then one table with their peak memory and, for
-    the shapes generators, real images' figures as the floor: generators.md / .json in out."""
+    the shapes generators, real images' figures as a reference: generators.md / .json in out."""
     from .class_conditional import comparison, peak_memory_gb, real_figures
     from .generate import atomic_json, atomic_write, generate, time_runs, timing_path
     from .metrics import is_shapes_pipeline

@@ -70,8 +70,8 @@ def _generate(pipe, prompt: str, seed: int, steps: int, frames: int | None) -> n
 
 
 def _latent_grid(pipe, frames: int | None) -> tuple[int, int, int]:
-    """The transformer's token grid for one call, read by a pre-hook on a one-step probe would cost a step; the
-    pipelines here make videos of known size, so it comes from the transformer's config and the frame count."""
+    """The transformer's token grid for one call: a pre-hook reads the latents at a probe call's first transformer
+    input and stops it there (no step is run)."""
     cfg = pipe.transformer.config
     patch = tuple(cfg.patch_size) if isinstance(cfg.patch_size, (list, tuple)) else (
         cfg.patch_size_t, cfg.patch_size, cfg.patch_size)
@@ -98,16 +98,18 @@ class _Probed(Exception):
 
 def pattern_density(pattern, grid, heads: int, num_layers: int) -> float:
     """Share of block pairs computed, averaged over the self-attention layers (dense layers count 1)."""
-    from accel.attention.sparse import DynamicPattern, HybridPattern, PresetPattern
+    from accel.attention.sparse import DynamicPattern, HybridPattern, PBSPattern, PresetPattern
 
     sparse_layers = pattern.sparse_layers(num_layers)
     inner = pattern.inner if isinstance(pattern, HybridPattern) else pattern
     built = inner.build(grid, heads, torch.device("cpu"))
     if isinstance(inner, PresetPattern):
         inner, built = built
-    if isinstance(inner, DynamicPattern):
-        mk = math.ceil(math.prod(grid) / inner.block_size)
+    mk = math.ceil(math.prod(grid) / getattr(inner, "block_size", 1))
+    if isinstance(inner, DynamicPattern):  # a share chosen per call: the budget's
         density = built["width"] / mk
+    elif isinstance(inner, PBSPattern):
+        density = built["budget"] / mk
     else:
         density = built.density()
     return (sum(sparse_layers) * density + (num_layers - sum(sparse_layers))) / num_layers
@@ -198,11 +200,17 @@ def run(args: argparse.Namespace, command: str) -> dict:
                 ssim.append(f["ssim"])
                 done += 1
                 say(f"{done}/{total} {text} {job}: PSNR {f['psnr']:.2f} SSIM {f['ssim']:.4f}")
+            density = pattern_density(pattern, grid, heads, layers)
+        except (RuntimeError, ValueError, TypeError, NotImplementedError) as err:  # found at the first forward
+            rows.append({**row, "error": f"{type(err).__name__}: {err}"})
+            done = len(jobs) * (len(rows) + 1)  # this pattern's remaining generations are skipped
+            say(f"{done}/{total} {text}: failed ({err})")
+            continue
         finally:
             handle.remove()
         probe = pattern.inner if hasattr(pattern, "dense_every") else pattern
         resolved = (probe.resolved.get(grid, "") if isinstance(probe, PresetPattern) else text)
-        rows.append({**row, "resolved": resolved, "density": pattern_density(pattern, grid, heads, layers),
+        rows.append({**row, "resolved": resolved, "density": density,
                      "psnr": _stats(psnr), "ssim": _stats(ssim), "per_video": [
                          {"prompt": p, "seed": s, "psnr": a, "ssim": b} for (p, s), a, b in zip(jobs, psnr, ssim)]})
     result = {

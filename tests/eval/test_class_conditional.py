@@ -82,7 +82,7 @@ def test_generators_side_by_side_share_timed_rounds_and_give_one_table(tmp_path)
     data = json.load(open(tmp_path / "generators.json"))
     var, hmar, real = data["rows"]
     assert [var["generator"], hmar["generator"], real["generator"]] == [*cli.QUICKSTART_GENERATORS,
-                                                                        "real images (floor)"]
+                                                                        "real images (reference)"]
     assert var["speedup"] == [1.0, 1.0] and len(hmar["speedup"]) == 2
     assert var["peak_memory_gb"] > 0 and hmar["peak_memory_gb"] > 0  # measured on the CPU too
     assert real["class_agreement"] == 1.0 and "fid" not in real  # 3 images: no FID, for the generators either
@@ -90,5 +90,5 @@ def test_generators_side_by_side_share_timed_rounds_and_give_one_table(tmp_path)
     assert sorted(rounds[0]) == ["baseline", "shapes-var: baseline"]  # one round holds both generators
     assert table == (tmp_path / "generators.md").read_text().strip()
     assert "| shapes-var | " in table and "| 1.00x (1.00-1.00) |" in table
-    assert "| real images (floor) | - | - | - | 100% (3/3) | n/a | - |" in table
+    assert "| real images (reference) | - | - | - | 100% (3/3) | n/a | - |" in table
     assert "fid: left out" in table and "lpips" not in table  # only the table's own columns' omissions

@@ -8,6 +8,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+import accel
 from accel.eval.harness import generate, pareto
 from accel.eval.harness.cli import main
 from accel.eval.harness.spec import RunSpec, SpecError, parse_sweep
@@ -115,7 +116,7 @@ def test_small_sweep_writes_tables_json_plots_and_report_rebuilds_them(setup, sw
     assert (swept / "pareto.md").read_text() == table and "Dominance" in capsys.readouterr().out
 
 
-def test_default_sweep_runs_the_methods_that_apply_and_notes_the_others(setup):
+def test_default_sweep_runs_the_methods_that_apply_and_notes_the_others(setup, monkeypatch):
     out = setup / "default"
     assert main(_args(setup, out, "--seeds", "1", prompts="one.txt", steps=2)) == 0
     results = json.load(open(out / "pareto.json"))
@@ -126,6 +127,12 @@ def test_default_sweep_runs_the_methods_that_apply_and_notes_the_others(setup):
     ratios = json.load(open(out / "spec.json"))["mag_ratios"]
     assert len(ratios) == 2 and ratios[0] == 1.0 and results["mag_ratios"] == ratios
     assert "- mag_cache: magnitude ratios measured on this pipeline" in (out / "pareto.md").read_text()
+
+    def measured_again(*args, **kwargs):
+        raise AssertionError("a resumed run measures its MagCache ratios again")
+
+    monkeypatch.setattr(accel, "calibrate_mag_ratios", measured_again)
+    assert main(_args(setup, out, "--seeds", "1", prompts="one.txt", steps=2)) == 0  # the saved ratios, reused
 
 
 class Interrupted(Exception):

@@ -81,6 +81,9 @@ def resolve_preset(preset: SparsePreset, grid: Grid, device=None) -> tuple[str, 
     return text, _as_pattern(PATTERNS[preset.fallback](block_size=preset.block_size)), None
 
 
+_LOGGED: set[tuple[str, Grid]] = set()  # (family, grid) choices already logged in this process
+
+
 class PresetPattern(SparsePattern):
     """The family preset (SPARSE_PRESETS), resolved per latent grid when the grid's masks are built, and logged:
     INFO for a tiled window, WARNING when the grid is too small for one and the preset falls back to dense.
@@ -103,10 +106,12 @@ class PresetPattern(SparsePattern):
         if grid not in self._inner:
             text, pattern, _ = resolve_preset(SPARSE_PRESETS[self.family], grid)
             self._inner[grid], self.resolved[grid] = pattern, text
-            fell_back = not isinstance(pattern, TiledPattern)
-            logger.log(logging.WARNING if fell_back else logging.INFO,
-                       "accel: sparse attention preset %r for latent grid %s: %s%s", self.family, grid, text,
-                       " -- no speed-up from sparsity at this size" if fell_back else "")
+            if (self.family, grid) not in _LOGGED:  # the choice is fixed per (family, grid): said once a process
+                _LOGGED.add((self.family, grid))
+                fell_back = not isinstance(pattern, TiledPattern)
+                logger.log(logging.WARNING if fell_back else logging.INFO,
+                           "accel: sparse attention preset %r for latent grid %s: %s%s", self.family, grid, text,
+                           " -- no speed-up from sparsity at this size" if fell_back else "")
         return self._inner[grid]
 
     def build(self, grid, heads, device):
