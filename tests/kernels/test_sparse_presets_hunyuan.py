@@ -21,6 +21,7 @@ from accel.attention.sparse import (
     SPARSE_PRESETS, HunyuanVideoSparseAttnProcessor, PresetPattern, SparsePreset, TiledPattern, _as_pattern,
     _GridState, apply_sparse_attention, dense, hybrid, joint_mask, local_3d, resolve_preset, strided_shards, tiled_3d,
 )
+from accel.attention.sparse import presets
 from accel.kernels.block_sparse import attention as attention_module
 from accel.kernels.block_sparse import local_3d_mask
 from accel.kernels.block_sparse.tile_order import tiled_window_mask
@@ -64,6 +65,7 @@ def test_preset_tile_rules_without_the_token_floor(grid, want):
 
 
 def test_preset_is_the_default_and_is_logged_per_grid(caplog, monkeypatch):
+    monkeypatch.setattr(presets, "_LOGGED", set())
     assert accel.SparseAttentionConfig().pattern == "preset"
     model = tm.wan().to(torch.bfloat16)
     x = {k: v.to(torch.bfloat16) for k, v in tm.inputs(model).items()}
@@ -87,7 +89,8 @@ def test_preset_is_the_default_and_is_logged_per_grid(caplog, monkeypatch):
     assert torch.equal(got, want)
 
 
-def test_preset_falls_back_to_dense_with_a_warning(caplog):
+def test_preset_falls_back_to_dense_with_a_warning(caplog, monkeypatch):
+    monkeypatch.setattr(presets, "_LOGGED", set())  # as in a fresh process: another test may have seen this grid
     model = tm.wan().to(torch.bfloat16)
     x = {k: v.to(torch.bfloat16) for k, v in tm.inputs(model).items()}
     t = torch.full((1,), 500.0)

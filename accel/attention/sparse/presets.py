@@ -81,7 +81,7 @@ def resolve_preset(preset: SparsePreset, grid: Grid, device=None) -> tuple[str, 
     return text, _as_pattern(PATTERNS[preset.fallback](block_size=preset.block_size)), None
 
 
-_LOGGED: set[tuple[str, Grid]] = set()  # (family, grid) choices already logged in this process
+_LOGGED: set[tuple[str, Grid, str]] = set()  # (family, grid, choice) already logged in this process
 
 
 class PresetPattern(SparsePattern):
@@ -106,8 +106,8 @@ class PresetPattern(SparsePattern):
         if grid not in self._inner:
             text, pattern, _ = resolve_preset(SPARSE_PRESETS[self.family], grid)
             self._inner[grid], self.resolved[grid] = pattern, text
-            if (self.family, grid) not in _LOGGED:  # the choice is fixed per (family, grid): said once a process
-                _LOGGED.add((self.family, grid))
+            if (self.family, grid, text) not in _LOGGED:  # each choice said once a process, not at every patch
+                _LOGGED.add((self.family, grid, text))
                 fell_back = not isinstance(pattern, TiledPattern)
                 logger.log(logging.WARNING if fell_back else logging.INFO,
                            "accel: sparse attention preset %r for latent grid %s: %s%s", self.family, grid, text,
