@@ -197,6 +197,23 @@ def test_hunyuan_dense_matches_the_unpatched_model_and_restore_is_exact():
     assert _rel(got, base) < 1e-2  # bf16 (the kernel's precision; float32 is refused)
 
 
+def test_hunyuan_text_groups_are_read_once_per_call_and_follow_a_new_mask(monkeypatch):
+    from accel.attention.sparse import hunyuan_video
+
+    model, x = _hunyuan(), _hunyuan_inputs()
+    other = {**x, "encoder_attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])}
+    reads = []
+    read = hunyuan_video._text_groups
+    monkeypatch.setattr(hunyuan_video, "_text_groups", lambda keep, n: reads.append(n) or read(keep, n))
+    with accel.patch(model, method="sparse_attention", pattern=local_3d((0, 1, 1), BLOCK)):
+        _run(model, x)
+        assert len(reads) == 1  # two attention layers, one host read of the mask
+        second = _run(model, other)
+    with accel.patch(model, method="sparse_attention", pattern=local_3d((0, 1, 1), BLOCK)):
+        fresh = _run(model, other)
+    assert len(reads) == 3 and torch.equal(second, fresh)  # the second call grouped its own mask
+
+
 @pytest.mark.parametrize("pattern", [
     pytest.param(tiled_3d((1, 2, 4), (0, 1, 0), BLOCK), id="tiled"),   # rule none, 72 tokens: padded before the text
     pytest.param(local_3d((0, 1, 1), BLOCK), id="local_3d"),            # rule box3d

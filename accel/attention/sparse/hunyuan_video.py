@@ -76,18 +76,14 @@ class HunyuanVideoSparseAttnProcessor:
                 raise ValueError(f"sparse attention on HunyuanVideo takes a bool key mask of {b} x {total} tokens "
                                  f"(diffusers' (B, 1, 1, N)), got {attention_mask.dtype} {tuple(attention_mask.shape)}")
             keep = attention_mask.reshape(b, total)
-            if not bool(keep[:, :n].all()):
-                raise ValueError("sparse attention on HunyuanVideo: the attention mask hides image tokens; only text "
-                                 "tokens may be masked")
         text_rows = F.scaled_dot_product_attention(
             query[:, n:].transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
             attn_mask=keep[:, None, None, :]).transpose(1, 2)
         image_rows = torch.empty_like(query[:, :n])
         q, k, v = query[:, :n], key[:, :n], value[:, :n]
-        groups: dict[tuple, list[int]] = {}  # batch items by their valid text keys
-        for i, row in enumerate(keep[:, n:].tolist()):
-            groups.setdefault(tuple(j for j, on in enumerate(row) if on), []).append(i)
-        for valid, items in groups.items():
+        if self.state.text_groups is None:  # the first layer of this call: one host sync, reused by the others
+            self.state.text_groups = _text_groups(keep, n)
+        for valid, items in self.state.text_groups.items():
             idx = torch.tensor(items, device=query.device)
             qi, ki, vi = (x.index_select(0, idx) for x in (q, k, v))
             if not valid:  # no text key: the pattern alone
@@ -99,3 +95,15 @@ class HunyuanVideoSparseAttnProcessor:
                 out = self.state.pattern.attend_joint(joint, qi, ki, vi, kt, vt)
             image_rows[idx] = out.to(image_rows.dtype)
         return torch.cat([image_rows, text_rows.to(image_rows.dtype)], dim=1)
+
+
+def _text_groups(keep: torch.Tensor, num_image: int) -> dict[tuple[int, ...], list[int]]:
+    """The batch items grouped by their valid text keys (indices after the image tokens), from the (B, N + T) key
+    mask; image tokens must all be kept."""
+    if not bool(keep[:, :num_image].all()):
+        raise ValueError("sparse attention on HunyuanVideo: the attention mask hides image tokens; only text tokens "
+                         "may be masked")
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, row in enumerate(keep[:, num_image:].tolist()):
+        groups.setdefault(tuple(j for j, on in enumerate(row) if on), []).append(i)
+    return groups

@@ -29,11 +29,15 @@ class _GridState:
         # Under Ulysses: (grid, heads, device, (start, stop)) -> the build restricted to heads [start, stop) (the whole
         # build is not kept: a rank needs only its heads)
         self.rank_masks: dict[tuple, object] = {}
+        # HunyuanVideo: the batch items grouped by their valid text keys, read from the attention mask (a host sync)
+        # by the first layer of each transformer call and reused by the others, which get the same mask
+        self.text_groups: dict[tuple[int, ...], list[int]] | None = None
 
     def record(self, module, args, kwargs) -> None:
         latents = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         self.grid = tuple(s // p for s, p in zip(latents.shape[2:], self.patch_size))  # the whole grid, unsplit here
         self.ulysses = _ulysses(module)  # read per call: enable_parallelism may come after the patch
+        self.text_groups = None  # a new call: a new mask
 
     def built(self, num_tokens: int, heads: int, device: torch.device, head_range: tuple[int, int] | None = None):
         if self.grid is None or math.prod(self.grid) != num_tokens:
