@@ -37,9 +37,13 @@ def test_tiny_run_writes_json_and_markdown(tmp_path, capsys):
     assert md.strip() in printed.out and "4/4 tiled_3d" in printed.err  # the table, and progress
 
 
-def test_bad_steps_refused_before_loading(capsys):
-    assert cli.main(["sparse-quality", "--out", "unused", "--steps", "0"]) == 2
+def test_bad_options_refused_in_one_line_before_loading(tmp_path, capsys):
+    assert cli.main(["sparse-quality", "--out", str(tmp_path / "a"), "--steps", "0"]) == 2
     assert "--steps and --frames must be >= 1" in capsys.readouterr().err
+    assert cli.main(["sparse-quality", "--out", str(tmp_path / "b"), "--patterns", "dense", "bogus"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--patterns 'bogus': unknown sparse attention pattern 'bogus'" in err
+    assert not list(tmp_path.iterdir())  # nothing written
 
 
 def test_density_of_hybrid_and_dynamic_patterns():

@@ -304,8 +304,10 @@ def long_video(args) -> str:
 
 
 def sparse_quality_table(args, argv) -> str:
-    if args.steps < 1 or (args.frames is not None and args.frames < 1):
-        raise SpecError("--steps and --frames must be >= 1")
+    try:
+        sparse_quality.check_args(args)
+    except ValueError as err:
+        raise SpecError(str(err)) from None
     check_device_present(args.device)
     argv = sys.argv[1:] if argv is None else argv
     return sparse_quality.markdown(sparse_quality.run(args, "accel-eval " + " ".join(argv)))

@@ -50,12 +50,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
+def check_args(args) -> None:
+    """A ValueError naming the first bad option: checked before the pipeline loads."""
+    from accel.attention.sparse import _as_pattern
+
+    if args.steps < 1 or (args.frames is not None and args.frames < 1):
+        raise ValueError("--steps and --frames must be >= 1")
+    for text in args.patterns:
+        try:
+            _as_pattern(text)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"--patterns {text!r}: {err}") from None
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m accel.eval.harness.sparse_quality", description=__doc__.split("\n\n")[0])
     add_arguments(p)
     args = p.parse_args(argv)
-    if args.steps < 1 or (args.frames is not None and args.frames < 1):
-        p.error("--steps and --frames must be >= 1")
+    try:
+        check_args(args)
+    except ValueError as err:
+        p.error(str(err))
     return args
 
 
@@ -166,7 +181,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
     pipe = load_pipeline(args.pipeline, args.device, args.dtype)
     model = pipe.transformer
     family = FAMILIES.get(type(model).__name__)
-    patterns = [_as_pattern(text) for text in args.patterns]  # refuses bad patterns before any generation
+    patterns = [_as_pattern(text) for text in args.patterns]  # each text vetted by check_args
     if family is not None:
         patterns = [_bind_family(p, family) for p in patterns]
     grid = _latent_grid(pipe, args.frames)
