@@ -1,6 +1,6 @@
 """Sparse attention for video DiTs on the GPU (issue 25): tile-ordered 3-D windows, dynamic block masks, a Wan step.
 
-    python benchmarks/sparse_video_gpu.py [--sections tiles,dynamic,step] [--deadline 300]
+    python benchmarks/sparse_video_gpu.py [--sections tiles,dynamic,step,compose,hunyuan] [--deadline 300]
         [--out benchmarks/results/sparse_video_<card>.json]
 
 bf16, batch 1, head dim 128, 128-token blocks. Times are `triton.testing.do_bench` medians (L2 flushed before every
@@ -20,6 +20,8 @@ dynamic: `dynamic_block_mask` (pool + scores + selection on the GPU) + the kerne
     from a CUDA graph; per-call `table_mask` (the host-synchronising path the issue measured) for comparison.
 step: a Wan-2.1-1.3B-shaped transformer (random init, diffusers) at 480p / 81 frames, one step: dense vs local_3d vs
     tiled_3d (and dynamic, hybrid), medians of 3 steps after a warm-up step (needs diffusers).
+hunyuan: a HunyuanVideo-shaped step (full width, a fifth of the depth) at 720p / 129 frames: dense against the
+    family's sparse preset (`bench_hunyuan`).
 compose: the same model over a 20-step loop (cg_taylor_gpu.py's, one cache_context a step), one warm-up then one timed
     generation each: dense; tiled_3d; cg_taylor (its Wan preset: fixed schedule); cg_taylor composed with tiled_3d.
     Seconds per generation, median computed / predicted step, speedup over dense, final latent's distance to dense's.
@@ -305,6 +307,57 @@ def bench_step(deadline, res: dict) -> dict:
     return res
 
 
+HUNYUAN_DEPTH = dict(num_layers=4, num_single_layers=8)  # a fifth of HunyuanVideo's 20 + 40 blocks, full width
+
+
+def bench_hunyuan(res: dict) -> dict:
+    """A HunyuanVideo-shaped step (random init, bf16, full width, a fifth of the depth) at 720p / 129 frames (grid
+    33 x 45 x 80 = 118,800 image tokens + 256 text tokens, 200 of them valid): dense (diffusers' attention) against
+    the family's preset (`accel.patch(m, "sparse_attention")`, pattern "preset"), medians of 3 steps after a warm-up.
+    Every block is alike, so the ratio carries to the full depth."""
+    import accel
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    torch.manual_seed(0)
+    bf = dict(device=DEV, dtype=torch.bfloat16)
+    with torch.device(DEV):
+        m = HunyuanVideoTransformer3DModel(
+            in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128, num_refiner_layers=2,
+            mlp_ratio=4.0, patch_size=2, patch_size_t=1, qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=4096,
+            pooled_projection_dim=768, rope_theta=256.0, rope_axes_dim=(16, 56, 56), **HUNYUAN_DEPTH)
+    m = m.to(torch.bfloat16).eval()
+    text_mask = torch.zeros(1, 256, dtype=torch.long, device=DEV)
+    text_mask[:, :200] = 1
+    x = {"hidden_states": torch.randn(1, 16, 33, 90, 160, **bf), "encoder_hidden_states": torch.randn(1, 256, 4096, **bf),
+         "encoder_attention_mask": text_mask, "pooled_projections": torch.randn(1, 768, **bf),
+         "timestep": torch.full((1,), 500.0, device=DEV), "guidance": torch.full((1,), 6000.0, device=DEV)}
+
+    def timed(k=3):
+        with torch.no_grad():
+            out = m(**x, return_dict=False)[0]  # warm-up: mask build, compilation
+            per = []
+            for _ in range(k):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                out = m(**x, return_dict=False)[0]
+                torch.cuda.synchronize()
+                per.append(1e3 * (time.perf_counter() - t0))
+        return statistics.median(per), per, out
+
+    res.update({"model": "HunyuanVideo shape, random init, bf16, 24 heads x 128, "
+                         f"{HUNYUAN_DEPTH['num_layers']} dual + {HUNYUAN_DEPTH['num_single_layers']} single blocks",
+                "latent": [1, 16, 33, 90, 160], "image_tokens": 33 * 45 * 80, "text_tokens": 256, "valid_text": 200})
+    ms, per, dense_out = timed()
+    res["dense"] = {"step_ms": ms, "steps_ms": per}
+    log("hunyuan dense", ms)
+    with accel.patch(m, method="sparse_attention") as handle:
+        ms, per, out = timed()
+        res["preset"] = {"step_ms": ms, "steps_ms": per, "speedup_vs_dense": res["dense"]["step_ms"] / ms,
+                         "rel_diff_vs_dense_output": rel_err(out, dense_out), "stats": str(handle.stats())[:500]}
+    log("hunyuan preset", res["preset"])
+    return res
+
+
 def bench_compose(res: dict, steps: int = 20) -> dict:
     """Sparse attention and CG-Taylor each and together over a whole generation: attention shortens computed steps,
     caching removes steps, so the two should multiply."""
@@ -380,6 +433,8 @@ def main():
         guarded("step", lambda part: bench_step(args.deadline + 120, part))
     if "compose" in sections:
         guarded("compose", lambda part: bench_compose(part))
+    if "hunyuan" in sections:
+        guarded("hunyuan", lambda part: bench_hunyuan(part))
     # Summary table (the reply carries the end of the output).
     for name, r in res.get("tiles", {}).items():
         if not isinstance(r, dict) or "windows" not in r:

@@ -32,8 +32,8 @@ logger = logging.getLogger(__name__)
 TIMED_BATCH = 32  # images in a timed call at most: the first prompts', one each
 SHAPES_REFERENCE_RULE = (
     "Class-conditional shapes generators: the class agreement is the shapes classifier's reading of the class's shape "
-    "and colour in every sample; FID and KID compare all samples with as many real images of the shapes data (held-out "
-    "seed, every class), the measure of the shapes-var / shapes-hmar cards."
+    "and colour in every sample; FID and KID compare all samples with real images of the shapes data of the same "
+    "classes, one per sample (held-out seed), the measure of the shapes-var / shapes-hmar cards."
 )
 
 
@@ -161,24 +161,21 @@ def peak_memory_gb(pipe, spec) -> float | None:
     return (torch.cuda.max_memory_allocated(device) - before) / 1e9
 
 
-def real_figures(count: int) -> dict:
+def real_figures(labels: list[int]) -> dict:
     """What real images score in the shapes generators' quality columns: the classifier's agreement with the labels of
-    `count` real images of the shapes data, and their FID against the generators' reference set (another `count`). A
-    reference, not a bound: at a few hundred samples FID's own noise is of its size, and a good generator can score
-    below another set of real images."""
-    from accel.pipelines.hmar.report import real_images
-    from accel.pipelines.shapes.report import HELD_OUT_SEED
-
+    real images of the shapes data, one per sample's class, and their FID against the generators' reference set
+    (another such set). A reference, not a bound: at a few hundred samples FID's own noise is of its size, and a good
+    generator can score below another set of real images."""
     from . import metrics
 
-    images, labels = real_images(HELD_OUT_SEED + 1, count)
+    images = metrics.shapes_real_images(labels, seed_offset=1)
     try:
-        fid = metrics.fid(images, metrics.shapes_real_images(count), metrics.feature_extractor("shapes-var"))
+        fid = metrics.fid(images, metrics.shapes_real_images(labels), metrics.feature_extractor("shapes-var"))
     except metrics.Unavailable:  # too few samples: the generators' FID is left out too, with the reason
         fid = {}
-    agreement = metrics.class_agreement(images, labels.tolist())
+    agreement = metrics.class_agreement(images, labels)
     return {"generator": "real images (reference)", "class_agreement": agreement["class_agreement"],
-            "class_agreement_n": count, **fid}
+            "class_agreement_n": len(labels), **fid}
 
 
 def _median_range(values: list[float], fmt: str, unit: str = "") -> str:

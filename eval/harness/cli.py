@@ -239,6 +239,14 @@ def pareto(args) -> str | None:
     return execute(pipe, spec, args.out)
 
 
+def _sample_labels(spec, run_dir: str) -> list[int]:
+    """The class id of each sample of a class-conditional baseline run, as recorded at generation."""
+    from .class_conditional import sample_labels
+    from .generate import load_samples
+
+    return sample_labels(load_samples(run_dir, spec, spec.configs[0])[1])
+
+
 def compare_generators(prepared: list[tuple], out: str) -> str:
     """Class-conditional generators side by side, the first the baseline: each a baseline-only run in its own folder
     (samples, results.md), all timed in the same interleaved rounds, then one table with their peak memory and, for
@@ -259,7 +267,7 @@ def compare_generators(prepared: list[tuple], out: str) -> str:
         results[spec.pipeline] = json.load(open(os.path.join(run_dir, "results.json")))
         timings[spec.pipeline] = json.load(open(timing_path(run_dir)))
     shapes = all(is_shapes_pipeline(spec.pipeline) for _, spec, _ in runs)
-    real = real_figures(results[runs[0][1].pipeline]["counts"]["samples"]) if shapes else None
+    real = real_figures(_sample_labels(*runs[0][1:])) if shapes else None
     table, data = comparison(results, timings, peaks, real)
     atomic_write(os.path.join(out, "generators.md"), lambda f: f.write(f"{table}\n".encode()))
     atomic_json(os.path.join(out, "generators.json"), data)

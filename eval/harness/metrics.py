@@ -215,12 +215,13 @@ def class_agreement(samples: np.ndarray, labels: list[int]) -> dict[str, float]:
             "class_agreement_colour": shares["colour"], "class_agreement_n": len(labels)}
 
 
-def shapes_real_images(count: int) -> np.ndarray:
-    """`count` real images of the shapes data (uint8, channels last), from the held-out seed the cards' FID uses."""
-    from accel.pipelines.hmar.report import real_images
+def shapes_real_images(labels: list[int], seed_offset: int = 0) -> np.ndarray:
+    """Real images of the shapes data (uint8, channels last) of the classes `labels`, one each, from the held-out seed
+    the cards' FID uses (plus `seed_offset`, for a second, independent set)."""
+    from accel.pipelines.hmar.report import real_images_of
     from accel.pipelines.shapes.report import HELD_OUT_SEED
 
-    return real_images(HELD_OUT_SEED, count)[0]
+    return real_images_of(HELD_OUT_SEED + seed_offset, labels)
 
 
 def caption_agreement(samples: np.ndarray, prompts: list[str]) -> dict[str, float]:

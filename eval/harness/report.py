@@ -79,7 +79,7 @@ def _quality(spec: RunSpec, samples: np.ndarray, baseline: np.ndarray, prompts: 
     if "fidelity" in wanted:
         parts += [_try(metrics.fidelity, samples, baseline), _try(metrics.lpips, samples, baseline)]
     if "fid" in wanted and shapes_classes:  # a generator of the shapes data: against its real images
-        parts += _distribution(samples, metrics.shapes_real_images(len(samples)), extractor)
+        parts += _distribution(samples, metrics.shapes_real_images(labels), extractor)
     elif "fid" in wanted:
         parts += _distribution(*metrics.independent_halves(samples, baseline), extractor)
     if "clip" in wanted and labels is None:  # class names are no captions

@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import time
+from collections import Counter, defaultdict
 
 import imageio.v3 as iio
 import numpy as np
@@ -72,6 +73,24 @@ def to_pixels(images: np.ndarray) -> torch.Tensor:
 def real_images(seed: int, count: int) -> tuple[np.ndarray, torch.Tensor]:
     batch = image_batch(seed, 0, count)
     return to_uint8(batch.pixels), class_labels(batch)
+
+
+def real_images_of(seed: int, labels: list[int], batch_size: int = 256) -> np.ndarray:
+    """Real images of exactly these classes, one per label in order: each class's images taken in the order seed's
+    stream of the shapes data draws them (so a class subset is compared with real images of that subset only)."""
+    wanted = Counter(labels)
+    if not set(wanted) <= set(range(NUM_CLASSES)):
+        raise ValueError(f"class labels must be in [0, {NUM_CLASSES}), got {sorted(set(wanted))}")
+    found: dict[int, list[np.ndarray]] = defaultdict(list)
+    index = 0
+    while any(len(found[c]) < n for c, n in wanted.items()):
+        batch = image_batch(seed, index, batch_size)
+        for image, label in zip(to_uint8(batch.pixels), class_labels(batch).tolist()):
+            if len(found[label]) < wanted[label]:
+                found[label].append(image)
+        index += 1
+    taken = {label: iter(images) for label, images in found.items()}
+    return np.stack([next(taken[label]) for label in labels])
 
 
 def generate(pipe, labels: torch.Tensor, batch: int = 96, **call) -> np.ndarray:

@@ -92,3 +92,22 @@ def test_generators_side_by_side_share_timed_rounds_and_give_one_table(tmp_path)
     assert "| shapes-var | " in table and "| 1.00x (1.00-1.00) |" in table
     assert "| real images (reference) | - | - | - | 100% (3/3) | n/a | - |" in table
     assert "fid: left out" in table and "lpips" not in table  # only the table's own columns' omissions
+
+
+def test_real_images_for_fid_are_of_the_samples_classes_in_order():
+    """A run over a subset of classes is compared with real images of that subset: one per sample, its class."""
+    import numpy as np
+
+    from accel.eval.harness.metrics import shapes_real_images
+    from accel.pipelines.hmar.report import real_images, real_images_of
+    from accel.pipelines.shapes.report import HELD_OUT_SEED
+
+    labels = [8, 0, 8, 23]
+    got = shapes_real_images(labels)
+    stream, stream_labels = real_images(HELD_OUT_SEED, 256)  # the seed's first batch, in the order it draws them
+    firsts = {c: [i for i, x in enumerate(stream_labels.tolist()) if x == c] for c in set(labels)}
+    want = np.stack([stream[firsts[8][0]], stream[firsts[0][0]], stream[firsts[8][1]], stream[firsts[23][0]]])
+    assert got.shape == (4, 32, 32, 3) and np.array_equal(got, want)
+    assert not np.array_equal(shapes_real_images(labels, seed_offset=1), got)  # the reference row's own set
+    with pytest.raises(ValueError, match=r"class labels must be in \[0, 24\)"):
+        real_images_of(HELD_OUT_SEED, [24])
