@@ -101,15 +101,41 @@ def applicable(pipe, spec: RunSpec, strict: bool) -> RunSpec:
 def with_mag_ratios(pipe, spec: RunSpec) -> RunSpec:
     """MagCache's magnitude ratios, measured on this pipeline where the model has none of its own (diffusers ships
     FLUX's only): one generation of the first prompt with seed 0 at the run's settings, nothing skipped
-    (`accel.calibrate_mag_ratios`). They are kept in the spec (spec.json) and given to every mag_cache point."""
+    (`accel.calibrate_mag_ratios`). They are kept in the spec (spec.json) and given to every mag_cache point. Under
+    `accelerate launch` the main process measures them and hands them to the others, so every process caches with
+    the same ratios (measured on each, they could differ in the last bits)."""
     sweep = next((s for s in spec.sweeps if s.method == "mag_cache"), None)
     if sweep is None or spec.mag_ratios is not None or "mag_ratios" in dict(sweep.fixed):
         return spec
     if MAG_RATIOS_MISSING not in (refusal(pipe, spec, sweep.configs()[0]) or ""):
         return spec  # FLUX, or a model MagCache refuses for another reason (applicable() says which)
+    return dataclasses.replace(spec, mag_ratios=_main_process_result(lambda: _measure_mag_ratios(pipe, spec), spec))
+
+
+def _measure_mag_ratios(pipe, spec: RunSpec) -> list[float]:
     run_once = lambda: _call(pipe, spec.prompts[0], 0, spec.call, spec.device)  # noqa: E731
-    ratios = accel.calibrate_mag_ratios(pipe.transformer, run_once)
-    return dataclasses.replace(spec, mag_ratios=[round(float(r), 6) for r in ratios])
+    return [round(float(r), 6) for r in accel.calibrate_mag_ratios(pipe.transformer, run_once)]
+
+
+def _main_process_result(compute, spec: RunSpec):
+    """compute() run on the main process only, its result (or its error, raised on every process: none is left
+    waiting) broadcast to the others of an accelerate launch."""
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    state = PartialState(cpu=spec.device == "cpu")
+    outcome = [None]
+    if state.is_main_process:
+        try:
+            outcome = [("ok", compute())]
+        except Exception as err:  # noqa: BLE001 -- re-raised below, on every process
+            outcome = [("error", err)]
+    if state.num_processes > 1:
+        broadcast_object_list(outcome)
+    kind, value = outcome[0]
+    if kind == "error":
+        raise value if state.is_main_process else RuntimeError(f"the main process failed: {value}")
+    return value
 
 
 # Per-sample measures and their aggregation --------------------------------------------------------------------------

@@ -225,3 +225,48 @@ def test_spec_json_keeps_the_sweeps_and_refuses_configs_that_are_not_theirs():
     assert "sweeps" not in RunSpec("shapes-image", sweeps[0].configs(), ["a red circle"]).to_json()  # plain runs as before
     with pytest.raises(SpecError, match="the sweeps' configurations"):
         RunSpec("shapes-image", sweeps[0].configs()[:1], ["a red circle"], sweeps=sweeps)
+
+
+class _FakeProcesses:
+    """Two accelerate processes, played one after the other: rank 0 first; broadcast hands rank 1 what rank 0 had."""
+
+    def __init__(self):
+        self.rank, self.sent = 0, None
+
+    def state(self, cpu):
+        return type("State", (), {"is_main_process": self.rank == 0, "num_processes": 2})()
+
+    def broadcast(self, objects):
+        if self.rank == 0:
+            self.sent = list(objects)
+        else:
+            objects[:] = self.sent
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_mag_ratios_are_measured_on_the_main_process_only_and_shared(monkeypatch, fails):
+    import accelerate
+    import accelerate.utils
+
+    fake = _FakeProcesses()
+    monkeypatch.setattr(accelerate, "PartialState", fake.state)
+    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", fake.broadcast)
+    spec = RunSpec("shapes-image", [], ["a red circle"], device="cpu")
+    calls = []
+
+    def measure():
+        calls.append(fake.rank)
+        if fails:
+            raise ValueError("the residual vanished")
+        return [1.0, 0.9]
+
+    results = []
+    for fake.rank in (0, 1):
+        if fails:
+            want = r"the residual vanished" if fake.rank == 0 else r"the main process failed: the residual vanished"
+            with pytest.raises((ValueError, RuntimeError), match=want):
+                pareto._main_process_result(measure, spec)
+        else:
+            results.append(pareto._main_process_result(measure, spec))
+    assert calls == [0]  # rank 1 never measured
+    assert fails or results == [[1.0, 0.9], [1.0, 0.9]]
