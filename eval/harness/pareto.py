@@ -124,17 +124,19 @@ def _main_process_result(compute, spec: RunSpec):
     from accelerate.utils import broadcast_object_list
 
     state = PartialState(cpu=spec.device == "cpu")
-    outcome = [None]
+    outcome, error = [None], None
     if state.is_main_process:
         try:
             outcome = [("ok", compute())]
-        except Exception as err:  # noqa: BLE001 -- re-raised below, on every process
-            outcome = [("error", err)]
+        except Exception as err:  # noqa: BLE001 -- raised below, on every process (as text on the others)
+            outcome, error = [("error", f"{type(err).__name__}: {err}")], err
     if state.num_processes > 1:
         broadcast_object_list(outcome)
     kind, value = outcome[0]
+    if error is not None:
+        raise error
     if kind == "error":
-        raise value if state.is_main_process else RuntimeError(f"the main process failed: {value}")
+        raise RuntimeError(f"the main process failed: {value}")
     return value
 
 
