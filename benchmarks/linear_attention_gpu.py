@@ -24,53 +24,30 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import platform
-import sys
 import time
-from pathlib import Path
 
 import torch
 import triton
 from triton.testing import do_bench
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _import_kernels() -> None:
-    """accel.kernels lives in kernels/ (setuptools package-dir); without an install, map it by hand."""
-    try:
-        import accel.kernels  # noqa: F401
-    except ImportError:
-        spec = importlib.util.spec_from_file_location(
-            "accel.kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")]
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["accel.kernels"] = module
-        spec.loader.exec_module(module)
-
-
-sys.path.insert(0, str(ROOT))
-_import_kernels()
-
-from diffusers.models.attention_processor import Attention, SanaLinearAttnProcessor2_0  # noqa: E402
-from diffusers.models.transformers.transformer_sana_video import (  # noqa: E402
+from diffusers.models.attention_processor import Attention, SanaLinearAttnProcessor2_0
+from diffusers.models.transformers.transformer_sana_video import (
     SanaLinearAttnProcessor3_0,
     WanRotaryPosEmbed,
 )
 
-from accel.attention.linear import SanaLinearAttnKernelProcessor, SanaVideoLinearAttnKernelProcessor  # noqa: E402
-from accel.kernels.linear_attention import (  # noqa: E402
+from accel.attention.linear import SanaLinearAttnKernelProcessor, SanaVideoLinearAttnKernelProcessor
+from accel.kernels.linear_attention import (
     RotaryTables,
     block_causal_linear_attention,
     linear_attention,
     naive,
 )
-from accel.kernels.linear_attention import fused as fused_module  # noqa: E402
-from accel.kernels.linear_attention import state as state_module  # noqa: E402
-from accel.kernels.linear_attention.rotary import rotate_pairs_reference  # noqa: E402
+from accel.kernels.linear_attention import fused as fused_module
+from accel.kernels.linear_attention import state as state_module
+from accel.kernels.linear_attention.rotary import rotate_pairs_reference
 
 DEV = "cuda"
 BF16 = torch.bfloat16
