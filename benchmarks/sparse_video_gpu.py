@@ -1,6 +1,6 @@
 """Sparse attention for video DiTs on the GPU (issue 25): tile-ordered 3-D windows, dynamic block masks, a Wan step.
 
-    python benchmarks/sparse_video_gpu.py [--sections tiles,dynamic,step,compose,hunyuan] [--deadline 300]
+    python benchmarks/sparse_video_gpu.py [--sections tiles,dynamic,step,compose,step_compiled,hunyuan] [--deadline 300]
         [--out benchmarks/results/sparse_video_<card>.json]
 
 bf16, batch 1, head dim 128, 128-token blocks. Times are `triton.testing.do_bench` medians (L2 flushed before every
@@ -20,6 +20,8 @@ dynamic: `dynamic_block_mask` (pool + scores + selection on the GPU) + the kerne
     from a CUDA graph; per-call `table_mask` (the host-synchronising path the issue measured) for comparison.
 step: a Wan-2.1-1.3B-shaped transformer (random init, diffusers) at 480p / 81 frames, one step: dense vs local_3d vs
     tiled_3d (and dynamic, hybrid), medians of 3 steps after a warm-up step (needs diffusers).
+step_compiled: the step, dense and under the Wan preset, eager and with diffusers' regional compilation
+    (`compile_repeated_blocks`), side by side (`bench_step_compiled`).
 hunyuan: a HunyuanVideo-shaped step (full width, a fifth of the depth) at 720p / 129 frames: dense against the
     family's sparse preset (`bench_hunyuan`).
 compose: the same model over a 20-step loop (cg_taylor_gpu.py's, one cache_context a step), one warm-up then one timed
@@ -258,9 +260,8 @@ def bench_dynamic(names, deadline, res: dict) -> dict:
     return res
 
 
-def bench_step(deadline, res: dict) -> dict:
-    import accel
-    from accel.attention.sparse import dynamic, hybrid, tiled_3d
+def _wan_1_3b():
+    """A Wan-2.1-1.3B-shaped transformer (random init, bf16) and its inputs at 480p / 81 frames."""
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(0)
@@ -271,7 +272,14 @@ def bench_step(deadline, res: dict) -> dict:
             text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
             qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
         x = {"hidden_states": torch.randn(1, 16, 21, 60, 104, **bf), "encoder_hidden_states": torch.randn(1, 512, 4096, **bf)}
-    m = m.to(torch.bfloat16).eval()
+    return m.to(torch.bfloat16).eval(), x
+
+
+def bench_step(deadline, res: dict) -> dict:
+    import accel
+    from accel.attention.sparse import dynamic, hybrid, tiled_3d
+
+    m, x = _wan_1_3b()
     t = torch.full((1,), 500.0, device=DEV)
 
     def step():
@@ -304,6 +312,53 @@ def bench_step(deadline, res: dict) -> dict:
         res[name] = {"step_ms": ms, "steps_ms": per, "speedup_vs_dense": res["dense"]["step_ms"] / ms,
                      "rel_diff_vs_dense_output": rel_err(out, dense_out)}
         log("step", name, res[name])
+    return res
+
+
+def bench_step_compiled(res: dict) -> dict:
+    """The Wan-1.3B step of `bench_step`, dense and under the family preset, each eager and with its blocks compiled
+    (`compile_repeated_blocks`, diffusers' regional compilation): does compiling the rest of the step (projections,
+    feed-forward, norms) lift the sparse step's ratio to dense? Medians of 3 steps after 2 warm-up steps
+    (compilation); the graph breaks Dynamo reported."""
+    import accel
+    from torch._dynamo.utils import counters
+
+    m, x = _wan_1_3b()
+    t = torch.full((1,), 500.0, device=DEV)
+
+    def timed(k=3):
+        per = []
+        with torch.no_grad():
+            for i in range(2 + k):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                out = m(**x, timestep=t, return_dict=False)[0]
+                torch.cuda.synchronize()
+                per.append(1e3 * (time.perf_counter() - t0))
+        return {"step_ms": statistics.median(per[2:]), "steps_ms": per[2:], "warmup_ms": per[:2]}, out
+
+    res.update({"model": "Wan2.1-1.3B shape, random init, bf16, 480p / 81 frames", "compile": "compile_repeated_blocks"})
+    outputs = {}
+    for pattern in ("dense", "preset"):
+        handle = accel.patch(m, method="sparse_attention") if pattern == "preset" else None
+        for compiled in (False, True):
+            name = f"{pattern}_{'compiled' if compiled else 'eager'}"
+            torch._dynamo.reset()
+            counters.clear()
+            if compiled:
+                m.compile_repeated_blocks()
+            res[name], outputs[name] = timed()
+            res[name]["graph_breaks"] = dict(counters["graph_break"])
+            log("step_compiled", name, res[name])
+            if compiled:  # back to the eager blocks (nn.Module.compile keeps the compiled call here)
+                for block in m.blocks:
+                    block._compiled_call_impl = None
+        if handle is not None:
+            handle.remove()
+    for name in ("preset_eager", "preset_compiled", "dense_compiled"):
+        res[name]["speedup_vs_dense_eager"] = res["dense_eager"]["step_ms"] / res[name]["step_ms"]
+    res["preset_compiled"]["speedup_vs_dense_compiled"] = res["dense_compiled"]["step_ms"] / res["preset_compiled"]["step_ms"]
+    res["preset_compiled"]["rel_diff_vs_preset_eager_output"] = rel_err(outputs["preset_compiled"], outputs["preset_eager"])
     return res
 
 
@@ -433,6 +488,8 @@ def main():
         guarded("step", lambda part: bench_step(args.deadline + 120, part))
     if "compose" in sections:
         guarded("compose", lambda part: bench_compose(part))
+    if "step_compiled" in sections:
+        guarded("step_compiled", lambda part: bench_step_compiled(part))
     if "hunyuan" in sections:
         guarded("hunyuan", lambda part: bench_hunyuan(part))
     # Summary table (the reply carries the end of the output).
