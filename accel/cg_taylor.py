@@ -122,7 +122,7 @@ class CGTaylorConfig:
 # Ours, measured on the shipped models (benchmarks/cg_taylor_gate_cpu.py, results/cg_taylor_gate_cpu.json): no gate
 # beat the best fixed schedule at computed fractions 0.25-0.45, and none by more than the sample spread above, so the
 # default is a fixed schedule. DiT (shapes-image, 20 steps): one step in 3 after 1 warm-up step, last-block order 1,
-# 40% computed, 29.6 dB (order 0 lost 3 dB there, order 2 up to 8). Wan (shapes-video): one in 3 after 4, 50%, with
+# 40% computed, 29.6 dB (order 0 lost 0.2-2.3 dB there, order 2 up to 8). Wan (shapes-video): one in 3 after 4, 50%, with
 # last-block order 0 (the last full output reused): 32.0 dB against 30.4 at order 1, and 29.0 against 25.8 at one in
 # 4 (40%), where linear extrapolation over 3-step gaps overshoots (results/pareto_shapes_cpu_video_order0.md).
 # Other families: one in 3 after 2, order 1, not measured.
