@@ -5,7 +5,8 @@
 
 Shapes: 1x16x32768x128, SANA-Video 2B at 480p, 81 frames (1x20x32760x112, 3D RoPE from diffusers' WanRotaryPosEmbed),
 and one block-causal chunk of SANA-Video's size at head dim 112 (1x20x8190x112: 21 latent frames of 15 x 26 tokens,
-the size at which the chunk step was once measured at 2.44x the non-causal call), bf16. Per shape, every timing a median of triton.testing.do_bench (L2 flushed between runs):
+the size at which the chunk step was once measured at 2.44x the non-causal call), bf16. Per shape, every timing a
+median of triton.testing.do_bench (L2 flushed between runs):
 - accel non-causal (plain and RoPE), its two kernels apart, and a block-causal chunk step over the same tokens,
   each the median of 3 rounds in rotating order, with the host's time per call and the time of the call replayed
   from a CUDA graph (the GPU's time alone: what is left when Python and launch gaps are taken away);

@@ -244,7 +244,10 @@ def _sample_labels(spec, run_dir: str) -> list[int]:
     from .class_conditional import sample_labels
     from .generate import load_samples
 
-    return sample_labels(load_samples(run_dir, spec, spec.configs[0])[1])
+    labels = sample_labels(load_samples(run_dir, spec, spec.configs[0])[1])
+    if labels is None:  # samples written before their class was recorded
+        raise SpecError(f"{run_dir}: its samples do not record their class ids; move the folder away and run again")
+    return labels
 
 
 def compare_generators(prepared: list[tuple], out: str) -> str:

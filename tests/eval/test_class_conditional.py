@@ -111,3 +111,13 @@ def test_real_images_for_fid_are_of_the_samples_classes_in_order():
     assert not np.array_equal(shapes_real_images(labels, seed_offset=1), got)  # the reference row's own set
     with pytest.raises(ValueError, match=r"class labels must be in \[0, 24\)"):
         real_images_of(HELD_OUT_SEED, [24])
+
+
+def test_generators_table_refuses_samples_without_class_ids(tmp_path, monkeypatch):
+    """A run folder whose samples predate the recorded class ids: a one-line error, not a crash in the FID."""
+    from accel.eval.harness import generate
+
+    monkeypatch.setattr(generate, "load_samples", lambda run_dir, spec, config: (None, [{"steps": 1}]))
+    spec = RunSpec("shapes-var", [cli.parse_method("baseline")], CLASSES)
+    with pytest.raises(cli.SpecError, match="do not record their class ids"):
+        cli._sample_labels(spec, str(tmp_path))
