@@ -18,6 +18,7 @@ over the context-parallel group, so every rank gates on the error of the whole s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import numbers
 import weakref
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from .validation import check_int, check_real
 
 CG_TAYLOR_HOOK = "accel_cg_taylor"
 GATE = "gate"
+FORECASTS = ("output", "residual")  # what the last block's series holds: its output, or output - the stack's input
 _GATE_FIELDS = ("threshold", "max_consecutive_predicted")  # meaningful only while the gate decides
 
 
@@ -44,6 +46,11 @@ def _check_schedule(schedule) -> "str | int | tuple[int, ...] | None":
         return schedule
     if isinstance(schedule, numbers.Integral) and not isinstance(schedule, bool):
         return check_int("CGTaylorConfig", "schedule", schedule, minimum=1)
+    if isinstance(schedule, numbers.Real) and not isinstance(schedule, bool):
+        if not 0 < schedule < 1:
+            raise ValueError(f"CGTaylorConfig: a schedule given as a fraction of the steps must be in (0, 1), got "
+                             f"{schedule!r} (an integer N is one step in N)")
+        return float(schedule)
     if isinstance(schedule, (list, tuple)) and schedule:
         steps = [check_int("CGTaylorConfig", "schedule's step", s, minimum=0) for s in schedule]
         if len(set(steps)) != len(steps) or 0 not in steps:
@@ -51,7 +58,8 @@ def _check_schedule(schedule) -> "str | int | tuple[int, ...] | None":
                              f"first step has nothing to forecast from), got {schedule!r}")
         return tuple(sorted(steps))
     raise TypeError(f"CGTaylorConfig: schedule must be \"gate\", an integer N >= 1 (one step in N computed after "
-                    f"warm-up) or a non-empty list of the step indices to compute, got {schedule!r}")
+                    f"warm-up), a fraction in (0, 1) of the steps to compute or a non-empty list of the step indices "
+                    f"to compute, got {schedule!r}")
 
 
 @dataclass(frozen=True)
@@ -63,10 +71,16 @@ class CGTaylorConfig:
     max_consecutive_predicted: cap on predicted steps in a row.
     series: "divided_differences" (ours: Newton divided differences, exact on polynomials of degree <= order) or
         "paper" (the released code's form: differences over the latest gap, summed as F(i) k^i / i!).
-    schedule: "gate" (the gate decides), an integer N (no gate: after warm-up, one step in N is computed, the others
-        predicted; the last step computed) or a list of step indices (no gate: exactly these steps are computed, and
-        any step with nothing yet to forecast from). threshold and max_consecutive_predicted belong to the gate, and
-        warmup_steps is not used by a list: setting them beside such a schedule is an error.
+    schedule: "gate" (the gate decides); an integer N (no gate: after warm-up, one step in N is computed, the others
+        predicted; the last step computed); a fraction in (0, 1) (no gate: that share of the run's steps computed, the
+        warm-up and then evenly spread up to the second-to-last step: `fraction_steps`); or a list of step indices
+        (no gate: exactly these steps are computed, and any step with nothing yet to forecast from).
+        threshold and max_consecutive_predicted belong to the gate, and warmup_steps is not used by a list: setting
+        them beside such a schedule is an error.
+    forecast: what the last block's series holds: "output" (the last block's output) or "residual" (that output minus
+        block 0's input, added back to the current step's input on a predicted step, as MagCache reuses it).
+    damping: in [0, 1), how much the last block's forecast is pulled back from the Taylor extrapolation toward the
+        last full value (0: the plain series; see `TaylorSeries`).
     A field left None takes the value of the model family's defaults when the method is installed: its fixed
     schedule (DEFAULT_SCHEDULES), or, when the gate is asked for (schedule="gate", or a threshold or cap given
     without a schedule), its gate preset (PRESETS).
@@ -78,7 +92,9 @@ class CGTaylorConfig:
     last_block_order: int | None = None
     max_consecutive_predicted: int | None = None
     series: str | None = None
-    schedule: "str | int | tuple[int, ...] | None" = None
+    schedule: "str | int | float | tuple[int, ...] | None" = None
+    forecast: str | None = None
+    damping: float | None = None
 
     def __post_init__(self):
         if self.threshold is not None:
@@ -86,6 +102,10 @@ class CGTaylorConfig:
         for name in ("warmup_steps", "first_block_order", "last_block_order", "max_consecutive_predicted"):
             if getattr(self, name) is not None:
                 check_int("CGTaylorConfig", name, getattr(self, name), minimum=0)
+        if self.damping is not None and not 0 <= check_real("CGTaylorConfig", "damping", self.damping, minimum=0) < 1:
+            raise ValueError(f"CGTaylorConfig: damping must be in [0, 1), got {self.damping!r}")
+        if self.forecast is not None and self.forecast not in FORECASTS:
+            raise ValueError(f"CGTaylorConfig: forecast must be one of {list(FORECASTS)}, got {self.forecast!r}")
         if self.series is not None and self.series not in SERIES_FORMS:
             raise ValueError(f"CGTaylorConfig: series must be one of {list(SERIES_FORMS)}, got {self.series!r}")
         object.__setattr__(self, "schedule", _check_schedule(self.schedule))
@@ -119,16 +139,17 @@ class CGTaylorConfig:
         return CGTaylorConfig(**merged)
 
 
-# Ours, measured on the shipped models (benchmarks/cg_taylor_gate_cpu.py, results/cg_taylor_gate_cpu.json): no gate
-# beat the best fixed schedule at computed fractions 0.25-0.45, and none by more than the sample spread above, so the
-# default is a fixed schedule. DiT (shapes-image, 20 steps): one step in 3 after 1 warm-up step, last-block order 1,
-# 40% computed, 29.6 dB (order 0 lost 0.2-2.3 dB there, order 2 up to 8). Wan (shapes-video): one in 3 after 4, 50%, with
-# last-block order 0 (the last full output reused): 32.0 dB against 30.4 at order 1, and 29.0 against 25.8 at one in
-# 4 (40%), where linear extrapolation over 3-step gaps overshoots (results/pareto_shapes_cpu_video_order0.md).
-# Other families: one in 3 after 2, order 1, not measured.
+# Ours, measured on the shipped models (8 prompts x 2 seeds, 20 steps; benchmarks/results/pareto_shapes_cpu_*_residual.md).
+# No gate beat the best fixed schedule (results/cg_taylor_gate_cpu.md), so the default is a fixed schedule: 40% of the
+# steps computed, the first 4 and then evenly spread up to the second-to-last; the last block's series holds the
+# stack's residual (its output minus block 0's input: a predicted step adds it to the step's own input, as MagCache
+# does) and its order-1 forecast is damped 0.7 toward the last full value (linear extrapolation over 3-4 step gaps
+# overshoots these features). Against the previous default (one in 3 after 1 warm-up step, the output forecast
+# undamped): shapes-image 28.9 against 27.4 dB at 40% computed; shapes-video (Wan; it reused the last output, one in 3
+# after 4) 31.4 against 29.0 dB at 40%. Other families keep one in 3 after 2, order 1, the output: not measured.
 DEFAULT_SCHEDULES: dict[str, dict] = {
-    "dit": dict(schedule=3, warmup_steps=1, last_block_order=1),
-    "wan": dict(schedule=3, warmup_steps=4, last_block_order=0),
+    "dit": dict(schedule=0.4, warmup_steps=4, last_block_order=1, forecast="residual", damping=0.7),
+    "wan": dict(schedule=0.4, warmup_steps=4, last_block_order=1, forecast="residual", damping=0.7),
 }
 _GENERIC_SCHEDULE = dict(schedule=3, warmup_steps=2, last_block_order=1)
 
@@ -136,7 +157,7 @@ _GENERIC_SCHEDULE = dict(schedule=3, warmup_steps=2, last_block_order=1)
 # predicted steps in a row, so fractions down to 0.25 are reachable at 20+ steps; DiT's and Wan's thresholds and
 # orders re-tuned on the shipped models (the best gated points: DiT 0.04 -> 53% computed, 30.3 dB; Wan 0.1 -> 55%,
 # 34.6 dB); FLUX's and the other families' thresholds and orders as before (not measured here).
-_GENERIC = dict(threshold=0.05, warmup_steps=2, first_block_order=1, last_block_order=1, max_consecutive_predicted=5,
+_GENERIC = dict(forecast="output", damping=0.0, threshold=0.05, warmup_steps=2, first_block_order=1, last_block_order=1, max_consecutive_predicted=5,
                 series="divided_differences", schedule=GATE)
 PRESETS: dict[str, CGTaylorConfig] = {
     "flux": CGTaylorConfig(**{**_GENERIC, "threshold": 0.03}),
@@ -166,9 +187,9 @@ def default_config(family: str) -> CGTaylorConfig:
 class _BranchSeries(BaseState):
     """One branch's two Taylor series and where it stands."""
 
-    def __init__(self, series: type[TaylorSeries], first_order: int, last_order: int):
+    def __init__(self, series: type[TaylorSeries], first_order: int, last_order: int, damping: float):
         self.first = series(first_order)  # fed by the deciding branch of a gated run only
-        self.last = series(last_order)
+        self.last = series(last_order, damping)
         self.skipping = False
         self.consecutive = 0
         self.start: int | None = None  # the first step this model ran in the generation (Wan 2.2's second expert)
@@ -220,13 +241,32 @@ def gate_error(forecast: torch.Tensor, actual: torch.Tensor, cond_half: str | No
     return float(num / den.clamp_min(torch.finfo(dtype).tiny))  # the one host sync per step
 
 
-def scheduled(schedule: "int | tuple[int, ...]", step: Step, start: int, warmup_steps: int | None) -> bool:
-    """Whether a fixed schedule computes `step`: a listed step, or (interval N) a warm-up step, every N-th step after
-    the warm-up of this model's run (which began at `start`), and the last."""
+def scheduled(schedule: "int | float | tuple[int, ...]", step: Step, start: int, warmup_steps: int | None) -> bool:
+    """Whether a fixed schedule computes `step`: a listed step; (interval N) a warm-up step, every N-th step after
+    the warm-up of this model's run (which began at `start`), and the last; (a fraction) one of `fraction_steps`."""
     if isinstance(schedule, tuple):
         return step.index in schedule
+    if isinstance(schedule, float):
+        if step.total is None:
+            raise ValueError("cg_taylor: a schedule given as a fraction needs the number of steps: pass "
+                             "num_inference_steps to accel.patch, or patch a pipeline")
+        return step.index - start in fraction_steps(schedule, step.total - start, max(1, warmup_steps))
     since_warmup = step.index - start - max(1, warmup_steps)
     return since_warmup < 0 or since_warmup % schedule == schedule - 1 or step.is_last
+
+
+@functools.lru_cache(maxsize=64)
+def fraction_steps(fraction: float, steps: int, warmup_steps: int) -> frozenset[int]:
+    """The steps (of `steps`) a fraction schedule computes: the first `warmup_steps`, then the rest of the budget,
+    round(fraction * steps), evenly spread after them up to the second-to-last step. The last step is predicted:
+    it moves the sample least, and one more forecast from the second-to-last is cheap (shapes-image: computing step
+    18 instead of 19 of 20 is worth 1.1 dB at 40% computed)."""
+    warmup = min(warmup_steps, steps)
+    rest = min(max(0, int(fraction * steps + 0.5) - warmup), steps - warmup)
+    end = steps - 2 if steps - 2 >= warmup else steps - 1
+    span = end - (warmup - 1)
+    spread = {warmup - 1 + int(span * j / rest + 0.5) for j in range(1, rest + 1)}
+    return frozenset(range(warmup)) | spread
 
 
 class _Shared:
@@ -238,9 +278,10 @@ class _Shared:
         # the hooks on its blocks do not keep the model alive.
         self.model = weakref.ref(getattr(model, "_orig_mod", model))  # torch.compile's wrapper: the module
         orders = (config.first_block_order, config.last_block_order)
-        self.series = StateManager(_BranchSeries, (SERIES_FORMS[config.series], *orders))
+        self.series = StateManager(_BranchSeries, (SERIES_FORMS[config.series], *orders, config.damping))
         self.decisions: dict[int, bool] = {}
         self.skipping = False  # the current call's decision, read by the middle blocks without a state lookup
+        self.stack_input: torch.Tensor | None = None  # block 0's hidden-state input of the current call (residual)
 
 
 class CGTaylorHeadHook(ModelHook):
@@ -257,6 +298,8 @@ class CGTaylorHeadHook(ModelHook):
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         state = self.series.get_state()
         step = self.shared.clock.current
+        if self.shared.config.forecast == "residual":
+            self.shared.stack_input = block_input(self.block, "hidden_states", args, kwargs)
         skip = self._decide(step, state, None)
         if skip:
             self._enter(step, state, True, None)
@@ -311,7 +354,7 @@ class CGTaylorHeadHook(ModelHook):
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.series.reset()
         self.shared.decisions.clear()
-        self.shared.skipping = False
+        self.shared.skipping, self.shared.stack_input = False, None
         return module
 
 
@@ -338,12 +381,23 @@ class CGTaylorTailHook(ModelHook):
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         state = self.shared.series.get_state()
         step = self.shared.clock.current
+        stack_input, self.shared.stack_input = self.shared.stack_input, None  # held for this call only
         if state.skipping:
-            return _with_hidden(self.block, state.last.predict(step.index), args, kwargs)
+            forecast = state.last.predict(step.index)
+            return _with_hidden(self.block, forecast if stack_input is None else forecast + stack_input, args, kwargs)
         output = self.fn_ref.original_forward(*args, **kwargs)
-        state.last.update(step.index, _hidden(self.block, output))
+        hidden = _hidden(self.block, output)
+        state.last.update(step.index, hidden if stack_input is None else self._residual(hidden, stack_input))
         self.shared.clock.record_computed()
         return output
+
+
+    @staticmethod
+    def _residual(hidden: torch.Tensor, stack_input: torch.Tensor) -> torch.Tensor:
+        if hidden.shape != stack_input.shape:
+            raise ValueError(f"cg_taylor forecast=\"residual\": the last block's hidden states {tuple(hidden.shape)} "
+                             f"are not shaped like block 0's input {tuple(stack_input.shape)}; use forecast=\"output\"")
+        return hidden - stack_input
 
 
 def apply_cg_taylor(model: torch.nn.Module, config: CGTaylorConfig, clock: StepClock) -> None:

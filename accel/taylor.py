@@ -17,12 +17,17 @@ import torch
 
 
 class TaylorSeries:
-    """Holds at most `order + 1` factors of one feature; memory is (order + 1) feature-sized tensors."""
+    """Holds at most `order + 1` factors of one feature; memory is (order + 1) feature-sized tensors.
 
-    def __init__(self, order: int):
+    damping in [0, 1): the forecast moves (1 - damping) of the way from the last full value to the series' own
+    extrapolation (a damped trend: long-gap extrapolation overshoots features that bend; 0 is the plain series)."""
+
+    def __init__(self, order: int, damping: float = 0.0):
         if order < 0:
             raise ValueError(f"Taylor order must be >= 0, got {order}")
-        self.order = order
+        if not 0.0 <= damping < 1.0:
+            raise ValueError(f"damping must be in [0, 1), got {damping}")
+        self.order, self.damping = order, damping
         self.factors: list[torch.Tensor] = []
         self.nodes: list[int] = []  # step indices of the full computations, newest first
 
@@ -46,12 +51,17 @@ class TaylorSeries:
         return step - self.nodes[i]
 
     def predict(self, step: int) -> torch.Tensor:
-        """Extrapolate the feature to `step` (Horner's scheme on the Newton form)."""
+        """Extrapolate the feature to `step` (Horner's scheme on the Newton form), damped."""
         self._check_ready()
         result = self.factors[-1]
         for i in range(len(self.factors) - 2, -1, -1):
             result = torch.add(self.factors[i], result, alpha=step - self.nodes[i])
-        return result if len(self.factors) > 1 else result.clone()  # never hand out the stored factor
+        return self._damped(result)
+
+    def _damped(self, extrapolated: torch.Tensor) -> torch.Tensor:
+        if len(self.factors) == 1:
+            return extrapolated.clone()  # never hand out the stored factor
+        return extrapolated.lerp_(self.factors[0], self.damping) if self.damping else extrapolated
 
     def _check_ready(self) -> None:
         if not self.factors:
@@ -74,7 +84,7 @@ class PaperTaylorSeries(TaylorSeries):
         result = self.factors[-1]
         for i in range(len(self.factors) - 2, -1, -1):
             result = torch.add(self.factors[i], result, alpha=k / (i + 1))
-        return result if len(self.factors) > 1 else result.clone()
+        return self._damped(result)
 
 
 SERIES_FORMS: dict[str, type[TaylorSeries]] = {"divided_differences": TaylorSeries, "paper": PaperTaylorSeries}

@@ -9,6 +9,7 @@ import accel
 import poly_model as pm
 import tiny_models as tm
 import tiny_pipelines as tp
+from accel.cg_taylor import fraction_steps
 from test_cg_taylor import FAMILIES, STEPS, denoise
 
 
@@ -75,6 +76,7 @@ def test_a_late_model_computes_its_first_step_whatever_the_list_says():
 @pytest.mark.parametrize("options", [
     {"schedule": 1}, {"schedule": list(range(STEPS))}, {"threshold": 0.0, "series": "paper"},
     {"schedule": 1, "series": "paper", "last_block_order": 3},
+    {"schedule": 1, "forecast": "residual", "damping": 0.5},
 ], ids=repr)
 def test_modes_that_skip_nothing_change_nothing(build, options):
     model = build()
@@ -127,6 +129,12 @@ def test_both_branches_forecast_exactly_when_the_unconditional_one_skips_block_0
     ({"schedule": 3, "threshold": 0.1}, ValueError, "threshold"),
     ({"schedule": 3, "max_consecutive_predicted": 2}, ValueError, "max_consecutive_predicted"),
     ({"schedule": [0, 3], "warmup_steps": 2}, ValueError, "warmup_steps"),
+    ({"schedule": 1.0}, ValueError, "fraction"),
+    ({"schedule": 0.0}, ValueError, "fraction"),
+    ({"damping": 1.0}, ValueError, "damping"),
+    ({"damping": -0.1}, ValueError, "damping"),
+    ({"damping": "some"}, TypeError, "damping"),
+    ({"forecast": "input"}, ValueError, "forecast"),
 ], ids=repr)
 def test_bad_mode_options_name_the_argument(options, error, word):
     with pytest.raises(error, match=word):
@@ -139,3 +147,60 @@ def test_a_threshold_without_a_schedule_asks_for_the_gate_and_a_schedule_drops_t
     fixed = accel.CGTaylorConfig(schedule=[0, 2]).resolved("wan")
     assert (fixed.threshold, fixed.max_consecutive_predicted, fixed.warmup_steps) == (None, None, None)
     assert accel.make_config("cg_taylor", schedule=[2, 0]).schedule == (0, 2)
+
+
+def test_a_residual_forecast_adds_the_current_input_where_an_output_forecast_goes_stale():
+    # The stack's residual is a polynomial of the step whatever the input, so an order-2 forecast of it is exact on
+    # inputs that change from step to step; a forecast of the output is not.
+    pm.register()
+    model = pm.PolyModel(blocks=3)
+    x = torch.randn(1, 6, 8, dtype=torch.float64)
+    inputs = [x * (1 + 0.1 * i**3) for i in range(6)]  # cubic: beyond an order-2 forecast of the output
+    for forecast, exact in (("residual", True), ("output", False)):
+        config = accel.CGTaylorConfig(schedule=[0, 1, 2], last_block_order=2, forecast=forecast)
+        outs = []
+        with accel.patch(model, config) as handle, torch.no_grad():
+            for i, xi in enumerate(inputs):
+                with model.cache_context("cond", step_index=i, num_inference_steps=6):
+                    outs.append(model(xi, pm.timestep(i))[0])
+            assert handle.stats()["predicted_steps"] == [3, 4, 5]
+        close = all(torch.allclose(out, model.exact(xi, i), rtol=1e-10, atol=1e-10)
+                    for i, (out, xi) in enumerate(zip(outs, inputs)))
+        assert close == exact, forecast
+
+
+def test_damping_pulls_the_forecast_back_toward_the_last_full_value_by_its_share():
+    pm.register()
+    model = pm.PolyModel(blocks=3, degree=1)
+    x = torch.randn(1, 6, 8, dtype=torch.float64)
+    config = accel.CGTaylorConfig(schedule=[0, 1], last_block_order=1, damping=0.3)
+    with accel.patch(model, config):
+        outs = run(model, x, steps=5)
+    last_full = model.exact(x, 1)
+    for i in range(2, 5):  # the linear forecast is exact: 70% of the way from step 1's value to it
+        torch.testing.assert_close(outs[i], last_full + 0.7 * (model.exact(x, i) - last_full), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("fraction, steps, warmup", [(0.45, 20, 4), (0.25, 20, 4), (0.4, 50, 4), (0.3, 10, 1)])
+def test_a_fraction_computes_that_share_the_warmup_first_and_ends_on_the_second_to_last_step(fraction, steps, warmup):
+    computed = sorted(fraction_steps(fraction, steps, warmup))
+    assert len(computed) == round(fraction * steps)
+    assert computed[:warmup] == list(range(warmup)) and computed[-1] == steps - 2
+    gaps = [b - a for a, b in zip(computed[warmup - 1:], computed[warmup:])]
+    assert max(gaps) - min(gaps) <= 1  # evenly spread
+    assert sorted(fraction_steps(0.45, 20, 4)) == [0, 1, 2, 3, 6, 9, 12, 15, 18]
+
+
+def test_a_fraction_schedule_through_the_patch_and_without_a_step_count():
+    model = tm.wan()
+    x = tm.inputs(model)
+    with accel.patch(model, schedule=0.5, warmup_steps=2, num_inference_steps=STEPS) as handle:
+        denoise(model, x)
+        computed = sorted(set(range(STEPS)) - set(handle.stats()["predicted_steps"]))
+    assert computed == sorted(fraction_steps(0.5, STEPS, 2))
+    pm.register()
+    poly = pm.PolyModel(blocks=3)
+    with accel.patch(poly, schedule=0.5), torch.no_grad(), pytest.raises(ValueError, match="num_inference_steps"):
+        for i in range(3):
+            with poly.cache_context("cond", step_index=i):
+                poly(torch.zeros(1, 6, 8, dtype=torch.float64), pm.timestep(i))

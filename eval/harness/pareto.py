@@ -211,8 +211,9 @@ def _in_bin(fraction: float | None, low: float, high: float, last: bool) -> bool
 
 def dominance(rows: list[dict]) -> list[dict]:
     """Per computed-fraction bin: the line whose best point in the bin has the highest mean PSNR, its margin over the
-    next line's best point there, and whether the margin exceeds the spread (the larger of the two points' std over
-    samples)."""
+    next line's best point there, whether the margin exceeds the spread (the larger of the two points' std over
+    samples), and the paired view: on how many samples (the same prompt and seed) the best point is ahead, and the
+    std of the per-sample differences (the prompts' spread cancels there)."""
     bins, out = fraction_bins(), []
     for i, (low, high) in enumerate(bins):
         best: dict[str, dict] = {}
@@ -223,8 +224,10 @@ def dominance(rows: list[dict]) -> list[dict]:
         entry = {"bin": [low, high], "best": {k: ranked[0][k] for k in ("line", "config", "psnr")} if ranked else None}
         if len(ranked) > 1:
             margin, spread = ranked[0]["psnr"] - ranked[1]["psnr"], max(ranked[0]["psnr_std"], ranked[1]["psnr_std"])
+            differences = [a - b for a, b in zip(ranked[0]["samples"]["psnr"], ranked[1]["samples"]["psnr"])]
             entry.update(runner_up={k: ranked[1][k] for k in ("line", "config", "psnr")}, margin=margin, spread=spread,
-                         beyond_spread=margin > spread)
+                         beyond_spread=margin > spread, ahead_on=sum(d > 0 for d in differences),
+                         samples=len(differences), paired_std=mean_std("d", differences)["d_std"])
         out.append(entry)
     return out
 
@@ -240,7 +243,9 @@ def dominance_line(entries: list[dict]) -> str:
         else:
             verdict = "beyond" if e["beyond_spread"] else "within"
             parts.append(f"{span}: {best['config']} {best['psnr']:.1f} dB, +{e['margin']:.1f} dB over "
-                         f"{e['runner_up']['config']} ({verdict} the spread of {e['spread']:.1f} dB)")
+                         f"{e['runner_up']['config']} ({verdict} the spread of {e['spread']:.1f} dB; paired: ahead "
+                         f"on {e['ahead_on']}/{e['samples']} samples, difference +{e['margin']:.1f} ± "
+                         f"{e['paired_std']:.1f} dB)")
     return "Dominance (best mean PSNR per computed-fraction bin): " + "; ".join(parts)
 
 

@@ -161,8 +161,10 @@ def test_interrupted_sweep_resumes_and_gives_the_same_numbers(setup, swept, monk
 
 # The aggregation, on hand-made numbers ------------------------------------------------------------------------------
 
-def _row(line, config, fraction, psnr, psnr_std):
-    return {"line": line, "config": config, "fraction": fraction, "psnr": psnr, "psnr_std": psnr_std}
+def _row(line, config, fraction, psnr, psnr_std, samples=None):
+    samples = [psnr - 1, psnr + 1] if samples is None else samples  # the same two prompts for every row
+    return {"line": line, "config": config, "fraction": fraction, "psnr": psnr, "psnr_std": psnr_std,
+            "samples": {"psnr": samples}}
 
 
 def test_mean_and_std_over_samples_and_paired_speedup():
@@ -184,7 +186,7 @@ def test_fraction_bins_and_their_edges():
 
 def test_dominance_names_the_best_line_per_bin_and_weighs_its_margin_against_the_spread():
     rows = [_row("a", "a(1)", 0.35, 30.0, 1.0), _row("a", "a(2)", 0.38, 28.0, 1.0), _row("b", "b(1)", 0.32, 25.0, 2.0),
-            _row("a", "a(3)", 0.45, 31.0, 3.0), _row("b", "b(2)", 0.48, 30.0, 1.0),
+            _row("a", "a(3)", 0.45, 31.0, 3.0, [29.0, 33.0]), _row("b", "b(2)", 0.48, 30.0, 1.0),
             _row("b", "b(3)", 0.55, 33.0, 1.0), _row("a", "a(4)", 0.9, 40.0, 1.0)]
     entries = pareto.dominance(rows)
     assert [e["bin"] for e in entries] == [[0.3, 0.4], [0.4, 0.5], [0.5, 0.6], [0.6, 0.7]]
@@ -194,8 +196,10 @@ def test_dominance_names_the_best_line_per_bin_and_weighs_its_margin_against_the
     assert second["best"]["config"] == "a(3)" and second["margin"] == 1.0 and not second["beyond_spread"]
     assert third["best"]["config"] == "b(3)" and "margin" not in third and fourth["best"] is None
     line = pareto.dominance_line(entries)
-    assert "0.3-0.4: a(1) 30.0 dB, +5.0 dB over b(1) (beyond the spread of 2.0 dB)" in line
-    assert "0.4-0.5: a(3) 31.0 dB, +1.0 dB over b(2) (within the spread of 3.0 dB)" in line
+    assert ("0.3-0.4: a(1) 30.0 dB, +5.0 dB over b(1) (beyond the spread of 2.0 dB; paired: ahead on 2/2 samples, "
+            "difference +5.0 ± 0.0 dB)") in line
+    assert ("0.4-0.5: a(3) 31.0 dB, +1.0 dB over b(2) (within the spread of 3.0 dB; paired: ahead on 1/2 samples, "
+            "difference +1.0 ± 1.4 dB)") in line  # differences 0 and 2
     assert "0.5-0.6: b(3) 33.0 dB, the only method here" in line and "0.6-0.7: no point" in line
 
 

@@ -322,3 +322,33 @@ def test_cpu_without_interpreter_falls_back_to_reference_and_logs(monkeypatch, c
         got = block_sparse_attention(q, k, v, mask)
     assert "PyTorch reference" in caplog.text
     assert torch.equal(got, block_sparse_attention_reference(q, k, v, mask))
+
+
+# ------------------------------------------------------------------------------------------------ torch.compile
+
+
+@pytest.mark.parametrize("rule", ["none", "box3d"])
+def test_under_torch_compile_the_kernel_is_one_graph_node(rule):
+    """fullgraph=True: no graph break around the launch; the compiled call (the custom op of compiled.py, traced with
+    its fake implementation) gives the eager output, and both match the float64 reference."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    if rule == "box3d":
+        mask = local_3d_mask((2, 3, 7), (1, 1, 2), block_size=16)  # 42 tokens: not a multiple of the block
+    else:
+        mask = table_mask(_random_table(1, 2, 3, 3, 0.6, gen) | torch.eye(3, dtype=torch.bool), 42, block_size=16)
+    q, k, v = _qkv(1, 2, 42, 42, 64, torch.bfloat16, gen)
+    graphs = []
+
+    def backend(graph, inputs):
+        graphs.append(graph)
+        return torch._dynamo.backends.common.aot_autograd(fw_compiler=lambda g, _: g)(graph, inputs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v: block_sparse_attention(q.transpose(1, 2).contiguous().transpose(1, 2), k,
+                                                                    v, mask) * 2, fullgraph=True, backend=backend)
+    with torch.no_grad():
+        out = compiled(q, k, v)
+    assert len(graphs) == 1 and "accel.block_sparse_attention" in str(graphs[0].graph)
+    torch.testing.assert_close(out, 2 * block_sparse_attention(q, k, v, mask), rtol=0, atol=0)
+    ref = 2 * block_sparse_attention_reference(q.double(), k.double(), v.double(), mask)
+    assert ((out.double() - ref).norm() / ref.norm()).item() < TOL[torch.bfloat16]

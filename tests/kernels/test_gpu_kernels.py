@@ -155,6 +155,18 @@ def test_default_dispatch_on_strided_inputs(gen, dtype, d):
     _check_bsa(gen, _random_table(gen, 2, 3, 400, 400), 2, 3, d, dtype, strided=True)
 
 
+@pytest.mark.parametrize("pattern", ["table", "local_3d"])
+def test_under_torch_compile_with_inductor(gen, pattern):
+    """The custom op (compiled.py) inside an inductor graph with no graph break: the default dispatch (Gluon on
+    sm_90 for a table, the Triton kernel for a token rule) on strided views, equal to the eager call."""
+    mask = _random_table(gen, 1, 4, 700, 700) if pattern == "table" else local_3d_mask((3, 9, 26), (1, 3, 5), BS, device="cuda")
+    q, k, v = (_randn(gen, 1, mask.q_len, 4, 128, dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v: block_sparse_attention(q * 2, k, v, mask) + 1, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(q, k, v), block_sparse_attention(q * 2, k, v, mask) + 1, rtol=0, atol=0)
+
+
 def test_gradients(gen):
     """Dense masks with inputs that need gradients go to SDPA; sparse ones to the Triton backward (the float64
     reference's gradients: test_block_sparse_backward.py)."""
