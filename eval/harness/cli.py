@@ -3,7 +3,7 @@
     accel-eval quickstart [--out DIR] [--device cuda] the shipped reference pipelines (on the CPU: a few minutes),
                                                       and HMAR against VAR as class-conditional image generators
     accel-eval run --pipeline P --prompts FILE --method cg_taylor:threshold=0.1 --method first_block_cache [...]
-    accel-eval pareto --pipeline P --prompts FILE [--sweep cg_taylor:schedule=2|3|4 ...]  each method's knob swept:
+    accel-eval pareto --pipeline P --prompts FILE [--sweep cg_taylor:schedule=0.3|0.4|0.5 ...]  each method's knob swept:
                                                       quality vs computed fraction and vs speedup (pareto.md, plots)
     accel-eval report DIR                             rebuild table and plots from a run folder
     accel-eval long-video --out FILE.json [--chunks 20 --seeds 0,1,2]  the shipped long-video models side by side

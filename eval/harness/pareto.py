@@ -32,7 +32,7 @@ from .report import load_timing
 from .spec import RunSpec, SpecError, Sweep
 
 DEFAULT_SWEEPS = (  # each method's main knob, over a range that takes shapes' computed fraction across ~0.3-0.9
-    "cg_taylor:schedule=2|3|4|5",
+    "cg_taylor:schedule=0.3|0.4|0.5|0.6|0.7",  # the share of steps computed; the rest from the family default
     "first_block_cache:threshold=0.05|0.1|0.15|0.2|0.3",
     "taylorseer:cache_interval=2|3|4|5",
     "mag_cache:threshold=0.03|0.06|0.12|0.24",  # ratios: FLUX's from diffusers, else measured here (with_mag_ratios)
