@@ -29,7 +29,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 
 from .diffusers_internals import BaseState, StateManager
 from .models import Block, block_input, blocks_of
-from .parallel import context_parallel_group
+from .parallel import context_parallel_group, sequence_shard
 from .steps import Step, StepClock
 from .taylor import SERIES_FORMS, TaylorSeries
 from .validation import check_int, check_real
@@ -384,20 +384,26 @@ class CGTaylorTailHook(ModelHook):
         stack_input, self.shared.stack_input = self.shared.stack_input, None  # held for this call only
         if state.skipping:
             forecast = state.last.predict(step.index)
-            return _with_hidden(self.block, forecast if stack_input is None else forecast + stack_input, args, kwargs)
+            if stack_input is not None:
+                forecast = forecast + self._local(stack_input, forecast)
+            return _with_hidden(self.block, forecast, args, kwargs)
         output = self.fn_ref.original_forward(*args, **kwargs)
         hidden = _hidden(self.block, output)
-        state.last.update(step.index, hidden if stack_input is None else self._residual(hidden, stack_input))
+        state.last.update(step.index, hidden if stack_input is None else hidden - self._local(stack_input, hidden))
         self.shared.clock.record_computed()
         return output
 
 
-    @staticmethod
-    def _residual(hidden: torch.Tensor, stack_input: torch.Tensor) -> torch.Tensor:
-        if hidden.shape != stack_input.shape:
-            raise ValueError(f"cg_taylor forecast=\"residual\": the last block's hidden states {tuple(hidden.shape)} "
-                             f"are not shaped like block 0's input {tuple(stack_input.shape)}; use forecast=\"output\"")
-        return hidden - stack_input
+    def _local(self, stack_input: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Block 0's input as the last block's hidden states hold it: under context parallelism the hook may see the
+        whole sequence before diffusers splits it, and the last block only this rank's share."""
+        if stack_input.shape != like.shape:
+            shard = sequence_shard(self.shared.model(), stack_input)
+            if shard is None or shard.shape != like.shape:
+                raise ValueError(f"cg_taylor forecast=\"residual\": the last block's hidden states {tuple(like.shape)} "
+                                 f"are not shaped like block 0's input {tuple(stack_input.shape)}; use forecast=\"output\"")
+            return shard
+        return stack_input
 
 
 def apply_cg_taylor(model: torch.nn.Module, config: CGTaylorConfig, clock: StepClock) -> None:

@@ -56,3 +56,13 @@ def context_parallel_group(model: torch.nn.Module) -> dist.ProcessGroup | None:
     """The process group over which the model's sequence is split (ring and Ulysses ranks together), or None."""
     cp = context_parallel(model)
     return None if cp is None else cp._flattened_mesh.get_group()
+
+
+def sequence_shard(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """This rank's share of a whole sequence `x` (B, N, ...), as diffusers' context parallelism splits it (equal chunks
+    of dim 1 over the flattened mesh: `EquipartitionSharder`), or None while the model does not run split."""
+    cp = context_parallel(model)
+    if cp is None:
+        return None
+    mesh = cp._flattened_mesh
+    return x.chunk(mesh.size(), dim=1)[dist.get_rank(mesh.get_group())]
