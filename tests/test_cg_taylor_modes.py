@@ -204,3 +204,13 @@ def test_a_fraction_schedule_through_the_patch_and_without_a_step_count():
         for i in range(3):
             with poly.cache_context("cond", step_index=i):
                 poly(torch.zeros(1, 6, 8, dtype=torch.float64), pm.timestep(i))
+
+
+def test_a_residual_forecast_on_a_stack_that_changes_the_hidden_shape_is_a_clear_error():
+    pm.register()
+    model = pm.PolyModel(blocks=3)
+    last = model.blocks[-1]
+    last.forward = lambda hidden_states, timestep: hidden_states[:, :3]  # a stack that drops tokens at the end
+    config = accel.CGTaylorConfig(schedule=[0, 1], forecast="residual")
+    with accel.patch(model, config), pytest.raises(ValueError, match='forecast="output"'):
+        run(model, torch.zeros(1, 6, 8, dtype=torch.float64), steps=2)
