@@ -102,7 +102,7 @@ class CGTaylorConfig:
         for name in ("warmup_steps", "first_block_order", "last_block_order", "max_consecutive_predicted"):
             if getattr(self, name) is not None:
                 check_int("CGTaylorConfig", name, getattr(self, name), minimum=0)
-        if self.damping is not None and not 0 <= check_real("CGTaylorConfig", "damping", self.damping, minimum=0) < 1:
+        if self.damping is not None and check_real("CGTaylorConfig", "damping", self.damping, minimum=0) >= 1:
             raise ValueError(f"CGTaylorConfig: damping must be in [0, 1), got {self.damping!r}")
         if self.forecast is not None and self.forecast not in FORECASTS:
             raise ValueError(f"CGTaylorConfig: forecast must be one of {list(FORECASTS)}, got {self.forecast!r}")

@@ -232,7 +232,8 @@ def patch(target: Any, method: Any = "cg_taylor", num_inference_steps: int | Non
     if pipeline is None and num_inference_steps is None:
         logger.warning(
             "accel.patch on a bare %s without num_inference_steps: the last step is only recognised when "
-            "the caller sets cache_context(..., num_inference_steps=)", type(models[0]).__name__
+            "the caller sets cache_context(..., num_inference_steps=)%s", type(models[0]).__name__,
+            _needs_step_count(spec, configs),
         )
     clocks = [StepClock(Schedule(pipeline, num_inference_steps)) for _ in models]
     handle = PatchHandle(spec.name, models, [getattr(c, "config", c) for c in configs], clocks)
@@ -254,6 +255,14 @@ def patch(target: Any, method: Any = "cg_taylor", num_inference_steps: int | Non
         raise
     logger.info("accel: %s on %s", spec.name, ", ".join(type(m).__name__ for m in models))
     return handle
+
+
+def _needs_step_count(spec, configs) -> str:
+    """The warning's addition where a schedule is a share of the steps (CG-Taylor's DiT and Wan default): without the
+    count its first step raises."""
+    fractions = [c.schedule for c in configs if spec.name == "cg_taylor" and isinstance(c.schedule, float)]
+    return (f"; cg_taylor's schedule={fractions[0]} (a share of the steps) cannot run without it: a call without the "
+            "count raises" if fractions else "")
 
 
 def _describe(value: Any) -> Any:

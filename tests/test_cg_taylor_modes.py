@@ -214,3 +214,18 @@ def test_a_residual_forecast_on_a_stack_that_changes_the_hidden_shape_is_a_clear
     config = accel.CGTaylorConfig(schedule=[0, 1], forecast="residual")
     with accel.patch(model, config), pytest.raises(ValueError, match='forecast="output"'):
         run(model, torch.zeros(1, 6, 8, dtype=torch.float64), steps=2)
+
+
+def test_the_default_on_a_bare_transformer_warns_then_asks_for_the_step_count(caplog):
+    model = tm.wan()
+    x = tm.inputs(model)
+    with accel.patch(model), torch.no_grad(), pytest.raises(ValueError, match="num_inference_steps"):
+        for i in range(3):  # a loop that gives the step index but not the count
+            with model.cache_context("cond", step_index=i):
+                model(**x, timestep=tm.timestep(model, 999 - i * 100), return_dict=False)
+    assert "schedule=0.4 (a share of the steps) cannot run without it" in caplog.text
+    pipe, kwargs = tp.wan()  # diffusers' pipelines pass the count in their cache_context: the transformer alone works
+    pipe.set_progress_bar_config(disable=True)
+    with accel.patch(pipe.transformer) as handle:
+        pipe(**kwargs, num_inference_steps=10, generator=torch.Generator().manual_seed(0))
+        assert handle.stats()["predicted_steps"] == [4, 5, 6, 7, 8, 9]  # 40% of 10: the 4 warm-up steps

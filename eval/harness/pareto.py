@@ -227,7 +227,8 @@ def dominance(rows: list[dict]) -> list[dict]:
             differences = [a - b for a, b in zip(ranked[0]["samples"]["psnr"], ranked[1]["samples"]["psnr"])]
             entry.update(runner_up={k: ranked[1][k] for k in ("line", "config", "psnr")}, margin=margin, spread=spread,
                          beyond_spread=margin > spread, ahead_on=sum(d > 0 for d in differences),
-                         samples=len(differences), paired_std=mean_std("d", differences)["d_std"])
+                         samples=len(differences),
+                         paired_std=statistics.stdev(differences) if len(differences) > 1 else 0.0)
         out.append(entry)
     return out
 
