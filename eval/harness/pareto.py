@@ -209,11 +209,13 @@ def _in_bin(fraction: float | None, low: float, high: float, last: bool) -> bool
     return low <= fraction < high or (last and fraction == high)
 
 
-def dominance(rows: list[dict]) -> list[dict]:
+def dominance(rows: list[dict], seeds: int = 1) -> list[dict]:
     """Per computed-fraction bin: the line whose best point in the bin has the highest mean PSNR, its margin over the
     next line's best point there, whether the margin exceeds the spread (the larger of the two points' std over
-    samples), and the paired view: on how many samples (the same prompt and seed) the best point is ahead, and the
-    std of the per-sample differences (the prompts' spread cancels there)."""
+    samples), and the paired views (the prompts' spread cancels there): on how many samples (the same prompt and seed)
+    the best point is ahead, the std of the per-sample differences, and the margin on each seed alone (samples are
+    prompt-major, `seeds` to a prompt); the margin is beyond the seed-to-seed spread when it is positive on every seed
+    and larger than the range of the per-seed margins."""
     bins, out = fraction_bins(), []
     for i, (low, high) in enumerate(bins):
         best: dict[str, dict] = {}
@@ -223,14 +225,20 @@ def dominance(rows: list[dict]) -> list[dict]:
         ranked = sorted(best.values(), key=lambda r: r["psnr"], reverse=True)
         entry = {"bin": [low, high], "best": {k: ranked[0][k] for k in ("line", "config", "psnr")} if ranked else None}
         if len(ranked) > 1:
-            margin, spread = ranked[0]["psnr"] - ranked[1]["psnr"], max(ranked[0]["psnr_std"], ranked[1]["psnr_std"])
-            differences = [a - b for a, b in zip(ranked[0]["samples"]["psnr"], ranked[1]["samples"]["psnr"])]
-            entry.update(runner_up={k: ranked[1][k] for k in ("line", "config", "psnr")}, margin=margin, spread=spread,
-                         beyond_spread=margin > spread, ahead_on=sum(d > 0 for d in differences),
-                         samples=len(differences),
-                         paired_std=statistics.stdev(differences) if len(differences) > 1 else 0.0)
+            entry.update(runner_up={k: ranked[1][k] for k in ("line", "config", "psnr")},
+                         **_margins(ranked[0], ranked[1], seeds))
         out.append(entry)
     return out
+
+
+def _margins(best: dict, runner_up: dict, seeds: int) -> dict:
+    margin, spread = best["psnr"] - runner_up["psnr"], max(best["psnr_std"], runner_up["psnr_std"])
+    differences = [a - b for a, b in zip(best["samples"]["psnr"], runner_up["samples"]["psnr"])]
+    per_seed = [statistics.fmean(differences[s::seeds]) for s in range(seeds)]
+    return dict(margin=margin, spread=spread,
+                beyond_spread=margin > spread, ahead_on=sum(d > 0 for d in differences), samples=len(differences),
+                paired_std=statistics.stdev(differences) if len(differences) > 1 else 0.0, per_seed=per_seed,
+                beyond_seed_spread=min(per_seed) > 0 and margin > max(per_seed) - min(per_seed))
 
 
 def dominance_line(entries: list[dict]) -> str:
@@ -243,11 +251,86 @@ def dominance_line(entries: list[dict]) -> str:
             parts.append(f"{span}: {best['config']} {best['psnr']:.1f} dB, the only method here")
         else:
             verdict = "beyond" if e["beyond_spread"] else "within"
+            per_seed = " / ".join(f"{m:+.1f}" for m in e["per_seed"])
+            seed_verdict = "beyond" if e["beyond_seed_spread"] else "not beyond"
             parts.append(f"{span}: {best['config']} {best['psnr']:.1f} dB, +{e['margin']:.1f} dB over "
                          f"{e['runner_up']['config']} ({verdict} the spread of {e['spread']:.1f} dB; paired: ahead "
                          f"on {e['ahead_on']}/{e['samples']} samples, difference +{e['margin']:.1f} ± "
-                         f"{e['paired_std']:.1f} dB)")
+                         f"{e['paired_std']:.1f} dB; per seed: {per_seed} dB, {seed_verdict} the seed-to-seed "
+                         f"spread)")
     return "Dominance (best mean PSNR per computed-fraction bin): " + "; ".join(parts)
+
+
+# Curves at matched computed fraction --------------------------------------------------------------------------------
+# A bin compares points of different fractions (0.30 against 0.39); the curves compare at the same fraction.
+
+CURVE_FRACTIONS = tuple(round(0.3 + 0.05 * i, 2) for i in range(9))  # 0.30, 0.35, ... 0.70
+
+
+def _frontier(points: list[dict]) -> list[dict]:
+    """The points no other point beats with no more computed (sorted by fraction): the method's curve."""
+    out = []
+    for row in sorted(points, key=lambda r: (round(r["fraction"], 6), -r["psnr"])):
+        if not out or row["psnr"] > out[-1]["psnr"]:
+            out.append(row)
+    return out
+
+
+def _point_at(frontier: list[dict], fraction: float, reach: float) -> dict | None:
+    """The curve at `fraction`, each sample's PSNR interpolated linearly between the two frontier points around it,
+    and held at the last frontier point up to `reach` (the sweep's largest fraction: a method that computed more
+    and did no better can still give that); None outside the sweep's range."""
+    fractions = [round(r["fraction"], 6) for r in frontier]
+    if not fractions[0] <= fraction <= max(fractions[-1], reach):
+        return None
+    above = next((i for i, f in enumerate(fractions) if f >= fraction), len(fractions) - 1)
+    low, high = frontier[max(above - 1, 0)], frontier[above]
+    span = fractions[above] - fractions[max(above - 1, 0)]
+    w = min(1.0, max(0.0, (fraction - fractions[max(above - 1, 0)]) / span)) if span else 1.0
+    samples = [(1 - w) * a + w * b for a, b in zip(low["samples"]["psnr"], high["samples"]["psnr"])]
+    config = low["config"] if w == 0 else high["config"] if w == 1 else f"{low['config']} ~ {high['config']}"
+    return {"config": config, "psnr": statistics.fmean(samples),
+            "psnr_std": statistics.stdev(samples) if len(samples) > 1 else 0.0, "samples": {"psnr": samples}}
+
+
+def curves(rows: list[dict], seeds: int = 1) -> list[dict]:
+    """At each of CURVE_FRACTIONS: every method's curve (every line of one method pooled; per line when the run has
+    one method), the best and its margins over the next (as in `dominance`)."""
+    key = "line" if len({r["method"] for r in rows}) == 1 else "method"
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        if row["fraction"] is not None:
+            groups.setdefault(row[key], []).append(row)
+    out = []
+    for fraction in CURVE_FRACTIONS:
+        at = {name: p for name, points in groups.items()
+              if (p := _point_at(_frontier(points), fraction, max(r["fraction"] for r in points))) is not None}
+        ranked = sorted(at.items(), key=lambda kv: kv[1]["psnr"], reverse=True)
+        entry = {"fraction": fraction, "psnr": {name: p["psnr"] for name, p in ranked}}
+        if len(ranked) > 1:
+            entry.update(best=ranked[0][0], runner_up=ranked[1][0], **_margins(ranked[0][1], ranked[1][1], seeds))
+        out.append(entry)
+    return out
+
+
+def curves_table(entries: list[dict]) -> list[str]:
+    names = list(dict.fromkeys(name for e in entries for name in e["psnr"]))
+    lines = ["## Curves at matched computed fraction", "",
+             "Each method's curve: its points that no other of its points beats with no more computed, each sample's "
+             "PSNR interpolated linearly between the two around the fraction (held at the last up to the largest "
+             "fraction swept). Margin: the best over the next, with the paired views of the dominance line.", "",
+             "| computed | " + " | ".join(names) + " | best | margin (paired ± std, ahead on, per seed) |",
+             "|---|" + "---|" * (len(names) + 2)]
+    for e in entries:
+        cells = [f"{e['psnr'][n]:.2f}" if n in e["psnr"] else "" for n in names]
+        margin = ""
+        if "margin" in e:
+            seed_verdict = "beyond" if e["beyond_seed_spread"] else "not beyond"
+            margin = (f"+{e['margin']:.2f} ± {e['paired_std']:.2f} dB over {e['runner_up']}, {e['ahead_on']}/"
+                      f"{e['samples']}, per seed {' / '.join(f'{m:+.2f}' for m in e['per_seed'])} ({seed_verdict} "
+                      "the seed-to-seed spread)")
+        lines.append(f"| {e['fraction']:.2f} | " + " | ".join(cells) + f" | {e.get('best', '')} | {margin} |")
+    return lines + [""]
 
 
 def pareto_results(run_dir: str, spec: RunSpec) -> dict:
@@ -267,7 +350,8 @@ def pareto_results(run_dir: str, spec: RunSpec) -> dict:
               "frames": int(baseline.shape[1]) if baseline.ndim == 5 else None, "rounds": len(timing["rounds"])}
     return {"pipeline": spec.pipeline, "environment": timing["environment"], "counts": counts,
             "baseline_latency_s": base_latency, "identical_psnr": one_level_psnr(baseline[0]), "lines": [s.to_json() | {"name": s.name} for s in spec.sweeps],
-            "rows": rows, "dominance": dominance(rows), "left_out": omitted, "mag_ratios": spec.mag_ratios}
+            "rows": rows, "dominance": dominance(rows, spec.seeds),
+            "curves": curves(rows, spec.seeds), "left_out": omitted, "mag_ratios": spec.mag_ratios}
 
 
 # The table ---------------------------------------------------------------------------------------------------------
@@ -322,7 +406,8 @@ def markdown(results: dict) -> str:
                  "the PSNR of one 8-bit level off in one value; the tables say how many are.")
     notes.append("- Plots: pareto_fraction.png (PSNR vs computed fraction), pareto_speedup.png (PSNR vs speedup); "
                  "results.md has the pooled metrics of every configuration.")
-    return "\n".join([*body, dominance_line(results["dominance"]), "", "Notes:", *notes])
+    curve_lines = curves_table(results["curves"]) if results.get("curves") else []
+    return "\n".join([*body, *curve_lines, dominance_line(results["dominance"]), "", "Notes:", *notes])
 
 
 # The plots ---------------------------------------------------------------------------------------------------------

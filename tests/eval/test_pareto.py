@@ -188,19 +188,56 @@ def test_dominance_names_the_best_line_per_bin_and_weighs_its_margin_against_the
     rows = [_row("a", "a(1)", 0.35, 30.0, 1.0), _row("a", "a(2)", 0.38, 28.0, 1.0), _row("b", "b(1)", 0.32, 25.0, 2.0),
             _row("a", "a(3)", 0.45, 31.0, 3.0, [29.0, 33.0]), _row("b", "b(2)", 0.48, 30.0, 1.0),
             _row("b", "b(3)", 0.55, 33.0, 1.0), _row("a", "a(4)", 0.9, 40.0, 1.0)]
-    entries = pareto.dominance(rows)
+    entries = pareto.dominance(rows, seeds=2)  # the two samples: one prompt, two seeds
     assert [e["bin"] for e in entries] == [[0.3, 0.4], [0.4, 0.5], [0.5, 0.6], [0.6, 0.7]]
     first, second, third, fourth = entries
     assert first["best"]["config"] == "a(1)" and first["runner_up"]["config"] == "b(1)"
     assert first["margin"] == 5.0 and first["spread"] == 2.0 and first["beyond_spread"]
+    assert first["per_seed"] == [5.0, 5.0] and first["beyond_seed_spread"]
     assert second["best"]["config"] == "a(3)" and second["margin"] == 1.0 and not second["beyond_spread"]
+    assert second["per_seed"] == [0.0, 2.0] and not second["beyond_seed_spread"]  # not ahead on the first seed
     assert third["best"]["config"] == "b(3)" and "margin" not in third and fourth["best"] is None
     line = pareto.dominance_line(entries)
     assert ("0.3-0.4: a(1) 30.0 dB, +5.0 dB over b(1) (beyond the spread of 2.0 dB; paired: ahead on 2/2 samples, "
-            "difference +5.0 ± 0.0 dB)") in line
+            "difference +5.0 ± 0.0 dB; per seed: +5.0 / +5.0 dB, beyond the seed-to-seed spread)") in line
     assert ("0.4-0.5: a(3) 31.0 dB, +1.0 dB over b(2) (within the spread of 3.0 dB; paired: ahead on 1/2 samples, "
-            "difference +1.0 ± 1.4 dB)") in line  # differences 0 and 2
+            "difference +1.0 ± 1.4 dB; per seed: +0.0 / +2.0 dB, not beyond the seed-to-seed spread)") in line  # 0 and 2
     assert "0.5-0.6: b(3) 33.0 dB, the only method here" in line and "0.6-0.7: no point" in line
+
+
+def test_a_margin_is_beyond_the_seed_to_seed_spread_only_when_larger_than_the_range_of_the_per_seed_margins():
+    # Two prompts x two seeds, prompt-major: per seed the differences are (0.5, 0.5) and (3.5, 3.5).
+    best, other = _row("a", "a(1)", 0.35, 32.0, 1.0, [30.5, 33.5, 30.5, 33.5]), _row("b", "b(1)", 0.35, 30.0, 1.0, [30.0] * 4)
+    margins = pareto._margins(best, other, seeds=2)
+    assert margins["per_seed"] == [0.5, 3.5] and margins["margin"] == 2.0 and not margins["beyond_seed_spread"]
+    steady = _row("a", "a(2)", 0.35, 32.0, 1.0, [31.5, 32.5, 31.5, 32.5])  # per seed 1.5 and 2.5: range 1 < 2
+    assert pareto._margins(steady, other, seeds=2)["beyond_seed_spread"]
+
+
+def _curve_row(method, fraction, samples):
+    return {**_row(f"{method} (k)", f"{method}({fraction})", fraction, float(np.mean(samples)), 0.0, samples),
+            "method": method}
+
+
+def test_curves_compare_methods_at_the_same_fraction_interpolating_each_sample():
+    rows = [_curve_row("a", 0.30, [20.0, 22.0]), _curve_row("a", 0.40, [30.0, 32.0]),
+            _curve_row("a", 0.50, [29.0, 29.0]),  # computes more, does no better: off the curve, but its reach counts
+            _curve_row("b", 0.35, [25.0, 25.0]), _curve_row("b", 0.45, [27.0, 27.0])]
+    entries = {e["fraction"]: e for e in pareto.curves(rows, seeds=2)}
+    assert list(entries) == list(pareto.CURVE_FRACTIONS)
+    assert entries[0.3]["psnr"] == {"a": 21.0} and "best" not in entries[0.3]  # b's sweep starts at 0.35
+    at = entries[0.35]  # a halfway from 0.30 to 0.40: samples 25 and 27
+    assert at["psnr"] == pytest.approx({"a": 26.0, "b": 25.0}) and at["per_seed"] == pytest.approx([0.0, 2.0])
+    assert entries[0.45]["best"] == "a" and entries[0.45]["margin"] == pytest.approx(4.0)  # a held at 0.40's 31
+    assert entries[0.5]["psnr"] == pytest.approx({"a": 31.0})  # b's sweep ends at 0.45
+    assert entries[0.55]["psnr"] == {}  # past every sweep
+    table = "\n".join(pareto.curves_table(list(entries.values())))
+    assert "| 0.45 | 31.00 | 27.00 | a | +4.00 ± 1.41 dB over b, 2/2, per seed +3.00 / +5.00 (beyond" in table
+
+
+def test_curves_are_per_line_when_the_run_sweeps_one_method():
+    rows = [_curve_row("a", 0.30, [20.0, 22.0]), {**_curve_row("a", 0.30, [24.0, 24.0]), "line": "a (other)"}]
+    assert pareto.curves(rows, seeds=2)[0]["best"] == "a (other)"
 
 
 def test_table_and_plots_from_hand_made_results(tmp_path):
