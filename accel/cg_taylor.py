@@ -139,14 +139,17 @@ class CGTaylorConfig:
         return CGTaylorConfig(**merged)
 
 
-# Ours, measured on the shipped models (8 prompts x 2 seeds, 20 steps; benchmarks/results/pareto_shapes_cpu_*_residual.md).
-# No gate beat the best fixed schedule (results/cg_taylor_gate_cpu.md), so the default is a fixed schedule: 40% of the
-# steps computed, the first 4 and then evenly spread up to the second-to-last; the last block's series holds the
-# stack's residual (its output minus block 0's input: a predicted step adds it to the step's own input, as MagCache
-# does) and its order-1 forecast is damped 0.7 toward the last full value (linear extrapolation over 3-4 step gaps
-# overshoots these features). Against the previous default (one in 3 after 1 warm-up step, the output forecast
+# Ours, measured on the shipped models (8 prompts x 2 seeds, 20 steps;
+# benchmarks/results/pareto_shapes_cpu_*_residual.md). No gate beat the best fixed schedule
+# (results/cg_taylor_gate_cpu.md; with this forecast, cg_taylor_gate_residual_cpu.md), so the default is a fixed
+# schedule: 40% of the steps computed, the first 4 and then evenly spread up to the second-to-last; the last block's
+# series holds the stack's residual (its output minus block 0's input: a predicted step adds it to the step's own input,
+# as MagCache does) and its order-1 forecast is damped 0.7 toward the last full value (linear extrapolation over 3-4
+# step gaps overshoots these features). Against the previous default (one in 3 after 1 warm-up step, the output forecast
 # undamped): shapes-image 28.9 against 27.4 dB at 40% computed; shapes-video (Wan; it reused the last output, one in 4
-# after 4) 30.7 against 29.0 dB at 40%. Other families keep one in 3 after 2, order 1, the output: not measured.
+# after 4) 30.7 against 29.0 dB at 40%. A warm-up of 3 is better on the DiT at 40% or less and worse above, and worse on
+# Wan (results/pareto_shapes_cpu_warmup.md): both keep 4. Other families keep one in 3 after 2, order 1, the output: not
+# measured.
 DEFAULT_SCHEDULES: dict[str, dict] = {
     "dit": dict(schedule=0.4, warmup_steps=4, last_block_order=1, forecast="residual", damping=0.7),
     "wan": dict(schedule=0.4, warmup_steps=4, last_block_order=1, forecast="residual", damping=0.7),
