@@ -281,12 +281,13 @@ def _point_at(frontier: list[dict], fraction: float, reach: float) -> dict | Non
     and held at the last frontier point up to `reach` (the sweep's largest fraction: a method that computed more
     and did no better can still give that); None outside the sweep's range."""
     fractions = [round(r["fraction"], 6) for r in frontier]
-    if not fractions[0] <= fraction <= max(fractions[-1], reach):
+    if not fractions[0] <= fraction <= round(reach, 6):
         return None
     above = next((i for i, f in enumerate(fractions) if f >= fraction), len(fractions) - 1)
-    low, high = frontier[max(above - 1, 0)], frontier[above]
-    span = fractions[above] - fractions[max(above - 1, 0)]
-    w = min(1.0, max(0.0, (fraction - fractions[max(above - 1, 0)]) / span)) if span else 1.0
+    below = max(above - 1, 0)
+    low, high = frontier[below], frontier[above]
+    span = fractions[above] - fractions[below]
+    w = min(1.0, (fraction - fractions[below]) / span) if span else 1.0
     samples = [(1 - w) * a + w * b for a, b in zip(low["samples"]["psnr"], high["samples"]["psnr"])]
     config = low["config"] if w == 0 else high["config"] if w == 1 else f"{low['config']} ~ {high['config']}"
     return {"config": config, "psnr": statistics.fmean(samples),
