@@ -16,8 +16,8 @@ About 7 minutes on one H100 with the defaults (Wan about 3, FLUX about 4); `--de
 would start later, and the JSON (written after each model) says which.
 
 Per method and target fraction: the method's one knob set so that the steps it computes (`handle.stats()`) come
-closest to the target (within one step counts as met). Interval knobs (CG-Taylor's `schedule=N`, TaylorSeer's
-`cache_interval`, PAB's and FasterCache's `spatial_attention_block_skip_range`) by trying integers on a latent of a
+closest to the target (within one step counts as met). CG-Taylor takes the target itself (`schedule=<fraction>`,
+its default mode; the rest of its settings the family's defaults). Interval knobs (TaylorSeer's `cache_interval`, PAB's and FasterCache's `spatial_attention_block_skip_range`) by trying integers on a latent of a
 few tokens (their counts do not depend on the data); thresholds (FirstBlockCache, MagCache, CG-Taylor's gate, SeaCache)
 by a bracketing search, one full generation a try, from the method's default. Other settings are the defaults, except:
 PAB may skip over the whole run and FasterCache from step 2 on (diffusers' timestep ranges (100, 800) and (-1, 681)
@@ -126,11 +126,12 @@ def probe_inputs(name: str, inputs: dict) -> dict:
     return {**inputs, "hidden_states": h[:, :16].clone(), "img_ids": inputs["img_ids"][:16]}
 
 
-INTERVAL, THRESHOLD = "interval", "threshold"
+INTERVAL, THRESHOLD, FRACTION = "interval", "threshold", "fraction"
 
 
 class Method(NamedTuple):
-    kind: str  # INTERVAL: an integer from 2 up, the same counts on any input; THRESHOLD: a real, searched in log scale
+    kind: str  # INTERVAL: an integer from 2 up, the same counts on any input; THRESHOLD: a real, searched in log scale;
+    # FRACTION: the target fraction itself (nothing to search)
     knob: str  # the config field searched
     start: float | None  # a threshold's first try: diffusers' (or accel's preset) default
     make: Callable  # (knob value, Bench) -> config
@@ -145,7 +146,7 @@ def _faster_cache(n: int, b: Bench):
 
 # In the order they run: a deadline cuts the last ones.
 METHODS: dict[str, Method] = {
-    "cg_taylor": Method(INTERVAL, "schedule", None, lambda n, b: accel.CGTaylorConfig(schedule=n)),
+    "cg_taylor": Method(FRACTION, "schedule", None, lambda f, b: accel.CGTaylorConfig(schedule=f)),
     "first_block_cache": Method(THRESHOLD, "threshold", 0.05, lambda x, b: accel.FirstBlockCacheConfig(threshold=x)),
     "taylorseer": Method(INTERVAL, "cache_interval", None, lambda n, b: accel.TaylorSeerCacheConfig(cache_interval=n)),
     "mag_cache": Method(THRESHOLD, "threshold", 0.06,
@@ -210,6 +211,8 @@ def next_knob(kind: str, bounds: tuple, tried: dict, wanted: list[int], first: f
 def search(b: Bench, method: str, targets: list[float], trials: int) -> tuple[dict, dict]:
     """Knob value per target fraction, and every try (knob -> steps computed)."""
     kind, _, start, make = METHODS[method]
+    if kind == FRACTION:
+        return {f: f for f in targets}, {f: computed_steps(b, make(f, b), b.probe) for f in targets}
     wanted = [round(f * b.steps) for f in targets]
     if kind == INTERVAL:
         first, bounds, inputs = max(2, round(1 / targets[0])), (2, b.steps), b.probe
