@@ -81,6 +81,9 @@ class CGTaylorConfig:
         block 0's input, added back to the current step's input on a predicted step, as MagCache reuses it).
     damping: in [0, 1), how much the last block's forecast is pulled back from the Taylor extrapolation toward the
         last full value (0: the plain series; see `TaylorSeries`).
+    order_reach: > 0: the last block's terms of order 2 and above are used only while the predicted step lies within
+        order_reach x the extent of their full steps beyond the newest one (a quadratic fitted on close steps swings
+        when carried far past them; see `TaylorSeries.terms`); None: always.
     A field left None takes the value of the model family's defaults when the method is installed: its fixed
     schedule (DEFAULT_SCHEDULES), or, when the gate is asked for (schedule="gate", or a threshold or cap given
     without a schedule), its gate preset (PRESETS).
@@ -95,6 +98,7 @@ class CGTaylorConfig:
     schedule: "str | int | float | tuple[int, ...] | None" = None
     forecast: str | None = None
     damping: float | None = None
+    order_reach: float | None = None
 
     def __post_init__(self):
         if self.threshold is not None:
@@ -104,6 +108,9 @@ class CGTaylorConfig:
                 check_int("CGTaylorConfig", name, getattr(self, name), minimum=0)
         if self.damping is not None and check_real("CGTaylorConfig", "damping", self.damping, minimum=0) >= 1:
             raise ValueError(f"CGTaylorConfig: damping must be in [0, 1), got {self.damping!r}")
+        reach = self.order_reach
+        if reach is not None and check_real("CGTaylorConfig", "order_reach", reach, minimum=0) == 0:
+            raise ValueError(f"CGTaylorConfig: order_reach must be > 0, got {self.order_reach!r}")
         if self.forecast is not None and self.forecast not in FORECASTS:
             raise ValueError(f"CGTaylorConfig: forecast must be one of {list(FORECASTS)}, got {self.forecast!r}")
         if self.series is not None and self.series not in SERIES_FORMS:
@@ -144,14 +151,17 @@ class CGTaylorConfig:
 # (results/cg_taylor_gate_cpu.md; with this forecast, cg_taylor_gate_residual_cpu.md), so the default is a fixed
 # schedule: 40% of the steps computed, the first 4 and then evenly spread up to the second-to-last; the last block's
 # series holds the stack's residual (its output minus block 0's input: a predicted step adds it to the step's own input,
-# as MagCache does) and its order-1 forecast is damped 0.7 toward the last full value (linear extrapolation over 3-4
-# step gaps overshoots these features). Against the previous default (one in 3 after 1 warm-up step, the output forecast
-# undamped): shapes-image 28.9 against 27.4 dB at 40% computed; shapes-video (Wan; it reused the last output, one in 4
-# after 4) 30.7 against 29.0 dB at 40%. A warm-up of 3 is better on the DiT at 40% or less and worse above, and worse on
-# Wan (results/pareto_shapes_cpu_warmup.md): both keep 4. Other families keep one in 3 after 2, order 1, the output: not
-# measured.
+# as MagCache does) and its forecast (order 1; on the DiT 2, below) is damped 0.7 toward the last full value
+# (extrapolation over 3-4 step gaps overshoots these features). Against the previous default (one in 3 after 1 warm-up
+# step, the output forecast undamped): shapes-image 28.9 against 27.4 dB at 40% computed; shapes-video (Wan; it reused
+# the last output, one in 4 after 4) 30.7 against 29.0 dB at 40%. A warm-up of 3 is better on the DiT at 40% or less and
+# worse above, and worse on Wan (results/pareto_shapes_cpu_warmup.md): both keep 4. On the DiT the forecast is of order
+# 2 where the three newest full steps extend at least twice as far as the forecast reaches past them (order_reach=0.5),
+# else of order 1: better than order 1 from 0.35 to 0.60 computed by 0.1-2.2 dB, on held-out seeds too, and level at
+# 0.30 (results/pareto_shapes_cpu_image_order_reach.md); on Wan order 2 loses 1-2 dB. Other families keep one in 3 after
+# 2, order 1, the output: not measured.
 DEFAULT_SCHEDULES: dict[str, dict] = {
-    "dit": dict(schedule=0.4, warmup_steps=4, last_block_order=1, forecast="residual", damping=0.7),
+    "dit": dict(schedule=0.4, warmup_steps=4, last_block_order=2, order_reach=0.5, forecast="residual", damping=0.7),
     "wan": dict(schedule=0.4, warmup_steps=4, last_block_order=1, forecast="residual", damping=0.7),
 }
 _GENERIC_SCHEDULE = dict(schedule=3, warmup_steps=2, last_block_order=1)
@@ -386,7 +396,7 @@ class CGTaylorTailHook(ModelHook):
         step = self.shared.clock.current
         stack_input, self.shared.stack_input = self.shared.stack_input, None  # held for this call only
         if state.skipping:
-            forecast = state.last.predict(step.index)
+            forecast = state.last.predict(step.index, self.shared.config.order_reach)
             if stack_input is not None:
                 forecast = forecast + self._local(stack_input, forecast)
             return _with_hidden(self.block, forecast, args, kwargs)

@@ -50,11 +50,22 @@ class TaylorSeries:
         """The step distance dividing the i-th difference: divided differences span i + 1 gaps."""
         return step - self.nodes[i]
 
-    def predict(self, step: int) -> torch.Tensor:
+    def terms(self, step: int, reach: float | None = None) -> int:
+        """How many factors a forecast at `step` uses: all, but with `reach` those of order 2 and above only while the
+        step lies within reach x the extent of the three newest full steps beyond the newest one (a curve fitted on
+        close steps swings when carried far past them; the truncated Newton form is the line through the newest
+        two)."""
+        terms = len(self.factors)
+        if reach is not None and terms > 2 and step - self.nodes[0] > reach * (self.nodes[0] - self.nodes[2]):
+            return 2
+        return terms
+
+    def predict(self, step: int, reach: float | None = None) -> torch.Tensor:
         """Extrapolate the feature to `step` (Horner's scheme on the Newton form), damped."""
         self._check_ready()
-        result = self.factors[-1]
-        for i in range(len(self.factors) - 2, -1, -1):
+        terms = self.terms(step, reach)
+        result = self.factors[terms - 1]
+        for i in range(terms - 2, -1, -1):
             result = torch.add(self.factors[i], result, alpha=step - self.nodes[i])
         return self._damped(result)
 
@@ -77,12 +88,13 @@ class PaperTaylorSeries(TaylorSeries):
     def _span(self, step: int, i: int) -> int:
         return step - self.nodes[0]
 
-    def predict(self, step: int) -> torch.Tensor:
+    def predict(self, step: int, reach: float | None = None) -> torch.Tensor:
         """sum F(i) k^i / i!, k = step - x_n, by Horner's scheme: F0 + k (F1 + k/2 (F2 + k/3 (...)))."""
         self._check_ready()
         k = step - self.nodes[0]
-        result = self.factors[-1]
-        for i in range(len(self.factors) - 2, -1, -1):
+        terms = self.terms(step, reach)
+        result = self.factors[terms - 1]
+        for i in range(terms - 2, -1, -1):
             result = torch.add(self.factors[i], result, alpha=k / (i + 1))
         return self._damped(result)
 

@@ -77,6 +77,7 @@ def test_a_late_model_computes_its_first_step_whatever_the_list_says():
     {"schedule": 1}, {"schedule": list(range(STEPS))}, {"threshold": 0.0, "series": "paper"},
     {"schedule": 1, "series": "paper", "last_block_order": 3},
     {"schedule": 1, "forecast": "residual", "damping": 0.5},
+    {"schedule": 1, "last_block_order": 2, "order_reach": 1.0},
 ], ids=repr)
 def test_modes_that_skip_nothing_change_nothing(build, options):
     model = build()
@@ -134,6 +135,9 @@ def test_both_branches_forecast_exactly_when_the_unconditional_one_skips_block_0
     ({"damping": 1.0}, ValueError, "damping"),
     ({"damping": -0.1}, ValueError, "damping"),
     ({"damping": "some"}, TypeError, "damping"),
+    ({"order_reach": 0.0}, ValueError, "order_reach"),
+    ({"order_reach": -1.0}, ValueError, "order_reach"),
+    ({"order_reach": "far"}, TypeError, "order_reach"),
     ({"forecast": "input"}, ValueError, "forecast"),
 ], ids=repr)
 def test_bad_mode_options_name_the_argument(options, error, word):
@@ -167,6 +171,17 @@ def test_a_residual_forecast_adds_the_current_input_where_an_output_forecast_goe
         close = all(torch.allclose(out, model.exact(xi, i), rtol=1e-10, atol=1e-10)
                     for i, (out, xi) in enumerate(zip(outs, inputs)))
         assert close == exact, forecast
+
+
+def test_order_reach_keeps_a_quadratic_forecast_only_as_far_as_its_full_steps_extend():
+    pm.register()
+    model = pm.PolyModel(blocks=3)  # degree 2 in the step: an order-2 forecast is exact, an order-1 one is not
+    x = torch.randn(1, 6, 8, dtype=torch.float64)
+    config = accel.CGTaylorConfig(schedule=[0, 2, 4], last_block_order=2, order_reach=1.0)
+    with accel.patch(model, config):
+        outs = run(model, x, steps=10)
+    for i in range(5, 10):  # the full steps extend 4 steps back from step 4: exact up to step 8, linear beyond
+        assert torch.allclose(outs[i], model.exact(x, i), rtol=1e-10, atol=1e-10) == (i <= 8), i
 
 
 def test_damping_pulls_the_forecast_back_toward_the_last_full_value_by_its_share():

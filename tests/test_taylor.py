@@ -15,6 +15,22 @@ def test_prediction_is_exact_on_polynomials_of_degree_up_to_order(order):
         torch.testing.assert_close(series.predict(s), poly(s), rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("form", [TaylorSeries, PaperTaylorSeries])
+def test_a_reach_leaves_out_the_terms_of_order_2_and_up_carried_further_than_their_steps_extent(form):
+    quadratic = lambda s: torch.full((3,), float(s * s), dtype=torch.float64)  # noqa: E731
+    series = form(3)
+    for s in (0, 3, 5, 6):  # the three newest full steps extend over 3 steps (3-6)
+        series.update(s, quadratic(s))
+    assert [series.terms(s, reach=1.0) for s in (7, 9, 10, 13)] == [4, 4, 2, 2]
+    assert series.terms(13) == 4 and series.terms(10, reach=0.5) == 2 and series.terms(10, reach=2.0) == 4
+    linear = form(1)  # order 1 always stays: the line through the two newest steps
+    for s in (5, 6):
+        linear.update(s, quadratic(s))
+    torch.testing.assert_close(series.predict(13, reach=1.0), linear.predict(13))
+    if form is TaylorSeries:  # the paper's form is exact at order <= 1 only
+        torch.testing.assert_close(series.predict(9, reach=1.0), quadratic(9))
+
+
 def test_order_one_equals_the_papers_finite_difference_series():
     f0, f1 = torch.randn(4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
     series = TaylorSeries(1)
