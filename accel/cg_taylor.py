@@ -82,8 +82,8 @@ class CGTaylorConfig:
     damping: in [0, 1), how much the last block's forecast is pulled back from the Taylor extrapolation toward the
         last full value (0: the plain series; see `TaylorSeries`).
     order_reach: > 0: the last block's terms of order 2 and above are used only while the predicted step lies within
-        order_reach x the extent of their full steps beyond the newest one (a quadratic fitted on close steps swings
-        when carried far past them; see `TaylorSeries.terms`); None: always.
+        order_reach x the extent of the three newest full steps beyond the newest one (a curve fitted on close steps
+        swings when carried far past them; see `TaylorSeries.terms`); None: always.
     A field left None takes the value of the model family's defaults when the method is installed: its fixed
     schedule (DEFAULT_SCHEDULES), or, when the gate is asked for (schedule="gate", or a threshold or cap given
     without a schedule), its gate preset (PRESETS).
@@ -147,11 +147,11 @@ class CGTaylorConfig:
 
 
 # Ours, measured on the shipped models (8 prompts x 2 seeds, 20 steps;
-# benchmarks/results/pareto_shapes_cpu_*_residual.md). No gate beat the best fixed schedule
-# (results/cg_taylor_gate_cpu.md; with this forecast, cg_taylor_gate_residual_cpu.md), so the default is a fixed
-# schedule: 40% of the steps computed, the first 4 and then evenly spread up to the second-to-last; the last block's
-# series holds the stack's residual (its output minus block 0's input: a predicted step adds it to the step's own input,
-# as MagCache does) and its forecast (order 1; on the DiT 2, below) is damped 0.7 toward the last full value
+# benchmarks/results/pareto_shapes_cpu_image_reach.md, pareto_shapes_cpu_video_residual.md). No gate beat the best fixed
+# schedule (results/cg_taylor_gate_cpu.md; with this forecast, cg_taylor_gate_residual_cpu.md), so the default is a
+# fixed schedule: 40% of the steps computed, the first 4 and then evenly spread up to the second-to-last; the last
+# block's series holds the stack's residual (its output minus block 0's input: a predicted step adds it to the step's
+# own input, as MagCache does) and its forecast (order 1; on the DiT 2, below) is damped 0.7 toward the last full value
 # (extrapolation over 3-4 step gaps overshoots these features). Against the previous default (one in 3 after 1 warm-up
 # step, the output forecast undamped): shapes-image 28.9 against 27.4 dB at 40% computed; shapes-video (Wan; it reused
 # the last output, one in 4 after 4) 30.7 against 29.0 dB at 40%. A warm-up of 3 is better on the DiT at 40% or less and

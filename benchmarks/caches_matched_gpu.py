@@ -16,14 +16,15 @@ About 7 minutes on one H100 with the defaults (Wan about 3, FLUX about 4); `--de
 would start later, and the JSON (written after each model) says which.
 
 Per method and target fraction: the method's one knob set so that the steps it computes (`handle.stats()`) come
-closest to the target (within one step counts as met). CG-Taylor takes the target itself (`schedule=<fraction>`,
-its default mode; the rest of its settings the family's defaults). Interval knobs (TaylorSeer's `cache_interval`, PAB's and FasterCache's `spatial_attention_block_skip_range`) by trying integers on a latent of a
-few tokens (their counts do not depend on the data); thresholds (FirstBlockCache, MagCache, CG-Taylor's gate, SeaCache)
-by a bracketing search, one full generation a try, from the method's default. Other settings are the defaults, except:
-PAB may skip over the whole run and FasterCache from step 2 on (diffusers' timestep ranges (100, 800) and (-1, 681)
-leave too many steps computed for 0.4); FasterCache without its guidance branch (`is_guidance_distilled`); MagCache
-with diffusers' FLUX ratios, Wan's measured by `accel.calibrate_mag_ratios` in one generation. For PAB and FasterCache
-a "computed" step is one in which the last hooked attention layer ran: the rest of every block runs on every step.
+closest to the target (within one step counts as met). CG-Taylor takes the target itself (`schedule=<fraction>`, its
+default mode; the rest of its settings the family's defaults). Interval knobs (TaylorSeer's `cache_interval`, PAB's
+and FasterCache's `spatial_attention_block_skip_range`) by trying integers on a latent of a few tokens (their counts
+do not depend on the data); thresholds (FirstBlockCache, MagCache, CG-Taylor's gate, SeaCache) by a bracketing search,
+one full generation a try, from the method's default. Other settings are the defaults, except: PAB may skip over the
+whole run and FasterCache from step 2 on (diffusers' timestep ranges (100, 800) and (-1, 681) leave too many steps
+computed for 0.4); FasterCache without its guidance branch (`is_guidance_distilled`); MagCache with diffusers' FLUX
+ratios, Wan's measured by `accel.calibrate_mag_ratios` in one generation. For PAB and FasterCache a "computed" step is
+one in which the last hooked attention layer ran: the rest of every block runs on every step.
 
 Per configuration: one warm-up generation, then `--runs` timed ones, the device synchronised around each: seconds per
 generation, steps computed / predicted, peak memory allocated during a generation above what was allocated before the
