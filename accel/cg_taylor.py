@@ -170,8 +170,8 @@ _GENERIC_SCHEDULE = dict(schedule=3, warmup_steps=2, last_block_order=1)
 # predicted steps in a row, so fractions down to 0.25 are reachable at 20+ steps; DiT's and Wan's thresholds and
 # orders re-tuned on the shipped models (the best gated points: DiT 0.04 -> 53% computed, 30.3 dB; Wan 0.1 -> 55%,
 # 34.6 dB); FLUX's and the other families' thresholds and orders as before (not measured here).
-_GENERIC = dict(forecast="output", damping=0.0, threshold=0.05, warmup_steps=2, first_block_order=1, last_block_order=1, max_consecutive_predicted=5,
-                series="divided_differences", schedule=GATE)
+_GENERIC = dict(forecast="output", damping=0.0, threshold=0.05, warmup_steps=2, first_block_order=1, last_block_order=1,
+                max_consecutive_predicted=5, series="divided_differences", schedule=GATE)
 PRESETS: dict[str, CGTaylorConfig] = {
     "flux": CGTaylorConfig(**{**_GENERIC, "threshold": 0.03}),
     "wan": CGTaylorConfig(**{**_GENERIC, "threshold": 0.1, "first_block_order": 3}),

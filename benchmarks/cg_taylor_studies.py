@@ -1,0 +1,103 @@
+"""The derived tables of the CG-Taylor studies of 2026-12-07, recomputed from their committed raw results (every
+sample's PSNR; no model runs). The runs themselves are `accel-eval pareto` commands, written in each results file.
+
+    python benchmarks/cg_taylor_studies.py
+
+Prints, as markdown:
+- `results/pareto_shapes_cpu_image_order_reach.md`: each last-block variant's mean PSNR per computed fraction, with its
+  mean paired difference to the first variant on seeds 0-1 (where the variants were chosen) and on seeds 2-3 (held
+  out); then the chosen default against the other methods at the same computed fraction on all 4 seeds.
+- `results/pareto_shapes_cpu_warmup.md`: mean PSNR per computed fraction for each warm-up, on both models.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+
+from accel.eval.harness import pareto
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+VARIANTS = {  # run key in pareto_shapes_cpu_image_order_reach.json -> the table's name
+    "v_base": "order 1, damping 0.7 (the previous default)",
+    "v_o1d6": "order 1, damping 0.6",
+    "v_o1d8": "order 1, damping 0.8",
+    "v_o2d7": "order 2, damping 0.7",
+    "v_o2d8": "order 2, damping 0.8",
+    "v_o2d7r1": "order 2, damping 0.7, order_reach 1",
+    "v_o2d7r0.5": "order 2, damping 0.7, order_reach 0.5 (the new default)",
+}
+CHOSEN = "v_o2d7r0.5"
+
+
+def load(name: str) -> dict:
+    with open(os.path.join(RESULTS, name)) as f:
+        return json.load(f)
+
+
+def cg_taylor_samples(rows: list[dict], line: str = "cg_taylor (schedule)") -> dict[float, list[float]]:
+    """Per computed fraction, every sample's PSNR of one CG-Taylor line."""
+    return {round(r["fraction"], 2): r["samples"]["psnr"] for r in rows if r["line"] == line}
+
+
+def halves(differences: list[float], seeds: int) -> tuple[float, float]:
+    """The mean difference on the first half of the seeds and on the second (samples are prompt-major)."""
+    first = [d for i, d in enumerate(differences) if i % seeds < seeds // 2]
+    second = [d for i, d in enumerate(differences) if i % seeds >= seeds // 2]
+    return statistics.fmean(first), statistics.fmean(second)
+
+
+def held_out_table(runs: dict) -> list[str]:
+    seeds = runs["v_base"]["counts"]["seeds"]
+    base = cg_taylor_samples(runs["v_base"]["rows"])
+    lines = ["| last block | " + " | ".join(f"{f:.2f}" for f in base) + " |", "|---|" + "---|" * len(base)]
+    for key, name in VARIANTS.items():
+        own, cells = cg_taylor_samples(runs[key]["rows"]), []
+        for f, reference in base.items():
+            cell = f"{statistics.fmean(own[f]):.2f}"
+            if key != "v_base":
+                first, second = halves([a - b for a, b in zip(own[f], reference)], seeds)
+                cell += f" ({first:+.2f} / {second:+.2f})"
+            cells.append(cell)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def chosen_against_others(runs: dict) -> list[str]:
+    others = [r for r in runs["v_base"]["rows"] if r["method"] != "cg_taylor"]
+    entries = pareto.curves(others + runs[CHOSEN]["rows"], runs[CHOSEN]["counts"]["seeds"])
+    return pareto.curves_table(entries)[4:]  # the table without its heading and explanation
+
+
+def warmup_table() -> list[str]:
+    runs = load("pareto_shapes_cpu_warmup.json")
+    image4, video4 = (load(f"pareto_shapes_cpu_{m}_residual.json")["rows"] for m in ("image", "video"))
+    video3 = cg_taylor_samples(runs["vid_w3"]["rows"])  # 0.35 and 0.40; 0.30 ran beside the warm-up-4 line
+    video3[0.3] = next(r["samples"]["psnr"] for r in video4 if r["line"] == "cg_taylor (warmup_steps)" and r["value"] == 3)
+    columns = {  # name -> {fraction: every sample's PSNR}
+        "image, warm-up 3": cg_taylor_samples(runs["img_w3"]["rows"]),
+        "image, 4": cg_taylor_samples(image4),
+        "image, 5": cg_taylor_samples(runs["img_w5"]["rows"]),
+        "video, 3": video3,
+        "video, 4": cg_taylor_samples(video4),
+    }
+    lines = ["| computed | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for f in (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6):
+        cells = [f"{statistics.fmean(c[f]):.2f}" if f in c else "" for c in columns.values()]
+        lines.append(f"| {f:.2f} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def main() -> None:
+    runs = load("pareto_shapes_cpu_image_order_reach.json")
+    print("## pareto_shapes_cpu_image_order_reach.md: variants, paired difference on seeds 0-1 / 2-3\n")
+    print("\n".join(held_out_table(runs)))
+    print("\n## pareto_shapes_cpu_image_order_reach.md: the chosen default against the other methods, 4 seeds\n")
+    print("\n".join(chosen_against_others(runs)))
+    print("\n## pareto_shapes_cpu_warmup.md: mean PSNR per computed fraction\n")
+    print("\n".join(warmup_table()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""benchmarks/cg_taylor_studies.py: its derived tables recomputed from the committed raw results match the figures
+written in the results files."""
+
+import importlib.util
+import os
+
+import pytest
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "cg_taylor_studies.py")
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("cg_taylor_studies", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_derived_tables_are_those_of_the_results_files(script):
+    tables = [script.held_out_table(script.load("pareto_shapes_cpu_image_order_reach.json")),
+              script.chosen_against_others(script.load("pareto_shapes_cpu_image_order_reach.json")),
+              script.warmup_table()]
+    with open(os.path.join(script.RESULTS, "pareto_shapes_cpu_image_order_reach.md")) as f:
+        order_reach = f.read()
+    with open(os.path.join(script.RESULTS, "pareto_shapes_cpu_warmup.md")) as f:
+        warmup = f.read()
+    for line in tables[0] + tables[1]:
+        assert line in order_reach, line
+    for line in tables[2]:
+        assert line in warmup, line
+    assert "| order 2, damping 0.7, order_reach 0.5 (the new default) | 23.99 (+0.04 / -0.02) |" in tables[0][-1]
