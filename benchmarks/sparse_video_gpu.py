@@ -17,7 +17,8 @@ dynamic: `dynamic_block_mask` (pool + scores + selection on the GPU) + the kerne
     prebuilt (as a `table_mask`, the usual path, and as the device mask), at FLUX (24 x 4608), Wan-1.3B and Wan-14B
     shapes, budgets 25% / 10% (top-k) and mass 0.9 (capped at 25%); the selection identical to the PyTorch reference
     on the GPU's scores; the call run once under torch.cuda.set_sync_debug_mode("error") (no host sync) and replayed
-    from a CUDA graph; per-call `table_mask` (the host-synchronising path the issue measured) for comparison.
+    from a CUDA graph; per-call `table_mask` (the host-synchronising path the issue measured) for comparison; the
+    build's device time per stage (pool, score GEMM, selection) and its host time per call.
 step: a Wan-2.1-1.3B-shaped transformer (random init, diffusers) at 480p / 81 frames, one step: dense vs local_3d vs
     tiled_3d (and dynamic, hybrid), medians of 3 steps after a warm-up step (needs diffusers).
 step_compiled: the step, dense and under the Wan preset, eager and with diffusers' regional compilation
@@ -180,6 +181,29 @@ def bench_tiles(names, flex, deadline, res: dict) -> dict:
 DYNAMIC_CASES = {"top25": dict(budget=0.25), "top10": dict(budget=0.10), "mass0.9_cap25": dict(mass=0.9, cap=0.25)}
 
 
+def build_stages(q, k, scores, n: int, kw: dict) -> dict:
+    """The dynamic mask's build, stage by stage (device time): pooling, the score GEMM, the selection."""
+    qp, kp = dyn.block_pool(q, k, BLOCK)
+    sel = (n, BLOCK, kw.get("width", kw.get("budget")), kw.get("budget"), kw.get("mass"), kw["sink_blocks"],
+           kw["diagonal"])
+    return {"pool": time_ms(lambda: dyn.block_pool(q, k, BLOCK)),
+            "scores_gemm": time_ms(lambda: torch.matmul(qp, kp.transpose(-1, -2))),
+            "select": time_ms(lambda: dyn.select_blocks(scores, *sel))}
+
+
+def host_ms(fn, calls: int = 50) -> float:
+    """Host time of one call (Python and launches, the device left to run behind): what bounds a small kernel's
+    eager calls when the host cannot keep ahead of the device."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return elapsed * 1e3 / calls
+
+
 def bench_dynamic(names, deadline, res: dict) -> dict:
     for name in names:
         spec = SHAPES[name]
@@ -218,6 +242,8 @@ def bench_dynamic(names, deadline, res: dict) -> dict:
             w["kernel_prebuilt_table_mask_ms"] = time_ms(lambda: bsa.block_sparse_attention(q, k, v, prebuilt))
             w["kernel_prebuilt_device_mask_ms"] = time_ms(lambda: bsa.block_sparse_attention(q, k, v, mask))
             w["build_ms"] = time_ms(build)
+            w["build_stages_ms"] = build_stages(q, k, scores, n, kw)
+            w["build_host_ms"] = host_ms(build)
             w["build_plus_kernel_ms"] = time_ms(lambda: bsa.block_sparse_attention(q, k, v, build()))
             w["ratio_build_plus_kernel_vs_prebuilt"] = w["build_plus_kernel_ms"] / w["kernel_prebuilt_table_mask_ms"]
             w["tflops_computed_blocks_prebuilt"] = flops(prebuilt, heads) / w["kernel_prebuilt_table_mask_ms"] / 1e9

@@ -21,6 +21,7 @@ import torch
 from .mask import BlockSparseMask, check_block_size, check_length, num_blocks
 
 _ORDERS: dict[tuple, torch.Tensor] = {}
+_LAST_BLOCK_LISTS: dict[tuple, torch.Tensor] = {}  # read-only, shared by every mask of a shape: no launch per call
 
 
 class DeviceBlockSparseMask(BlockSparseMask):
@@ -63,8 +64,10 @@ def partial_lists(counts_shape: tuple[int, ...], selected_last: torch.Tensor | N
         counts = torch.zeros(counts_shape, dtype=torch.int32, device=device)
     else:
         counts = selected_last.to(torch.int32)
-    indices = torch.full((1, 1, 1, 1), num_kv_blocks - 1, dtype=torch.int32, device=device).expand(*counts_shape, 1)
-    return counts, indices
+    key = (torch.device(device), num_kv_blocks)
+    if key not in _LAST_BLOCK_LISTS:
+        _LAST_BLOCK_LISTS[key] = torch.full((1, 1, 1, 1), num_kv_blocks - 1, dtype=torch.int32, device=device)
+    return counts, _LAST_BLOCK_LISTS[key].expand(*counts_shape, 1)
 
 
 def device_table_mask(table: torch.Tensor, q_len: int, kv_len: int | None = None, block_size: int = 128,

@@ -19,12 +19,14 @@ The chosen blocks are written in ascending order into fixed-width lists (width =
 mass), padded with 0; the ragged last key block, when chosen, goes to the partial list (the kernel masks the
 sequence end there).
 
-Selection kernel tiling. One program per row: it loads the row's Mk scores (padded to MK_PAD, a power of two),
-packs each into one int64 sort key -- forced bit 62, the score's order-preserving 32-bit image at bits 20-51, and
-MK_PAD - 1 - j below so that ties go to the lower index and keys are unique -- and sorts them descending
-(tl.sort, bitonic, in registers). The row's count c follows from the sorted keys (for the mass rule the scores are
-decoded back from the keys); the c-th key is a threshold that picks the chosen set in index order, and a second
-sort of (j if chosen else MK_PAD) writes them ascending. `select_blocks_reference` is the same rule in PyTorch.
+Selection kernel tiling. One program per row: it loads the row's Mk scores (padded to MK_PAD, a power of two) and
+packs each into one int64 sort key -- from the top: the forced bit, the score's order-preserving 32-bit image, then
+MK_PAD - 1 - j in the low log2(MK_PAD) bits, so that ties go to the lower index and keys are unique. The row's count
+c is the budget (top-k) or, for the mass rule, read off the keys sorted descending (tl.sort, bitonic, in registers;
+the scores decoded back from the keys). The c-th largest key is a threshold that picks the chosen set: top-k finds it
+without sorting, bit by bit from the top (the largest t with at least c keys >= t: one count per key bit), and a
+running count (tl.cumsum) of the chosen blocks gives each its slot in the ascending list.
+`select_blocks_reference` is the same rule in PyTorch.
 """
 
 from __future__ import annotations
@@ -39,14 +41,25 @@ from .block_pool import block_pool, block_pool_reference
 from .device_mask import DeviceBlockSparseMask, partial_lists
 from .mask import check_block_size, is_int, num_blocks
 
-MAX_KEY_BLOCKS = 1 << 16  # the sort key keeps 20 bits for the block index; a row of 65536 blocks is plenty
+MAX_KEY_BLOCKS = 1 << 16  # the sort key keeps up to 16 bits for the block index (a row of 65536 blocks is plenty)
+
+
+@triton.jit
+def _kth_largest(key, c, TOP_BIT: tl.constexpr):
+    """The c-th largest of the unique non-negative keys (padding -1): the largest t with at least c keys >= t, built
+    from the top bit down."""
+    t = tl.zeros((), dtype=tl.int64)
+    for bit in range(TOP_BIT, -1, -1):
+        candidate = t | (tl.full((), 1, tl.int64) << bit)
+        t = tl.where(tl.sum((key >= candidate).to(tl.int32), 0) >= c, candidate, t)
+    return t
 
 
 @triton.jit(do_not_specialize=["n_kb", "n_qb", "budget", "sink"])
 def _select_blocks_kernel(
     S, FULL_CNT, FULL_IDX, PART_CNT, n_kb, n_qb, budget, mass, sink,
-    MK_PAD: tl.constexpr, WIDTH: tl.constexpr, USE_MASS: tl.constexpr, DIAGONAL: tl.constexpr,
-    RAGGED: tl.constexpr,
+    MK_PAD: tl.constexpr, IDX_BITS: tl.constexpr, WIDTH: tl.constexpr, USE_MASS: tl.constexpr,
+    DIAGONAL: tl.constexpr, RAGGED: tl.constexpr,
 ):
     i = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64) * n_qb + i
@@ -60,25 +73,28 @@ def _select_blocks_kernel(
     if DIAGONAL:
         forced = forced | (j == i)
     forced = forced & valid
-    key = (forced.to(tl.int64) << 62) | ((ordered.to(tl.int64) + 2147483648) << 20) | (MK_PAD - 1 - j).to(tl.int64)
-    key = tl.where(valid, key, -1)  # padding sorts last
-    srt = tl.sort(key, descending=True)
+    key = ((forced.to(tl.int64) << (IDX_BITS + 32)) | ((ordered.to(tl.int64) + 2147483648) << IDX_BITS)
+           | (MK_PAD - 1 - j).to(tl.int64))
+    key = tl.where(valid, key, -1)  # padding ranks last
     n_forced = tl.sum(forced.to(tl.int32), 0)
     if USE_MASS:
-        o = (((srt >> 20) & 0xFFFFFFFF) - 2147483648).to(tl.int32)  # decode the sorted scores
+        srt = tl.sort(key, descending=True)
+        o = (((srt >> IDX_BITS) & 0xFFFFFFFF) - 2147483648).to(tl.int32)  # decode the sorted scores
         ss = tl.where(o >= 0, o, o ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
         peak = tl.max(tl.where(valid, s, float("-inf")), 0)
         e = tl.where(srt >= 0, tl.exp(ss - peak), 0.0)
         p = e / tl.sum(e, 0)
         before = tl.cumsum(p, 0) - p  # mass of the blocks ahead of each
         c = tl.sum(((before < mass) & (srt >= 0)).to(tl.int32), 0)
+        c = tl.minimum(tl.maximum(c, n_forced), WIDTH)
+        threshold = tl.sum(tl.where(j == c - 1, srt, 0), 0)
     else:
-        c = tl.minimum(budget, n_kb)
-    c = tl.minimum(tl.maximum(c, n_forced), WIDTH)
-    threshold = tl.sum(tl.where(j == c - 1, srt, 0), 0)  # the c-th key: keys are unique
+        c = tl.minimum(tl.maximum(tl.minimum(budget, n_kb), n_forced), WIDTH)
+        threshold = _kth_largest(key, c, IDX_BITS + 32)
     chosen = (key >= threshold) & valid
-    ascending = tl.sort(tl.where(chosen, j, MK_PAD), descending=False)
-    tl.store(FULL_IDX + row * WIDTH + j, tl.where(ascending < MK_PAD, ascending, 0), mask=j < WIDTH)
+    slot = tl.cumsum(chosen.to(tl.int32), 0) - 1  # ascending: block j goes after the chosen blocks before it
+    tl.store(FULL_IDX + row * WIDTH + slot, j, mask=chosen)
+    tl.store(FULL_IDX + row * WIDTH + j, 0, mask=(j >= c) & (j < WIDTH))  # padding
     if RAGGED:
         last = tl.sum((chosen & (j == n_kb - 1)).to(tl.int32), 0)
         tl.store(FULL_CNT + row, c - last)
@@ -129,7 +145,8 @@ def select_blocks(scores: torch.Tensor, kv_len: int, block_size: int, width: int
     mk_pad = max(16, triton.next_power_of_2(mk))
     _select_blocks_kernel[(mq, bsz * heads)](
         scores, full_counts, full_indices, part_counts, mk, mq, budget or 0, float(mass or 0.0), sink_blocks,
-        MK_PAD=mk_pad, WIDTH=width, USE_MASS=mass is not None, DIAGONAL=diagonal, RAGGED=kv_len % block_size != 0,
+        MK_PAD=mk_pad, IDX_BITS=mk_pad.bit_length() - 1, WIDTH=width, USE_MASS=mass is not None, DIAGONAL=diagonal,
+        RAGGED=kv_len % block_size != 0,
         num_warps=4 if mk_pad <= 1024 else 8,
     )
     return full_counts, full_indices, part_counts
@@ -185,7 +202,9 @@ def block_scores(q: torch.Tensor, k: torch.Tensor, block_size: int = 128, scale:
     """(B, H, Mq, Mk) float32: mean-pooled q blocks against mean-pooled k blocks, times scale (default 1/sqrt(D))."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     qp, kp = block_pool(q, k, block_size)
-    return torch.matmul(qp, kp.transpose(-1, -2)).mul_(scale)
+    # One GEMM with the scale as its alpha (fp32 accumulators: the same values as matmul then multiply).
+    out = torch.baddbmm(qp.new_empty(()), qp.flatten(0, 1), kp.flatten(0, 1).transpose(-1, -2), beta=0.0, alpha=scale)
+    return out.view(*qp.shape[:3], kp.shape[2])
 
 
 def block_scores_reference(q: torch.Tensor, k: torch.Tensor, block_size: int = 128, scale: float | None = None):
@@ -221,8 +240,8 @@ def dynamic_block_mask(q: torch.Tensor, k: torch.Tensor, budget: int | None = No
     scores = block_scores(q, k, block_size, scale)
     full_counts, full_indices, part_counts = select_blocks(scores, k.shape[2], block_size, width, budget, mass,
                                                            sink_blocks, diagonal)
-    part_counts, part_indices = partial_lists(tuple(part_counts.shape), part_counts if k.shape[2] % block_size else None,
-                                              mk, q.device)
+    # The selection wrote the partial counts (the ragged last block where chosen, else 0): only the lists remain.
+    part_counts, part_indices = partial_lists(tuple(part_counts.shape), part_counts, mk, q.device)
     return DeviceBlockSparseMask(q.shape[2], k.shape[2], block_size, full_counts, full_indices, part_counts, part_indices)
 
 

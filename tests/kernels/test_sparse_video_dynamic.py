@@ -56,7 +56,7 @@ def _width(case, mk):
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("kv_len,bs", [(100, 16), (112, 16)])  # 7 key blocks: ragged last block, then even
+@pytest.mark.parametrize("kv_len,bs", [(100, 16), (112, 16), (590, 16)])  # 7 key blocks (ragged, even), 37
 def test_selection_kernel_is_identical_to_reference(case, kv_len, bs, gen):
     mk = -(-kv_len // bs)
     kw = {k: v for k, v in case.items() if k != "width"}
