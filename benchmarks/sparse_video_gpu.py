@@ -181,6 +181,17 @@ def bench_tiles(names, flex, deadline, res: dict) -> dict:
 DYNAMIC_CASES = {"top25": dict(budget=0.25), "top10": dict(budget=0.10), "mass0.9_cap25": dict(mass=0.9, cap=0.25)}
 
 
+def selection_differences(sel, want, scores, mass) -> dict:
+    """Rows where the kernel's selection and the reference's differ, and for the mass rule how close each such row
+    comes to the threshold (the smallest |mass before a block - mass| in float64): ~1e-7 is float32 summation order."""
+    rows = (sel[0] != want[0]) | (sel[2] != want[2]) | (sel[1] != want[1]).any(-1)
+    out = {"rows_differing": int(rows.sum()), "rows": rows.numel()}
+    if mass is not None and bool(rows.any()):
+        p = torch.softmax(scores[rows].double(), -1).sort(-1, descending=True).values
+        out["largest_distance_to_threshold"] = float(((p.cumsum(-1) - p) - mass).abs().amin(-1).max())
+    return out
+
+
 def build_stages(q, k, scores, n: int, kw: dict) -> dict:
     """The dynamic mask's build, stage by stage (device time): pooling, the score GEMM, the selection."""
     qp, kp = dyn.block_pool(q, k, BLOCK)
@@ -238,6 +249,8 @@ def bench_dynamic(names, deadline, res: dict) -> dict:
             want = dyn.select_blocks_reference(scores, n, BLOCK, kw.get("width", kw.get("budget")), kw.get("budget"),
                                                kw.get("mass"), kw["sink_blocks"], kw["diagonal"])
             w["selection_identical_to_reference"] = all(bool(torch.equal(a, b)) for a, b in zip(sel, want))
+            if not w["selection_identical_to_reference"]:
+                w["selection_differences"] = selection_differences(sel, want, scores, kw.get("mass"))
             w["scores_rel_err_vs_reference"] = rel_err(scores, dyn.block_scores_reference(q, k, BLOCK))
             w["kernel_prebuilt_table_mask_ms"] = time_ms(lambda: bsa.block_sparse_attention(q, k, v, prebuilt))
             w["kernel_prebuilt_device_mask_ms"] = time_ms(lambda: bsa.block_sparse_attention(q, k, v, mask))

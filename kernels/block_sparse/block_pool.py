@@ -70,9 +70,11 @@ def block_pool(q: torch.Tensor, k: torch.Tensor, block_size: int,
                 raise ValueError(f"out buffers must be contiguous float32 {shapes} on {q.device}")
     block_d = max(16, triton.next_power_of_2(dim))
     chunk = min(block_size, 32 if block_d <= 128 else 16)
+    # 2 warps: H100, D 128, 128-token blocks (benchmarks/block_pool_gpu.py): 2.9-3.0 TB/s at Wan-14B's shape, against
+    # 1.7 with 4 warps and 0.9 with 8 (one block's rows are too few to keep more warps loading).
     _block_pool_kernel[(mq + mk, bsz * heads)](
         q, k, qp, kp, *q.stride(), *k.stride(), n_q, n_k, mq, mk, dim, heads,
-        BLOCK_SIZE=block_size, CHUNK=chunk, BLOCK_D=block_d, num_warps=4,
+        BLOCK_SIZE=block_size, CHUNK=chunk, BLOCK_D=block_d, num_warps=2,
     )
     return qp, kp
 
