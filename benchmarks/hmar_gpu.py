@@ -13,8 +13,9 @@
    names), `next_scale_loss` + backward + optimizer step.
 3. Sampling at batch 64 (VAR's KV-cached sampler, HMAR with its default refinement schedule), CFG 1.5, top-k 900,
    top-p 0.96, VAR's tokenizer config (random init), output_type "pt": wall time and peak memory
-   (torch.cuda.max_memory_allocated over the call), with the tokenizer's decode (common to both) and with it
-   swapped for a no-op ("tokens_only"), and the decode alone.
+   (torch.cuda.max_memory_allocated over the call), with the tokenizer's decode (common to both), with it
+   swapped for a no-op ("tokens_only"), with it sliced 8 images at a time ("sliced_decode", `enable_slicing(8)`),
+   and the decode alone.
 Times: `triton.testing.do_bench` medians for the attention ops; CUDA-event means of timed repeats after warm-up for
 the training step and sampling.
 """
@@ -43,6 +44,7 @@ from accel.pipelines.hmar.training import next_scale_loss
 DEV = "cuda"
 LENGTHS = tuple(s * s for s in VAR_SCALES)
 BATCH, HEADS, HEAD_DIM, DEPTH = 64, 16, 64, 16
+DECODE_SLICE = 8  # images per decoder call in the "_sliced_decode" runs
 T0 = time.perf_counter()
 
 
@@ -243,14 +245,19 @@ def bench_sampling(gen) -> dict:
             ("hmar", HMARPipeline(d16(HMARTransformer).eval(), tokenizer), {}),
             ("hmar_no_refinement", None, {"mask_schedule": no_refinement}))
     decode = tokenizer.decode_latents
+    pipes = {}
     for name, pipe, call in runs:
-        pipe = pipe or previous
+        pipe = pipes[name] = pipe or previous
         pipe.set_progress_bar_config(disable=True)
-        for suffix in ("", "_tokens_only"):  # with the tokenizer's decode, and with it swapped for a no-op
-            tokenizer.decode_latents = decode if not suffix else (lambda f: f[:, :3])
+        # With the tokenizer's decode, with it swapped for a no-op, and with it sliced (`enable_slicing`).
+        for suffix in ("", "_tokens_only", "_sliced_decode"):
+            tokenizer.decode_latents = decode if suffix != "_tokens_only" else (lambda f: f[:, :3])
+            if suffix == "_sliced_decode":
+                tokenizer.enable_slicing(DECODE_SLICE)
             with torch.no_grad():
                 results[name + suffix] = measure(lambda: pipe(labels, generator=torch.Generator(DEV).manual_seed(0),
                                                               output_type="pt", **call))
+            tokenizer.disable_slicing()
             log("sampling", name + suffix, json.dumps(results[name + suffix]))
         tokenizer.decode_latents = decode
         previous = pipe
@@ -267,6 +274,9 @@ def bench_sampling(gen) -> dict:
     var, hmar = results["var_tokens_only"], results["hmar_tokens_only"]
     results["hmar_speedup_vs_var_tokens_only"] = var["seconds"] / hmar["seconds"]
     results["hmar_memory_reduction_vs_var_tokens_only"] = var["peak_extra_memory_gib"] / hmar["peak_extra_memory_gib"]
+    var, hmar = results["var_sliced_decode"], results["hmar_sliced_decode"]
+    results["hmar_speedup_vs_var_sliced_decode"] = var["seconds"] / hmar["seconds"]
+    results["hmar_memory_reduction_vs_var_sliced_decode"] = var["peak_extra_memory_gib"] / hmar["peak_extra_memory_gib"]
     return results
 
 

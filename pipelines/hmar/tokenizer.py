@@ -64,6 +64,18 @@ class VARTokenizer(ModelMixin, ConfigMixin):
         ticks = phi_ticks(num_phi)
         last = len(self.scales) - 1
         self.phi_of_scale = [int(np.argmin(np.abs(ticks - k / last))) for k in range(len(self.scales))]
+        self.slice_size: int | None = None  # decode the batch in slices of this many images (`enable_slicing`)
+
+    def enable_slicing(self, slice_size: int = 1) -> None:
+        """Decode `slice_size` images at a time (diffusers' VAE slicing; one at a time by default): the decoder's
+        full-resolution activations then take a slice's memory, not the batch's, for a little more time."""
+        if not isinstance(slice_size, int) or isinstance(slice_size, bool) or slice_size < 1:
+            raise ValueError(f"VARTokenizer.enable_slicing: slice_size must be an int >= 1, got {slice_size!r}")
+        self.slice_size = slice_size
+
+    def disable_slicing(self) -> None:
+        """Decode the whole batch in one call again."""
+        self.slice_size = None
 
     @property
     def image_size(self) -> int:
@@ -158,6 +170,8 @@ class VARTokenizer(ModelMixin, ConfigMixin):
 
     def decode_latents(self, f_hat: torch.Tensor) -> torch.Tensor:
         """f_hat (B, Cvae, n, n) -> images (B, 3, H, W) clamped to [-1, 1]."""
+        if self.slice_size is not None and f_hat.shape[0] > self.slice_size:
+            return torch.cat([self.decode_latents(part) for part in f_hat.split(self.slice_size)])
         return self.decoder(self.post_quant_conv(f_hat)).clamp(-1, 1)
 
     def decode(self, indices: list[torch.Tensor]) -> torch.Tensor:

@@ -48,6 +48,21 @@ def test_tokenizer_round_trip_and_pyramid(pipe, tmp_path):
     assert torch.allclose(forcing[:, :4], torch.nn.functional.interpolate(f_hats[0], size=(2, 2), mode="area").flatten(2).mT)
 
 
+def test_sliced_decode_equals_the_batched_one(pipe):
+    tok = pipe.tokenizer
+    f_hat = tok.cumulative_reconstructions(tok.encode(images(n=5)))[-1]
+    whole = tok.decode_latents(f_hat)
+    try:
+        for size in (1, 2, 5):
+            tok.enable_slicing(size)
+            assert torch.allclose(tok.decode_latents(f_hat), whole, rtol=0, atol=1e-12)
+    finally:
+        tok.disable_slicing()
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="slice_size"):
+            tok.enable_slicing(bad)
+
+
 def test_transformer_save_load_round_trip(pipe, tmp_path):
     indices = pipe.tokenizer.encode(images())
     inputs, labels = pipe.tokenizer.teacher_forcing_input(indices), torch.tensor([1, 4])
