@@ -24,6 +24,17 @@ _ORDERS: dict[tuple, torch.Tensor] = {}
 _LAST_BLOCK_LISTS: dict[tuple, torch.Tensor] = {}  # read-only, shared by every mask of a shape: no launch per call
 
 
+def _cached(cache: dict, key: tuple, make) -> torch.Tensor:
+    """cache[key], made on first use. Not while a CUDA graph is being captured: a tensor made there is filled only
+    when the graph replays, so it is made for that graph alone and not kept."""
+    if key in cache:
+        return cache[key]
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return make()
+    cache[key] = make()
+    return cache[key]
+
+
 class DeviceBlockSparseMask(BlockSparseMask):
     """A rule-"none" `BlockSparseMask` whose lists are built on the device and trusted (see the module docstring)."""
 
@@ -45,10 +56,9 @@ class DeviceBlockSparseMask(BlockSparseMask):
     def longest_first_order(self, batch: int, heads: int, tile_rows: int) -> torch.Tensor:
         """Plain order (b * heads + h) * tiles + tile, cached per shape: no per-call sort."""
         tiles = num_blocks(self.q_len, tile_rows)
-        key = (self.device, batch * heads * tiles)
-        if key not in _ORDERS:
-            _ORDERS[key] = torch.arange(batch * heads * tiles, dtype=torch.int32, device=self.device)
-        return _ORDERS[key]
+        count = batch * heads * tiles
+        return _cached(_ORDERS, (self.device, count),
+                       lambda: torch.arange(count, dtype=torch.int32, device=self.device))
 
     def to(self, device) -> "DeviceBlockSparseMask":
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -64,10 +74,9 @@ def partial_lists(counts_shape: tuple[int, ...], selected_last: torch.Tensor | N
         counts = torch.zeros(counts_shape, dtype=torch.int32, device=device)
     else:
         counts = selected_last.to(torch.int32)
-    key = (torch.device(device), num_kv_blocks)
-    if key not in _LAST_BLOCK_LISTS:
-        _LAST_BLOCK_LISTS[key] = torch.full((1, 1, 1, 1), num_kv_blocks - 1, dtype=torch.int32, device=device)
-    return counts, _LAST_BLOCK_LISTS[key].expand(*counts_shape, 1)
+    last = _cached(_LAST_BLOCK_LISTS, (torch.device(device), num_kv_blocks),
+                   lambda: torch.full((1, 1, 1, 1), num_kv_blocks - 1, dtype=torch.int32, device=device))
+    return counts, last.expand(*counts_shape, 1)
 
 
 def device_table_mask(table: torch.Tensor, q_len: int, kv_len: int | None = None, block_size: int = 128,

@@ -154,3 +154,17 @@ def test_errors(gen):
         select_blocks(torch.zeros(1, 1, 4, 4), 100, 16, 2, budget=2)
     with pytest.raises(ValueError, match="width must be"):
         device_table_mask(torch.ones(1, 1, 4, 4, dtype=torch.bool), 64, 64, 16, width=5)
+
+
+def test_constant_lists_are_not_cached_while_a_cuda_graph_is_captured(monkeypatch):
+    # A tensor made during capture is filled only when the graph replays: it must not be kept for later calls.
+    from accel.kernels.block_sparse import device_mask
+
+    monkeypatch.setattr(device_mask, "_LAST_BLOCK_LISTS", {})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    counts, indices = device_mask.partial_lists((1, 2, 3), None, 5, "cpu")
+    assert indices.shape == (1, 2, 3, 1) and bool((indices == 4).all()) and not device_mask._LAST_BLOCK_LISTS
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    device_mask.partial_lists((1, 2, 3), None, 5, "cpu")
+    assert list(device_mask._LAST_BLOCK_LISTS) == [(torch.device("cpu"), 5)]
