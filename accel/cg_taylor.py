@@ -38,6 +38,7 @@ CG_TAYLOR_HOOK = "accel_cg_taylor"
 GATE = "gate"
 FORECASTS = ("output", "residual")  # what the last block's series holds: its output, or output - the stack's input
 _GATE_FIELDS = ("threshold", "max_consecutive_predicted")  # meaningful only while the gate decides
+_FRACTION_FIELDS = ("spacing",)  # meaningful only with a schedule given as a fraction
 
 
 def _check_schedule(schedule) -> "str | int | tuple[int, ...] | None":
@@ -73,7 +74,8 @@ class CGTaylorConfig:
         "paper" (the released code's form: differences over the latest gap, summed as F(i) k^i / i!).
     schedule: "gate" (the gate decides); an integer N (no gate: after warm-up, one step in N is computed, the others
         predicted; the last step computed); a fraction in (0, 1) (no gate: that share of the run's steps computed, the
-        warm-up and then evenly spread up to the second-to-last step: `fraction_steps`); or a list of step indices
+        warm-up and then spread up to the second-to-last step as `spacing` says: `fraction_steps`); or a list of step
+        indices
         (no gate: exactly these steps are computed, and any step with nothing yet to forecast from).
         threshold and max_consecutive_predicted belong to the gate, and warmup_steps is not used by a list: setting
         them beside such a schedule is an error.
@@ -81,6 +83,9 @@ class CGTaylorConfig:
         block 0's input, added back to the current step's input on a predicted step, as MagCache reuses it).
     damping: in [0, 1), how much the last block's forecast is pulled back from the Taylor extrapolation toward the
         last full value (0: the plain series; see `TaylorSeries`).
+    spacing: > 0, with a fraction schedule: the j-th of the n steps computed after the warm-up sits (j / n) ** spacing
+        of the way from the warm-up's last step to the second-to-last step: 1 spreads them evenly, above 1 packs them
+        towards the start (where these models' features change fastest), below 1 towards the end.
     order_reach: > 0: the last block's terms of order 2 and above are used only while the predicted step lies within
         order_reach x the extent of the three newest full steps beyond the newest one (a curve fitted on close steps
         swings when carried far past them; see `TaylorSeries.terms`); None: always.
@@ -99,6 +104,7 @@ class CGTaylorConfig:
     forecast: str | None = None
     damping: float | None = None
     order_reach: float | None = None
+    spacing: float | None = None
 
     def __post_init__(self):
         if self.threshold is not None:
@@ -108,9 +114,10 @@ class CGTaylorConfig:
                 check_int("CGTaylorConfig", name, getattr(self, name), minimum=0)
         if self.damping is not None and check_real("CGTaylorConfig", "damping", self.damping, minimum=0) >= 1:
             raise ValueError(f"CGTaylorConfig: damping must be in [0, 1), got {self.damping!r}")
-        reach = self.order_reach
-        if reach is not None and check_real("CGTaylorConfig", "order_reach", reach, minimum=0) == 0:
-            raise ValueError(f"CGTaylorConfig: order_reach must be > 0, got {self.order_reach!r}")
+        for name in ("order_reach", "spacing"):
+            value = getattr(self, name)
+            if value is not None and check_real("CGTaylorConfig", name, value, minimum=0) == 0:
+                raise ValueError(f"CGTaylorConfig: {name} must be > 0, got {value!r}")
         if self.forecast is not None and self.forecast not in FORECASTS:
             raise ValueError(f"CGTaylorConfig: forecast must be one of {list(FORECASTS)}, got {self.forecast!r}")
         if self.series is not None and self.series not in SERIES_FORMS:
@@ -119,14 +126,22 @@ class CGTaylorConfig:
         self._check_fields_fit_the_schedule()
 
     def _check_fields_fit_the_schedule(self) -> None:
-        if self.schedule in (None, GATE):
+        if self.schedule is None:
+            return
+        if self.schedule == GATE:
+            if any(getattr(self, f) is not None for f in _FRACTION_FIELDS):
+                raise ValueError("CGTaylorConfig: spacing would have no effect with schedule='gate' (only a fraction "
+                                 "is spaced)")
             return
         unused = [f for f in _GATE_FIELDS if getattr(self, f) is not None]
         if isinstance(self.schedule, tuple) and self.warmup_steps is not None:
             unused.append("warmup_steps")
+        if not isinstance(self.schedule, float):
+            unused += [f for f in _FRACTION_FIELDS if getattr(self, f) is not None]
         if unused:
             raise ValueError(f"CGTaylorConfig: {', '.join(unused)} would have no effect with schedule="
-                             f"{self.schedule!r} (a fixed schedule has no gate; a list of steps has no warm-up)")
+                             f"{self.schedule!r} (a fixed schedule has no gate; a list of steps has no warm-up; only "
+                             f"a fraction is spaced)")
 
     @property
     def gated(self) -> bool:
@@ -143,6 +158,8 @@ class CGTaylorConfig:
             merged.update({f: given.get(f) for f in _GATE_FIELDS})
             if isinstance(merged["schedule"], tuple):
                 merged["warmup_steps"] = None
+        if not isinstance(merged["schedule"], float):  # the default's spacing says nothing about other schedules
+            merged.update({f: given.get(f) for f in _FRACTION_FIELDS})
         return CGTaylorConfig(**merged)
 
 
@@ -254,7 +271,8 @@ def gate_error(forecast: torch.Tensor, actual: torch.Tensor, cond_half: str | No
     return float(num / den.clamp_min(torch.finfo(dtype).tiny))  # the one host sync per step
 
 
-def scheduled(schedule: "int | float | tuple[int, ...]", step: Step, start: int, warmup_steps: int | None) -> bool:
+def scheduled(schedule: "int | float | tuple[int, ...]", step: Step, start: int, warmup_steps: int | None,
+              spacing: float | None = None) -> bool:
     """Whether a fixed schedule computes `step`: a listed step; (interval N) a warm-up step, every N-th step after
     the warm-up of this model's run (which began at `start`), and the last; (a fraction) one of `fraction_steps`."""
     if isinstance(schedule, tuple):
@@ -263,22 +281,27 @@ def scheduled(schedule: "int | float | tuple[int, ...]", step: Step, start: int,
         if step.total is None:
             raise ValueError("cg_taylor: a schedule given as a fraction needs the number of steps: pass "
                              "num_inference_steps to accel.patch, or patch a pipeline")
-        return step.index - start in fraction_steps(schedule, step.total - start, max(1, warmup_steps))
+        return step.index - start in fraction_steps(schedule, step.total - start, max(1, warmup_steps), spacing or 1.0)
     since_warmup = step.index - start - max(1, warmup_steps)
     return since_warmup < 0 or since_warmup % schedule == schedule - 1 or step.is_last
 
 
 @functools.lru_cache(maxsize=64)
-def fraction_steps(fraction: float, steps: int, warmup_steps: int) -> frozenset[int]:
+def fraction_steps(fraction: float, steps: int, warmup_steps: int, spacing: float = 1.0) -> frozenset[int]:
     """The steps (of `steps`) a fraction schedule computes: the first `warmup_steps`, then the rest of the budget,
-    round(fraction * steps), evenly spread after them up to the second-to-last step. The last step is predicted:
-    it moves the sample least, and one more forecast from the second-to-last is cheap (shapes-image: computing step
-    18 instead of 19 of 20 is worth 1.1 dB at 40% computed)."""
+    round(fraction * steps), after them up to the second-to-last step, the j-th of n at (j / n) ** spacing of the way
+    (1: evenly; rounded, each at least one past the one before and leaving room for the ones after). The last step
+    is predicted: it moves the sample least, and one more forecast from the second-to-last is cheap (shapes-image:
+    computing step 18 instead of 19 of 20 is worth 1.1 dB at 40% computed)."""
     warmup = min(warmup_steps, steps)
     rest = min(max(0, int(fraction * steps + 0.5) - warmup), steps - warmup)
     end = steps - 2 if steps - 2 >= warmup else steps - 1
     span = end - (warmup - 1)
-    spread = {warmup - 1 + int(span * j / rest + 0.5) for j in range(1, rest + 1)}
+    spread, previous = set(), warmup - 1
+    for j in range(1, rest + 1):
+        at = warmup - 1 + int(span * j**spacing / rest**spacing + 0.5)
+        previous = min(max(at, previous + 1), end - (rest - j))
+        spread.add(previous)
     return frozenset(range(warmup)) | spread
 
 
@@ -339,7 +362,7 @@ class CGTaylorHeadHook(ModelHook):
             # A fixed schedule depends on the step index and on the series' readiness only, the same on every rank
             # of a context-parallel group: no communication.
             return self._settle(step, None, state.last.ready and not scheduled(cfg.schedule, step, state.start,
-                                                                                cfg.warmup_steps))
+                                                                                cfg.warmup_steps, cfg.spacing))
         eligible = (
             step.index - state.start >= max(1, cfg.warmup_steps)  # each expert warms up on its own first steps
             and not step.is_last

@@ -138,6 +138,7 @@ def test_both_branches_forecast_exactly_when_the_unconditional_one_skips_block_0
     ({"order_reach": 0.0}, ValueError, "order_reach"),
     ({"order_reach": -1.0}, ValueError, "order_reach"),
     ({"order_reach": "far"}, TypeError, "order_reach"),
+    ({"schedule": 0.4, "spacing": "wide"}, TypeError, "spacing"),
     ({"forecast": "input"}, ValueError, "forecast"),
 ], ids=repr)
 def test_bad_mode_options_name_the_argument(options, error, word):
@@ -204,6 +205,35 @@ def test_a_fraction_computes_that_share_the_warmup_first_and_ends_on_the_second_
     gaps = [b - a for a, b in zip(computed[warmup - 1:], computed[warmup:])]
     assert max(gaps) - min(gaps) <= 1  # evenly spread
     assert sorted(fraction_steps(0.45, 20, 4)) == [0, 1, 2, 3, 6, 9, 12, 15, 18]
+
+
+@pytest.mark.parametrize("spacing", [0.5, 1.25, 2.0, 4.0])
+@pytest.mark.parametrize("fraction, steps, warmup", [(0.4, 20, 4), (0.3, 20, 4), (0.6, 50, 2), (0.5, 12, 1)])
+def test_spacing_packs_the_computed_steps_towards_the_start_or_the_end(fraction, steps, warmup, spacing):
+    computed = sorted(fraction_steps(fraction, steps, warmup, spacing))
+    assert len(computed) == round(fraction * steps)  # rounding never merges two steps
+    assert computed[:warmup] == list(range(warmup)) and computed[-1] == steps - 2
+    gaps = [b - a for a, b in zip(computed[warmup - 1:], computed[warmup:])]
+    assert (gaps[0] <= gaps[-1]) if spacing > 1 else (gaps[0] >= gaps[-1])
+    assert sorted(fraction_steps(0.4, 20, 4, 1.25)) == [0, 1, 2, 3, 6, 9, 13, 18]
+
+
+def test_spacing_through_the_patch_and_where_it_has_no_effect():
+    model = tm.wan()
+    x = tm.inputs(model)
+    with accel.patch(model, schedule=0.5, warmup_steps=2, spacing=2.0, num_inference_steps=STEPS) as handle:
+        denoise(model, x)
+        computed = sorted(set(range(STEPS)) - set(handle.stats()["predicted_steps"]))
+    assert computed == sorted(fraction_steps(0.5, STEPS, 2, 2.0)) != sorted(fraction_steps(0.5, STEPS, 2))
+    for bad in (0, -1.0):
+        with pytest.raises(ValueError, match="spacing must be"):
+            accel.CGTaylorConfig(spacing=bad)
+    for schedule in (3, [0, 2], "gate"):
+        with pytest.raises(ValueError, match="spacing would have no effect"):
+            accel.CGTaylorConfig(schedule=schedule, spacing=1.5)
+    # A family default's spacing is dropped, not an error, when the user picks another kind of schedule.
+    assert accel.CGTaylorConfig(schedule=3).resolved("dit").spacing is None
+    assert accel.CGTaylorConfig(schedule=0.5, spacing=2.0).resolved("dit").spacing == 2.0
 
 
 def test_a_fraction_schedule_through_the_patch_and_without_a_step_count():
