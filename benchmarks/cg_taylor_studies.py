@@ -8,6 +8,8 @@ Prints, as markdown:
   mean paired difference to the first variant on seeds 0-1 (where the variants were chosen) and on seeds 2-3 (held
   out); then the chosen default against the other methods at the same computed fraction on all 4 seeds.
 - `results/pareto_shapes_cpu_warmup.md`: mean PSNR per computed fraction for each warm-up, on both models.
+- `results/pareto_shapes_cpu_image_spacing.md`: mean PSNR per spacing of the computed steps and computed fraction;
+  spacing 1.25 against the even placement on held-out seeds, and against the other methods.
 """
 
 from __future__ import annotations
@@ -89,6 +91,56 @@ def warmup_table() -> list[str]:
     return lines
 
 
+SPACINGS = (0.7, 1.0, 1.25, 1.5, 2.0)
+FRACTIONS = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6)
+
+
+def spacing_of(row: dict) -> float | None:
+    """The spacing a CG-Taylor row's schedule was laid out with (the runs gave the step lists themselves), or None."""
+    from accel.cg_taylor import fraction_steps
+
+    if not isinstance(row["value"], list):
+        return 1.0  # a fraction schedule: the even placement
+    f = round(len(row["value"]) / 20, 2)
+    return next((g for g in SPACINGS if sorted(fraction_steps(f, 20, 4, g)) == row["value"]), None)
+
+
+def spacing_samples(rows: list[dict]) -> dict[tuple[float, float], list[float]]:
+    """(spacing, fraction) -> every sample's PSNR, over the CG-Taylor rows of one run."""
+    return {(spacing_of(r), round(r["fraction"], 2)): r["samples"]["psnr"] for r in rows if r["method"] == "cg_taylor"}
+
+
+def spacing_table(runs: dict) -> list[str]:
+    """Mean PSNR per spacing and computed fraction on seeds 0-1, the two 2-seed runs together."""
+    cells = {**spacing_samples(runs["seeds01_spacing_0.7_1_1.5"]["rows"]),
+             **spacing_samples(runs["seeds01_spacing_1.25_1.5_2"]["rows"])}
+    lines = ["| spacing | " + " | ".join(f"{f:.2f}" for f in FRACTIONS) + " |", "|---|" + "---|" * len(FRACTIONS)]
+    for g in SPACINGS:
+        row = [f"{statistics.fmean(cells[g, f]):.2f}" if (g, f) in cells else "" for f in FRACTIONS]
+        lines.append(f"| {g:g} | " + " | ".join(row) + " |")
+    return lines
+
+
+def spacing_held_out(runs: dict) -> list[str]:
+    """Spacing 1.25 against the even placement on 4 seeds: means, and the paired difference on seeds 0-1 / 2-3."""
+    run = runs["seeds0123_spacing_1.25"]
+    cells, seeds = spacing_samples(run["rows"]), run["counts"]["seeds"]
+    lines = ["| computed | even | spacing 1.25 | difference, seeds 0-1 / 2-3 |", "|---|---|---|---|"]
+    for f in FRACTIONS:
+        even, packed = cells[1.0, f], cells[1.25, f]
+        first, second = halves([a - b for a, b in zip(packed, even)], seeds)
+        lines.append(f"| {f:.2f} | {statistics.fmean(even):.2f} | {statistics.fmean(packed):.2f} | "
+                     f"{first:+.2f} / {second:+.2f} |")
+    return lines
+
+
+def spacing_against_others(runs: dict) -> list[str]:
+    """The spaced schedule against the other methods of the order_reach run (same prompts, the same 4 seeds)."""
+    others = [r for r in load("pareto_shapes_cpu_image_order_reach.json")["v_base"]["rows"] if r["method"] != "cg_taylor"]
+    spaced = [r for r in runs["seeds0123_spacing_1.25"]["rows"] if r["method"] == "cg_taylor" and spacing_of(r) == 1.25]
+    return pareto.curves_table(pareto.curves(others + spaced, 4))[4:]
+
+
 def main() -> None:
     runs = load("pareto_shapes_cpu_image_order_reach.json")
     print("## pareto_shapes_cpu_image_order_reach.md: variants, paired difference on seeds 0-1 / 2-3\n")
@@ -97,6 +149,13 @@ def main() -> None:
     print("\n".join(chosen_against_others(runs)))
     print("\n## pareto_shapes_cpu_warmup.md: mean PSNR per computed fraction\n")
     print("\n".join(warmup_table()))
+    runs = load("pareto_shapes_cpu_image_spacing.json")
+    print("\n## pareto_shapes_cpu_image_spacing.md: mean PSNR per spacing, seeds 0-1\n")
+    print("\n".join(spacing_table(runs)))
+    print("\n## pareto_shapes_cpu_image_spacing.md: spacing 1.25 against even, held-out seeds\n")
+    print("\n".join(spacing_held_out(runs)))
+    print("\n## pareto_shapes_cpu_image_spacing.md: spacing 1.25 against the other methods, 4 seeds\n")
+    print("\n".join(spacing_against_others(runs)))
 
 
 if __name__ == "__main__":
