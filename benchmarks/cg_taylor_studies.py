@@ -121,11 +121,10 @@ def spacing_table(runs: dict) -> list[str]:
     return lines
 
 
-def spacing_held_out(runs: dict) -> list[str]:
-    """Spacing 1.25 against the even placement on 4 seeds: means, and the paired difference on seeds 0-1 / 2-3."""
-    run = runs["seeds0123_spacing_1.25"]
+def spacing_held_out(run: dict, halves_named: str = "seeds 0-1 / 2-3") -> list[str]:
+    """Spacing 1.25 against the even placement: means, and the paired difference on each half of the seeds."""
     cells, seeds = spacing_samples(run["rows"]), run["counts"]["seeds"]
-    lines = ["| computed | even | spacing 1.25 | difference, seeds 0-1 / 2-3 |", "|---|---|---|---|"]
+    lines = [f"| computed | even | spacing 1.25 | difference, {halves_named} |", "|---|---|---|---|"]
     for f in FRACTIONS:
         even, packed = cells[1.0, f], cells[1.25, f]
         first, second = halves([a - b for a, b in zip(packed, even)], seeds)
@@ -141,6 +140,14 @@ def spacing_against_others(runs: dict) -> list[str]:
     return pareto.curves_table(pareto.curves(others + spaced, 4))[4:]
 
 
+def spacing_video_against_others() -> list[str]:
+    """shapes-video: the spaced schedule against the other methods of the residual run (same prompts and seeds)."""
+    others = [r for r in load("pareto_shapes_cpu_video_residual.json")["rows"] if r["method"] != "cg_taylor"]
+    run = load("pareto_shapes_cpu_video_spacing.json")["seeds01_spacing_1.25"]
+    spaced = [r for r in run["rows"] if r["method"] == "cg_taylor" and spacing_of(r) == 1.25]
+    return pareto.curves_table(pareto.curves(others + spaced, run["counts"]["seeds"]))[4:]
+
+
 def main() -> None:
     runs = load("pareto_shapes_cpu_image_order_reach.json")
     print("## pareto_shapes_cpu_image_order_reach.md: variants, paired difference on seeds 0-1 / 2-3\n")
@@ -153,9 +160,14 @@ def main() -> None:
     print("\n## pareto_shapes_cpu_image_spacing.md: mean PSNR per spacing, seeds 0-1\n")
     print("\n".join(spacing_table(runs)))
     print("\n## pareto_shapes_cpu_image_spacing.md: spacing 1.25 against even, held-out seeds\n")
-    print("\n".join(spacing_held_out(runs)))
+    print("\n".join(spacing_held_out(runs["seeds0123_spacing_1.25"])))
+    print("\n## pareto_shapes_cpu_image_spacing.md: shapes-video, spacing 1.25 against even\n")
+    print("\n".join(spacing_held_out(load("pareto_shapes_cpu_video_spacing.json")["seeds01_spacing_1.25"],
+                                      "seed 0 / seed 1")))
     print("\n## pareto_shapes_cpu_image_spacing.md: spacing 1.25 against the other methods, 4 seeds\n")
     print("\n".join(spacing_against_others(runs)))
+    print("\n## pareto_shapes_cpu_image_spacing.md: shapes-video, spacing 1.25 against the other methods, 2 seeds\n")
+    print("\n".join(spacing_video_against_others()))
 
 
 if __name__ == "__main__":

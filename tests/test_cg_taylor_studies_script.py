@@ -30,3 +30,16 @@ def test_the_derived_tables_are_those_of_the_results_files(script):
     for line in tables[2]:
         assert line in warmup, line
     assert "| order 2, damping 0.7, order_reach 0.5 (the new default) | 23.99 (+0.04 / -0.02) |" in tables[0][-1]
+
+
+def test_the_spacing_tables_are_those_of_the_results_file(script):
+    runs = script.load("pareto_shapes_cpu_image_spacing.json")
+    video = script.load("pareto_shapes_cpu_video_spacing.json")["seeds01_spacing_1.25"]
+    tables = [script.spacing_table(runs), script.spacing_held_out(runs["seeds0123_spacing_1.25"]),
+              script.spacing_held_out(video, "seed 0 / seed 1"), script.spacing_against_others(runs),
+              script.spacing_video_against_others()]
+    with open(os.path.join(script.RESULTS, "pareto_shapes_cpu_image_spacing.md")) as f:
+        text = f.read()
+    for line in (line for table in tables for line in table):
+        assert line in text, line
+    assert "| 0.40 | 29.13 | 30.76 | +1.38 / +1.88 |" in tables[1]
