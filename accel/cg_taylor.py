@@ -75,8 +75,7 @@ class CGTaylorConfig:
     schedule: "gate" (the gate decides); an integer N (no gate: after warm-up, one step in N is computed, the others
         predicted; the last step computed); a fraction in (0, 1) (no gate: that share of the run's steps computed, the
         warm-up and then spread up to the second-to-last step as `spacing` says: `fraction_steps`); or a list of step
-        indices
-        (no gate: exactly these steps are computed, and any step with nothing yet to forecast from).
+        indices (no gate: exactly these steps are computed, and any step with nothing yet to forecast from).
         threshold and max_consecutive_predicted belong to the gate, and warmup_steps is not used by a list: setting
         them beside such a schedule is an error.
     forecast: what the last block's series holds: "output" (the last block's output) or "residual" (that output minus
