@@ -11,13 +11,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
-import json
-import os
 import platform
 
 import torch
 import triton
 import triton.testing
+
+from accel.eval.harness.generate import atomic_json
 
 SHAPES = {"flux": (24, 4608), "wan1.3b": (12, 32760), "wan14b": (40, 75600)}
 BLOCK, D = 128, 128
@@ -51,10 +51,7 @@ def main():
         rows["as_called_ms"] = float(triton.testing.do_bench(lambda: pool.block_pool(q, k, BLOCK), return_mode="median"))
         print(name, "as called", f"{rows['as_called_ms']:.4f} ms", flush=True)
     if args.out:
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(res, f, indent=1)
-        os.replace(tmp, args.out)
+        atomic_json(args.out, res)
 
 
 if __name__ == "__main__":
