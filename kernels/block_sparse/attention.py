@@ -295,7 +295,9 @@ def default_config(q: torch.Tensor, block_size: int) -> KernelConfig:
     block size. (On Hopper, `choose_config` sends the calls the Gluon kernel can take to it instead.)
 
     Hopper: 128 x 128 tiles, 8 warps, TMA; when that gives under 8 waves of programs (short sequences such as
-    FLUX's 4608 tokens), 64 x 64 tiles with 4 warps: twice the programs, two resident per multiprocessor.
+    FLUX's 4608 tokens), 64 x 64 tiles with 4 warps: twice the programs, two resident per multiprocessor. Tiles
+    clipped below 128 x 128 by the mask's block size get at most 4 warps: at HMAR's shape (64-token blocks) 8 warps
+    on 64 x 64 tiles took 1.9x as long (results/hmar_attention_tiles_h100.json).
     """
     major, sms = _cuda_arch(q.device) if q.device.type == "cuda" else (0, 0)
     if major >= 9:
@@ -305,7 +307,10 @@ def default_config(q: torch.Tensor, block_size: int) -> KernelConfig:
         cfg = KernelConfig(128, 64, 4, 3)
     else:
         cfg = KernelConfig(64, 64, 4, 2)
-    return dataclasses.replace(cfg, block_m=min(cfg.block_m, block_size), block_n=min(cfg.block_n, block_size))
+    cfg = dataclasses.replace(cfg, block_m=min(cfg.block_m, block_size), block_n=min(cfg.block_n, block_size))
+    if cfg.block_m * cfg.block_n < 128 * 128:
+        cfg = dataclasses.replace(cfg, num_warps=min(cfg.num_warps, 4))
+    return cfg
 
 
 def choose_config(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockSparseMask,

@@ -14,7 +14,7 @@ Segment backends (`SegmentMask.backend`, set per model with `set_segment_attenti
   flash / efficient kernels; any dtype and device);
 - "varlen": block-diagonal only, CUDA fp16 / bf16: the batch's segments packed as variable-length sequences for
   torch's flash `varlen_attn`, one launch;
-- "auto": what measured fastest (benchmarks/hmar_gpu.py): see `_auto_backend`.
+- "auto": what measured fastest (benchmarks/hmar_gpu.py, hmar_attention_tiles_gpu.py): see `_auto_backend`.
 """
 
 from __future__ import annotations
@@ -42,10 +42,9 @@ def _auto_backend(q: torch.Tensor, segments: SegmentMask) -> str:
     # fp32 / fp64 never reach the kernel (it takes fp16 / bf16 only): per-segment SDPA is exact and differentiable.
     if q.dtype not in HALF_DTYPES:
         return "sdpa"
-    # H100, HMAR shape (benchmarks/results/hmar_h100.json): block-diagonal forward varlen 0.40 ms, block-sparse
-    # 0.54, SDPA per segment 0.50 (its backward 3x slower); block-causal has no varlen form.
-    if q.device.type == "cuda" and not segments.causal and varlen_attn is not None:
-        return "varlen"
+    # H100, HMAR shape: block-diagonal forward block-sparse 0.29 ms (results/hmar_attention_tiles_h100.json) against
+    # varlen flash 0.40 and SDPA per segment 0.50 (its backward 3x slower; results/hmar_h100.json); forward +
+    # backward 1.78 against 1.94.
     return "block_sparse"
 
 

@@ -8,6 +8,7 @@ poisons the output buffer with NaN first, so an element the kernel does not writ
 import dataclasses
 import logging
 import math
+import types
 
 import pytest
 import torch
@@ -82,6 +83,16 @@ def test_kernel_tiles_smaller_than_mask_blocks(tiles, use_tma, longest_first):
     table = _random_table(2, 3, 4, 4, 0.6, gen) | torch.eye(4, dtype=torch.bool)
     config = KernelConfig(*tiles, 4, 2, use_tma=use_tma, longest_first=longest_first)
     _check(table_mask(table, n, block_size=bs), b=2, h=3, config=config)
+
+
+def test_hopper_default_tiles_clipped_below_128_get_at_most_4_warps(monkeypatch):
+    # On a GPU only (no interpreter branch): q stands in for a CUDA tensor; the device query is faked as an H100.
+    monkeypatch.setattr(attention_module, "_cuda_arch", lambda device: (9, 132))
+    q = types.SimpleNamespace(device=torch.device("cuda"), shape=(64, 16, 680, 64))  # HMAR's: many programs
+    assert default_config(q, 128) == KernelConfig(128, 128, 8, 2, use_tma=True)
+    assert default_config(q, 64) == KernelConfig(64, 64, 4, 2, use_tma=True)  # 8 warps took 1.9x as long
+    few = types.SimpleNamespace(device=torch.device("cuda"), shape=(1, 24, 4608, 128))  # FLUX's: few programs
+    assert default_config(few, 128) == KernelConfig(64, 64, 4, 2, use_tma=True)
 
 
 def test_the_gluon_kernel_is_chosen_only_on_hopper_and_refuses_elsewhere():
