@@ -1,12 +1,14 @@
-"""Pareto sweeps on the shipped shapes models: `accel-eval pareto` with its default sweep (cg_taylor schedule 2-5,
-first_block_cache thresholds, taylorseer intervals; methods that cannot run on shapes are left out, with the reason
-in the notes), 20 steps, 8 prompts x 2 seeds; its tables copied to benchmarks/results/pareto_shapes_<device>.md and
-its numbers (every sample's) to .json, its plots to _<model>_fraction.png / _speedup.png.
+"""Pareto sweeps on the shipped shapes models: `accel-eval pareto` with its default sweeps (each method's knob:
+cg_taylor's computed fraction, first_block_cache's threshold, taylorseer's interval, ...; methods that cannot run on
+a model are left out, with the reason in the notes), 20 steps, 8 prompts x 2 seeds; its tables copied to
+benchmarks/results/pareto_shapes_<device>[_<models>].md and its numbers (every sample's) to .json, its plots to
+_<model>_fraction.png / _speedup.png.
 
-    python benchmarks/pareto_shapes.py [--models image,video] [--device cuda] [--repeats 3] [--runs out/pareto_shapes]
+    python benchmarks/pareto_shapes.py [--models image,video] [--seeds 2] [--device cuda] [--repeats 3] [--runs DIR]
 
-Each model is one run folder under --runs (samples, timing, plots): an interrupted benchmark resumes when run again
-with the same arguments. shapes-video (17 frames) takes hours on a CPU: run it with --device cuda.
+Models: image, video (17 frames), long-video (4 chunks of 4 frames; the SANA-Video family). Each model is one run
+folder under --runs (samples, timing, plots): an interrupted benchmark resumes when run again with the same
+arguments. shapes-video takes about half an hour on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -23,17 +25,19 @@ import sys
 import torch
 
 from accel.eval.harness import cli
+from accel.eval.harness.generate import atomic_json, atomic_write
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STEPS = 20
-SEEDS = 2
-VIDEO_FRAMES = 17
+FRAMES = {"video": 17, "long-video": 16}
+DEFAULT_MODELS = "image,video"
 PROMPTS = {
     "image": cli.QUICKSTART_IMAGE_PROMPTS,  # 8: every shape, every colour
     "video": ["a red circle moving left", "a blue square moving up", "a green cross moving right",
               "a yellow triangle moving down", "a magenta circle moving up", "a cyan square moving right",
               "a red triangle moving left", "a blue cross moving down"],
 }
+PROMPTS["long-video"] = PROMPTS["video"]
 
 
 def device_name(device: str) -> str:
@@ -50,8 +54,8 @@ def sweep(model: str, args) -> str:
     prompts = os.path.join(args.runs, f"prompts-{model}.json")
     with open(prompts, "w") as f:
         json.dump(PROMPTS[model], f)
-    frames = ["--frames", str(VIDEO_FRAMES)] if model == "video" else []
-    argv = ["pareto", "--pipeline", f"shapes-{model}", "--prompts", prompts, "--seeds", str(SEEDS), "--steps",
+    frames = ["--frames", str(FRAMES[model])] if model in FRAMES else []
+    argv = ["pareto", "--pipeline", f"shapes-{model}", "--prompts", prompts, "--seeds", str(args.seeds), "--steps",
             str(STEPS), *frames, "--device", args.device, "--repeats", str(args.repeats), "--out", run_dir]
     print("accel-eval", " ".join(argv), flush=True)
     if cli.main(argv) != 0:
@@ -64,22 +68,23 @@ def demote(markdown: str) -> str:
     return re.sub(r"^(#+ )", r"#\1", markdown, flags=re.MULTILINE)
 
 
-def header(args, device: str) -> str:
+def header(args, device: str, name: str) -> str:
     import diffusers
 
     noise = (" CPU timings are noisy: the machine's 2 cores were shared with other jobs, so speedups are indicative "
              "only (quality numbers do not depend on it)." if device == "cpu" else "")
     command = " ".join(["python benchmarks/pareto_shapes.py", *sys.argv[1:]])
     return (f"# Pareto sweeps on the shipped shapes models ({device}, {datetime.date.today().isoformat()})\n\n"
-            f"`{command}` (raw numbers, every sample: `pareto_shapes_{device}.json`; plots: "
-            f"`pareto_shapes_{device}_<model>_fraction.png` / `_speedup.png`). float32, {STEPS} steps, {SEEDS} seeds a "
-            f"prompt, {args.repeats} timed rounds{', one thread' if device == 'cpu' else ''}; torch {torch.__version__}, diffusers {diffusers.__version__}, "
+            f"`{command}` (raw numbers, every sample: `{name}.json`; plots: `pareto_shapes_{device}_<model>_fraction.png` "
+            f"/ `_speedup.png`). float32, {STEPS} steps, {args.seeds} seeds a prompt, {args.repeats} timed rounds"
+            f"{', one thread' if device == 'cpu' else ''}; torch {torch.__version__}, diffusers {diffusers.__version__}, "
             f"{platform.processor() or platform.machine()}.{noise}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="image,video")
+    parser.add_argument("--models", default=DEFAULT_MODELS, help="image, video, long-video, comma-separated")
+    parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--runs", default=os.path.join(HERE, os.pardir, "out", "pareto_shapes"), help="run folders "
@@ -90,14 +95,13 @@ def main() -> None:
     device = device_name(args.device)
     runs = {model: sweep(model, args) for model in args.models.split(",")}
     tables = [demote(open(os.path.join(d, "pareto.md")).read()) for d in runs.values()]
-    out = os.path.join(HERE, "results", f"pareto_shapes_{device}")
-    with open(f"{out}.md", "w") as f:
-        f.write("\n\n".join([header(args, device), *tables]))
-    with open(f"{out}.json", "w") as f:
-        json.dump({model: json.load(open(os.path.join(d, "pareto.json"))) for model, d in runs.items()}, f, indent=1)
+    name = f"pareto_shapes_{device}" + ("" if args.models == DEFAULT_MODELS else "_" + args.models.replace(",", "_"))
+    out = os.path.join(HERE, "results", name)
+    atomic_write(f"{out}.md", lambda f: f.write("\n\n".join([header(args, device, name), *tables]).encode()))
+    atomic_json(f"{out}.json", {model: json.load(open(os.path.join(d, "pareto.json"))) for model, d in runs.items()})
     for model, d in runs.items():
         for x in ("fraction", "speedup"):
-            shutil.copyfile(os.path.join(d, f"pareto_{x}.png"), f"{out}_{model}_{x}.png")
+            shutil.copyfile(os.path.join(d, f"pareto_{x}.png"), os.path.join(HERE, "results", f"pareto_shapes_{device}_{model}_{x}.png"))
     print("wrote", f"{out}.md", f"{out}.json")
 
 
