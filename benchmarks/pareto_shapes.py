@@ -73,7 +73,10 @@ def header(args, device: str, name: str) -> str:
 
     noise = (" CPU timings are noisy: the machine's 2 cores were shared with other jobs, so speedups are indicative "
              "only (quality numbers do not depend on it)." if device == "cpu" else "")
-    command = " ".join(["python benchmarks/pareto_shapes.py", *sys.argv[1:]])
+    argv = sys.argv[1:]
+    if "--runs" in argv:  # where this machine kept the run folders says nothing about the results
+        del argv[argv.index("--runs"):argv.index("--runs") + 2]
+    command = " ".join(["python benchmarks/pareto_shapes.py", *argv])
     return (f"# Pareto sweeps on the shipped shapes models ({device}, {datetime.date.today().isoformat()})\n\n"
             f"`{command}` (raw numbers, every sample: `{name}.json`; plots: `pareto_shapes_{device}_<model>_fraction.png` "
             f"/ `_speedup.png`). float32, {STEPS} steps, {args.seeds} seeds a prompt, {args.repeats} timed rounds"
