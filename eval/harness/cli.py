@@ -64,8 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     pa = sub.add_parser("pareto", help="sweep each method's main knob: quality vs computed fraction and vs speedup")
     _add_run_arguments(pa, seeds=2)
     pa.add_argument("--sweep", action="append", default=[],
-                    help="METHOD:KNOB=v1|v2|v3[,other=value]; repeatable (default: every method's main knob that "
-                         "runs on the pipeline)")
+                    help="METHOD:KNOB=v1|v2|v3[,other=value]; repeatable, one line each (lines of one knob differ in "
+                         "their fixed options; default: every method's main knob that runs on the pipeline)")
     rep = sub.add_parser("report", help="rebuild the table and plots of a run folder")
     rep.add_argument("dir")
     lv = sub.add_parser("long-video", help="chunk-by-chunk metrics of the shipped long-video models, side by side")

@@ -130,7 +130,9 @@ class Sweep:
 
     @property
     def name(self) -> str:
-        return f"{self.method} ({self.knob})"
+        """"method (knob)", with the fixed options after a semicolon: lines of one knob differ by them."""
+        fixed = ", ".join(f"{k}={v}" for k, v in self.fixed)
+        return f"{self.method} ({self.knob}{'; ' + fixed if fixed else ''})"
 
     def configs(self) -> list[MethodConfig]:
         return [MethodConfig(self.method, ((self.knob, v), *self.fixed)) for v in self.values]
@@ -273,7 +275,8 @@ class RunSpec:
     def _check_sweeps(self) -> None:
         names = [s.name for s in self.sweeps]
         if len(set(names)) < len(names):
-            raise SpecError(f"--sweep: a method's knob is swept twice ({names}); give each knob one --sweep")
+            raise SpecError(f"--sweep: the same line is swept twice ({names}); lines of one knob must differ in their "
+                            "fixed options")
         if self.sweeps and self.configs[1:] != [c for s in self.sweeps for c in s.configs()]:
             raise SpecError("configs must be the baseline and the sweeps' configurations, in order")
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.left_out.items()):

@@ -59,7 +59,7 @@ def test_sweep_parses_its_knob_values_and_fixed_options():
     sweep = parse_sweep("taylorseer:cache_interval=2|3|4,disable_cache_before_step=3")
     assert (sweep.method, sweep.knob, sweep.values, dict(sweep.fixed)) == ("taylorseer", "cache_interval", (2, 3, 4),
                                                                              {"disable_cache_before_step": 3})
-    assert sweep.name == "taylorseer (cache_interval)"
+    assert sweep.name == "taylorseer (cache_interval; disable_cache_before_step=3)"
     assert [c.label for c in sweep.configs()][0] == "taylorseer(cache_interval=2,disable_cache_before_step=3)"
     assert parse_sweep("first_block_cache:threshold=0.1").values == (0.1,)  # one value: a one-point line
     assert parse_sweep("cg_taylor:schedule=[0,2,4]|[0,3]").values == ([0, 2, 4], [0, 3])
@@ -88,9 +88,11 @@ def test_bad_sweep_is_one_line_exit_2_and_writes_nothing(setup, text, capsys):
     assert not out.exists()
 
 
-def test_a_knob_swept_twice_is_refused(setup, capsys):
+def test_a_line_swept_twice_is_refused_and_lines_of_one_knob_differ_by_their_fixed_options(setup, capsys):
     argv = _args(setup, setup / "twice", "--sweep", "cg_taylor:schedule=2|3", "--sweep", "cg_taylor:schedule=4|5")
     assert main(argv) == 2 and "swept twice" in capsys.readouterr().err
+    lines = [parse_sweep(f"cg_taylor:schedule=0.3|0.4,warmup_steps={w}") for w in (2, 4)]
+    assert [s.name for s in lines] == ["cg_taylor (schedule; warmup_steps=2)", "cg_taylor (schedule; warmup_steps=4)"]
 
 
 def test_small_sweep_writes_tables_json_plots_and_report_rebuilds_them(setup, swept, capsys):
