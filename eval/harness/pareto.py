@@ -276,10 +276,17 @@ def _frontier(points: list[dict]) -> list[dict]:
     return out
 
 
+def _mixed_psnr(a: float, b: float, w: float) -> float:
+    """The PSNR of the mean squared error (1 - w) * MSE(a) + w * MSE(b): what running a share w of the generations at
+    b's setting and the rest at a's gives. Linear in PSNR would promise more, without bound next to an identical
+    (capped) sample."""
+    return -10.0 * math.log10((1 - w) * 10.0 ** (-a / 10.0) + w * 10.0 ** (-b / 10.0))
+
+
 def _point_at(frontier: list[dict], fraction: float, reach: float) -> dict | None:
-    """The curve at `fraction`, each sample's PSNR interpolated linearly between the two frontier points around it,
-    and held at the last frontier point up to `reach` (the sweep's largest fraction: a method that computed more
-    and did no better can still give that); None outside the sweep's range."""
+    """The curve at `fraction`, each sample's error interpolated linearly (`_mixed_psnr`) between the two frontier
+    points around it, and held at the last frontier point up to `reach` (the sweep's largest fraction: a method that
+    computed more and did no better can still give that); None outside the sweep's range."""
     fractions = [round(r["fraction"], 6) for r in frontier]
     if not fractions[0] <= fraction <= round(reach, 6):
         return None
@@ -288,7 +295,7 @@ def _point_at(frontier: list[dict], fraction: float, reach: float) -> dict | Non
     low, high = frontier[below], frontier[above]
     span = fractions[above] - fractions[below]
     w = min(1.0, (fraction - fractions[below]) / span) if span else 1.0
-    samples = [(1 - w) * a + w * b for a, b in zip(low["samples"]["psnr"], high["samples"]["psnr"])]
+    samples = [_mixed_psnr(a, b, w) for a, b in zip(low["samples"]["psnr"], high["samples"]["psnr"])]
     config = low["config"] if w == 0 else high["config"] if w == 1 else f"{low['config']} ~ {high['config']}"
     return {"config": config, "psnr": statistics.fmean(samples),
             "psnr_std": statistics.stdev(samples) if len(samples) > 1 else 0.0, "samples": {"psnr": samples}}
@@ -318,8 +325,9 @@ def curves_table(entries: list[dict]) -> list[str]:
     names = list(dict.fromkeys(name for e in entries for name in e["psnr"]))
     lines = ["## Curves at matched computed fraction", "",
              "Each method's curve: its points that no other of its points beats with no more computed, each sample's "
-             "PSNR interpolated linearly between the two around the fraction (held at the last up to the largest "
-             "fraction swept). Margin: the best over the next, with the paired views of the dominance line.", "",
+             "squared error interpolated linearly between the two around the fraction (as running a share of the "
+             "generations at each would give; held at the last up to the largest fraction swept), in PSNR. Margin: "
+             "the best over the next, with the paired views of the dominance line.", "",
              "| computed | " + " | ".join(names) + " | best | margin (paired ± std, ahead on, per seed) |",
              "|---|" + "---|" * (len(names) + 2)]
     for e in entries:
