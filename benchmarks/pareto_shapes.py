@@ -4,7 +4,8 @@ a model are left out, with the reason in the notes), 20 steps, 8 prompts x 2 see
 benchmarks/results/pareto_shapes_<device>[_<models>].md and its numbers (every sample's) to .json, its plots to
 _<model>_fraction.png / _speedup.png.
 
-    python benchmarks/pareto_shapes.py [--models image,video] [--seeds 2] [--device cuda] [--repeats 3] [--runs DIR]
+    python benchmarks/pareto_shapes.py [--models image,video] [--seeds 2] [--device cuda] [--repeats 3] [--threads 1]
+        [--runs DIR]
 
 Models: image, video (17 frames), long-video (4 chunks of 4 frames; the SANA-Video family). Each model is one run
 folder under --runs (samples, timing, plots): an interrupted benchmark resumes when run again with the same
@@ -80,7 +81,7 @@ def header(args, device: str, name: str) -> str:
     return (f"# Pareto sweeps on the shipped shapes models ({device}, {datetime.date.today().isoformat()})\n\n"
             f"`{command}` (raw numbers, every sample: `{name}.json`; plots: `pareto_shapes_{device}_<model>_fraction.png` "
             f"/ `_speedup.png`). float32, {STEPS} steps, {args.seeds} seeds a prompt, {args.repeats} timed rounds"
-            f"{', one thread' if device == 'cpu' else ''}; torch {torch.__version__}, diffusers {diffusers.__version__}, "
+            f"{f', {args.threads} CPU thread(s)' if device == 'cpu' else ''}; torch {torch.__version__}, diffusers {diffusers.__version__}, "
             f"{platform.processor() or platform.machine()}.{noise}")
 
 
@@ -90,11 +91,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads on the CPU")
     parser.add_argument("--runs", default=os.path.join(HERE, os.pardir, "out", "pareto_shapes"), help="run folders "
                         "(default: the repository's out/, which git ignores)")
     args = parser.parse_args()
     if args.device == "cpu":
-        torch.set_num_threads(1)  # on a shared CPU, torch's threads wait on each other longer than one computes
+        torch.set_num_threads(args.threads)  # on a shared CPU, torch's threads wait on each other longer than one computes
     device = device_name(args.device)
     runs = {model: sweep(model, args) for model in args.models.split(",")}
     tables = [demote(open(os.path.join(d, "pareto.md")).read()) for d in runs.values()]
