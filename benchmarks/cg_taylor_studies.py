@@ -10,6 +10,8 @@ Prints, as markdown:
 - `results/pareto_shapes_cpu_warmup.md`: mean PSNR per computed fraction for each warm-up, on both models.
 - `results/pareto_shapes_cpu_image_spacing.md`: mean PSNR per spacing of the computed steps and computed fraction;
   spacing 1.25 against the even placement on held-out seeds, and against the other methods.
+- `results/pareto_shapes_cpu_long_video.md` (2026-12-08): CG-Taylor settings on shapes-long-video (the SANA-Video
+  family), and the chosen one against the other methods.
 """
 
 from __future__ import annotations
@@ -38,9 +40,10 @@ def load(name: str) -> dict:
         return json.load(f)
 
 
-def cg_taylor_samples(rows: list[dict], line: str = "cg_taylor (schedule)") -> dict[float, list[float]]:
-    """Per computed fraction, every sample's PSNR of one CG-Taylor line."""
-    return {round(r["fraction"], 2): r["samples"]["psnr"] for r in rows if r["line"] == line}
+def cg_taylor_samples(rows: list[dict], line: str | None = "cg_taylor (schedule)") -> dict[float, list[float]]:
+    """Per computed fraction, every sample's PSNR of one CG-Taylor line (None: of the run's only CG-Taylor line)."""
+    return {round(r["fraction"], 2): r["samples"]["psnr"] for r in rows
+            if (r["line"] == line if line else r["method"] == "cg_taylor")}
 
 
 def halves(differences: list[float], seeds: int) -> tuple[float, float]:
@@ -148,6 +151,41 @@ def spacing_video_against_others() -> list[str]:
     return pareto.curves_table(pareto.curves(others + spaced, run["counts"]["seeds"]))[4:]
 
 
+LONG_VIDEO = "pareto_shapes_cpu_long_video_study.json"
+LONG_VIDEO_LINES = {  # run key in LONG_VIDEO -> the table's name
+    "default_sweeps": "output forecast, warm-up 2, even (the family's previous default)",
+    "residual_warmup4": "residual, damping 0.7, warm-up 4, spacing 1.25 (Wan's default)",
+    "residual_warmup2": "residual, damping 0.7, warm-up 2, spacing 1.25 (the new default)",
+}
+
+
+def long_video_table(runs: dict) -> list[str]:
+    """shapes-long-video: mean PSNR per computed fraction of each CG-Taylor setting, with the paired difference to the
+    previous default on seed 0 / seed 1 where both ran that fraction."""
+    base = cg_taylor_samples(runs["default_sweeps"]["rows"])
+    lines = {key: cg_taylor_samples(runs[key]["rows"], line=None) for key in LONG_VIDEO_LINES}
+    fractions = sorted({f for c in lines.values() for f in c})
+    out = ["| CG-Taylor | " + " | ".join(f"{f:.2f}" for f in fractions) + " |", "|---|" + "---|" * len(fractions)]
+    for key, name in LONG_VIDEO_LINES.items():
+        cells = []
+        for f in fractions:
+            own = lines[key].get(f)
+            cell = f"{statistics.fmean(own):.2f}" if own else ""
+            if own and key != "default_sweeps" and f in base:
+                first, second = halves([a - b for a, b in zip(own, base[f])], runs[key]["counts"]["seeds"])
+                cell += f" ({first:+.2f} / {second:+.2f})"
+            cells.append(cell)
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    return out
+
+
+def long_video_against_others(runs: dict, chosen: str) -> list[str]:
+    """The chosen CG-Taylor setting against the other methods of the default sweeps (same prompts and seeds)."""
+    others = [r for r in runs["default_sweeps"]["rows"] if r["method"] != "cg_taylor"]
+    own = [r for r in runs[chosen]["rows"] if r["method"] == "cg_taylor"]
+    return pareto.curves_table(pareto.curves(others + own, runs[chosen]["counts"]["seeds"]))[4:]
+
+
 def main() -> None:
     runs = load("pareto_shapes_cpu_image_order_reach.json")
     print("## pareto_shapes_cpu_image_order_reach.md: variants, paired difference on seeds 0-1 / 2-3\n")
@@ -168,6 +206,12 @@ def main() -> None:
     print("\n".join(spacing_against_others(runs)))
     print("\n## pareto_shapes_cpu_image_spacing.md: shapes-video, spacing 1.25 against the other methods, 2 seeds\n")
     print("\n".join(spacing_video_against_others()))
+    runs = load(LONG_VIDEO)
+    print("\n## pareto_shapes_cpu_long_video.md: CG-Taylor settings, paired difference on seed 0 / seed 1\n")
+    print("\n".join(long_video_table(runs)))
+    for key in ("residual_warmup2", "residual_warmup4"):
+        print(f"\n## pareto_shapes_cpu_long_video.md: {LONG_VIDEO_LINES[key]} against the other methods\n")
+        print("\n".join(long_video_against_others(runs, key)))
 
 
 if __name__ == "__main__":

@@ -43,3 +43,14 @@ def test_the_spacing_tables_are_those_of_the_results_file(script):
     for line in (line for table in tables for line in table):
         assert line in text, line
     assert "| 0.40 | 29.13 | 30.76 | +1.38 / +1.88 |" in tables[1]
+
+
+def test_the_long_video_tables_are_those_of_the_results_file(script):
+    runs = script.load(script.LONG_VIDEO)
+    tables = [script.long_video_table(runs), *(script.long_video_against_others(runs, key)
+                                               for key in ("residual_warmup2", "residual_warmup4"))]
+    with open(os.path.join(script.RESULTS, "pareto_shapes_cpu_long_video.md")) as f:
+        text = f.read()
+    for line in (line for table in tables for line in table):
+        assert line in text, line
+    assert "| 0.40 | 24.79 | 23.38 | 24.25 |  | cg_taylor |" in "\n".join(tables[1])
