@@ -95,6 +95,11 @@ def main() -> None:
     parser.add_argument("--runs", default=os.path.join(HERE, os.pardir, "out", "pareto_shapes"), help="run folders "
                         "(default: the repository's out/, which git ignores)")
     args = parser.parse_args()
+    unknown = sorted(set(args.models.split(",")) - set(PROMPTS))
+    if unknown:
+        parser.error(f"--models: unknown {unknown}; known: {', '.join(PROMPTS)}")
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
     if args.device == "cpu":
         torch.set_num_threads(args.threads)  # on a shared CPU, torch's threads wait on each other longer than one computes
     device = device_name(args.device)

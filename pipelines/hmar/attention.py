@@ -38,13 +38,13 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 MAX_LOG_SCALE = math.log(100.0)  # VAR clamps the learned per-head temperature at 100
 
 
-def _auto_backend(q: torch.Tensor, segments: SegmentMask) -> str:
+def _auto_backend(q: torch.Tensor) -> str:
     # fp32 / fp64 never reach the kernel (it takes fp16 / bf16 only): per-segment SDPA is exact and differentiable.
     if q.dtype not in HALF_DTYPES:
         return "sdpa"
-    # H100, HMAR shape: block-diagonal forward block-sparse 0.29 ms (results/hmar_attention_tiles_h100.json) against
-    # varlen flash 0.40 and SDPA per segment 0.50 (its backward 3x slower; results/hmar_h100.json); forward +
-    # backward 1.78 against 1.94.
+    # H100, HMAR shape: block-diagonal forward block-sparse 0.29 ms, forward + backward 1.78
+    # (results/hmar_attention_tiles_h100.json); in an earlier run varlen flash 0.40 / 1.94 and SDPA per segment 0.50
+    # forward with a 3x slower backward (results/hmar_h100.json). Block-causal has no varlen form.
     return "block_sparse"
 
 
@@ -79,7 +79,7 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment
     if q.shape[2] != segments.total:
         raise ValueError(f"segment attention: {q.shape[2]} tokens, the segments {list(segments.lengths)} cover "
                          f"{segments.total}")
-    backend = _auto_backend(q, segments) if segments.backend == "auto" else segments.backend
+    backend = _auto_backend(q) if segments.backend == "auto" else segments.backend
     if backend == "varlen":
         _check_varlen(q, segments)
         return _varlen_segments(q, k, v, segments, scale)
